@@ -1,0 +1,98 @@
+"""Metrics of a covariance spectrum: anisotropy, isotropy scores and effective dimension.
+
+All functions take the eigenvalues of a covariance (or second-moment) matrix and
+return plain floats; `anisotropy` also works on a plain (n, d) array of points.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .._validate import as_float_matrix
+from ..errors import EmbgeomError
+
+SPECTRUM_METRICS = ("anisotropy", "isoscore", "effective_rank", "participation_ratio")
+
+
+def eigenvalues(matrix) -> np.ndarray:
+    """Eigenvalues of a symmetric positive semi-definite matrix, descending, float64.
+
+    Tiny negative values from rounding are clipped to 0.
+    """
+    a = np.asarray(matrix, dtype=np.float64)
+    if a.ndim != 2 or a.shape[0] != a.shape[1]:
+        raise EmbgeomError(f"expected a square matrix, got shape {a.shape}")
+    lam = np.linalg.eigvalsh((a + a.T) / 2.0)[::-1]
+    return np.clip(lam, 0.0, None)
+
+
+def anisotropy_from_eigenvalues(lam: np.ndarray) -> float:
+    """Share of variance on the top principal axis: λ₁ / Σ λ_i.
+
+    Equals σ₁² / Σ σ_i² of the centred data matrix (Razzhigaev et al., EACL 2024).
+    """
+    total = float(np.sum(lam))
+    return float(lam[0] / total) if total > 0 else math.nan
+
+
+def isoscore_from_eigenvalues(lam: np.ndarray) -> float:
+    """IsoScore (Rudman et al., ACL Findings 2022) from covariance eigenvalues.
+
+    λ̂ = √d·λ/‖λ‖, δ = ‖λ̂ − 1‖ / √(2(d − √d)),
+    score = ((d − δ²(d − √d))² − d) / (d(d − 1)); 1 is isotropic, 0 uses one axis.
+    """
+    lam = np.asarray(lam, dtype=np.float64)
+    d = lam.size
+    norm = float(np.linalg.norm(lam))
+    if d < 2 or norm == 0:
+        return math.nan
+    sd = math.sqrt(d)
+    lam_hat = sd * lam / norm
+    delta = float(np.linalg.norm(lam_hat - 1.0)) / math.sqrt(2.0 * (d - sd))
+    return ((d - delta**2 * (d - sd)) ** 2 - d) / (d * (d - 1))
+
+
+def effective_rank_from_eigenvalues(lam: np.ndarray) -> float:
+    """Effective rank (Roy & Vetterli 2007): exp(−Σ p_i log p_i), p = λ / Σ λ."""
+    total = float(np.sum(lam))
+    if total <= 0:
+        return math.nan
+    p = lam[lam > 0] / total
+    return float(np.exp(-np.sum(p * np.log(p))))
+
+
+def participation_ratio_from_eigenvalues(lam: np.ndarray) -> float:
+    """Participation ratio: (Σ λ_i)² / Σ λ_i²."""
+    sq = float(np.sum(np.square(lam)))
+    return float(np.sum(lam)) ** 2 / sq if sq > 0 else math.nan
+
+
+def spectrum_metrics(lam: np.ndarray) -> dict[str, float]:
+    """All spectrum metrics of one covariance spectrum (eigenvalues, any order)."""
+    lam = np.sort(np.clip(np.asarray(lam, dtype=np.float64), 0.0, None))[::-1]
+    return {
+        "anisotropy": anisotropy_from_eigenvalues(lam),
+        "isoscore": isoscore_from_eigenvalues(lam),
+        "effective_rank": effective_rank_from_eigenvalues(lam),
+        "participation_ratio": participation_ratio_from_eigenvalues(lam),
+    }
+
+
+def anisotropy(X) -> float:
+    """Anisotropy of a point cloud: λ₁ / Σ λ_i of its covariance (population, float64).
+
+    Parameters
+    ----------
+    X : (n, d) array or tensor, n ≥ 2.
+    """
+    t = as_float_matrix(X, "X")
+    if t.shape[0] < 2:
+        raise EmbgeomError(f"anisotropy needs at least 2 points, got X of shape {tuple(t.shape)}")
+    x = t.detach().to("cpu", dtype=torch.float64).numpy()
+    xc = x - x.mean(axis=0)
+    # Singular values of the centred matrix avoid forming the d×d covariance.
+    s = np.linalg.svd(xc, compute_uv=False)
+    return anisotropy_from_eigenvalues(s**2)
+

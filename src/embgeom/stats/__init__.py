@@ -1,0 +1,1 @@
+"""Streaming, mergeable accumulators. They know nothing of models: any arrays work."""
