@@ -1,0 +1,122 @@
+"""The command line: `embgeom run`, `embgeom plot`, `embgeom demo`.
+
+Bad input (an EmbgeomError) becomes one line on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .errors import EmbgeomError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Exact, streaming geometry of transformer hidden states, layer by layer.",
+)
+
+
+def _say(msg: str) -> None:
+    typer.echo(msg, err=True)
+
+
+@app.command()
+def run(
+    models: List[str] = typer.Argument(..., metavar="MODEL...", help="Model directory, .gguf file or Hub id."),
+    corpus: Path = typer.Option(..., "--corpus", help=".txt (one document per line), .jsonl, .csv, .parquet, or a datasets directory."),
+    out: Path = typer.Option(..., "--out", help="Output directory (created if missing)."),
+    revision: List[str] = typer.Option([], "--revision", help="Hub revision; repeat for several checkpoints."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Stop after this many counted tokens."),
+    seq_len: int = typer.Option(512, "--seq-len", help="Window length in tokens, special tokens included."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Windows per forward pass."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16 (statistics are float64)."),
+    id_sample: int = typer.Option(10000, "--id-sample", help="Token positions sampled for intrinsic dimension."),
+    token_types: str = typer.Option("id", "--token-types", help="id (vocabulary id) or string (surface form)."),
+    seed: int = typer.Option(0, "--seed"),
+    exclude_special: bool = typer.Option(False, "--exclude-special", help="Do not count special tokens."),
+    exclude_positions: List[int] = typer.Option([], "--exclude-positions", help="Window positions not counted (0 = first; -1 = last); repeatable."),
+    outlier_factor: float = typer.Option(10.0, "--outlier-factor", help="Inliers: norm <= factor x median norm."),
+    text_field: Optional[str] = typer.Option(None, "--text-field", help="Text column/field of .jsonl/.csv/.parquet/datasets."),
+    encoding_errors: str = typer.Option("strict", "--encoding-errors", help="strict, replace or ignore invalid UTF-8."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where fp32 copies of GGUF models are kept."),
+    figures: bool = typer.Option(True, "--figures/--no-figures", help="Write PNG figures into OUT/figures."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Analyse MODEL(s) over a corpus and write tables, figures and run.json to OUT."""
+    from .pipeline import analyze
+    from .results import combine, prepare_out_dir
+
+    prepare_out_dir(out)
+    options = dict(
+        max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, device=device, dtype=dtype,
+        id_sample=id_sample, token_types=token_types, seed=seed, exclude_special=exclude_special,
+        exclude_positions=tuple(exclude_positions), outlier_factor=outlier_factor, text_field=text_field,
+        encoding_errors=encoding_errors,
+    )
+    results = []
+    for model in models:
+        for rev in revision or [None]:
+            results.append(analyze(model, corpus, revision=rev, progress=progress, cache_dir=cache_dir, **options))
+    result = combine(results)
+    result.save(out, figures=figures)
+    _say(f"wrote {out}/layers.csv ({len(result.layers)} rows)" + (f" and figures in {out}/figures" if figures else ""))
+
+
+@app.command()
+def plot(
+    dirs: List[Path] = typer.Argument(..., metavar="DIR...", help="Output directories of `embgeom run`."),
+    out: Path = typer.Option(..., "--out", help="Directory for the figures."),
+) -> None:
+    """Figures of one or several runs, overlaid (e.g. an encoder against a decoder)."""
+    from .plots import plot_runs
+    from .results import Result
+
+    results = [Result.load(d) for d in dirs]
+    if out.exists() and not out.is_dir():
+        raise EmbgeomError(f"--out {out} is a file; name a directory for the figures")
+    written = plot_runs(results, out)
+    _say(f"wrote {len(written)} figures to {out}")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo-output"), "--out", help="Output directory."),
+    max_tokens: int = typer.Option(20000, "--max-tokens", help="Counted tokens per model."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Analyse the packaged encoder (all-MiniLM-L6-v2) and decoder (SmolLM2-135M) on English Wikipedia text."""
+    from .demo import run_demo
+
+    run_demo(out, max_tokens=max_tokens, progress=progress, say=_say)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: EmbgeomError -> one line on stderr, exit status 2."""
+    try:
+        app(args=argv, prog_name="embgeom", standalone_mode=False)
+    except EmbgeomError as exc:
+        _say(f"embgeom: error: {exc}")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        _say("embgeom: interrupted; no layers.csv was written")
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            _say(f"embgeom: error: {exc.format_message()}")
+            sys.exit(2)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""The embedded default: the packaged encoder and decoder on English Wikipedia text."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .packaged import minilm_path, smollm2_gguf_path
+
+# Paper A cut enwik8 into 512-character chunks (about 110 tokens); 128-token windows
+# keep the demo comparable with it.
+DEMO_SEQ_LEN = 128
+DEMO_WORDS = 40000  # comfortably more than 20k tokens for either tokenizer
+
+
+def run_demo(out, max_tokens: int = 20000, progress: bool = True, say=print, batch_size: int = 16):
+    from .pipeline import analyze
+    from .plots import plot_runs
+    from .results import prepare_out_dir
+    from .wiki import write_demo_corpus
+
+    out = prepare_out_dir(out)
+    corpus = write_demo_corpus(out / "corpus.txt", max_words=DEMO_WORDS)
+    say(f"corpus: {corpus} (English Wikipedia sample shipped with gensim, wiki markup stripped)")
+    models = {"minilm": minilm_path(), "smollm2": smollm2_gguf_path()}
+    results = []
+    for short, path in models.items():
+        say(f"analysing {path.name if path.suffix else 'all-MiniLM-L6-v2'} on {max_tokens} tokens ...")
+        res = analyze(str(path), str(corpus), max_tokens=max_tokens, seq_len=DEMO_SEQ_LEN,
+                      batch_size=batch_size, progress=progress)
+        if short == "minilm":
+            res.layers["model"] = "all-MiniLM-L6-v2"
+            res.spectrum["model"] = "all-MiniLM-L6-v2"
+        res.save(out / short)
+        results.append(res)
+    written = plot_runs(results, out / "figures")
+    say(f"tables: {out / 'minilm' / 'layers.csv'} and {out / 'smollm2' / 'layers.csv'}")
+    say(f"figures ({len(written)}): {out / 'figures'} (start with layer_profiles.png)")
+    return results

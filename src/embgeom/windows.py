@@ -1,0 +1,188 @@
+"""Documents -> token windows -> padded batches, with the mask of counted tokens.
+
+Documents are tokenized without special tokens and split into consecutive windows of
+at most `seq_len` tokens including the model's own special tokens; nothing is
+truncated. `max_tokens` stops the stream at exactly that many counted tokens.
+Windows are pooled and sorted by length before batching so little is padding.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .errors import EmbgeomError
+
+# A sampled token's key: (window index << POSITION_BITS) | position in window. Windows
+# are numbered in corpus order, so keys do not depend on batching or sharding.
+POSITION_BITS = 20
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """How windows are cut and which of their positions are counted."""
+
+    seq_len: int
+    prefix: tuple  # special-token ids the tokenizer puts before a sequence
+    suffix: tuple  # ... and after it
+    special_ids: frozenset = frozenset()
+    exclude_special: bool = False
+    exclude_positions: tuple = ()
+    max_tokens: int | None = None
+
+    @property
+    def content_len(self) -> int:
+        return self.seq_len - len(self.prefix) - len(self.suffix)
+
+    def counted_mask(self, ids: Sequence[int]) -> np.ndarray:
+        """Which positions of one window (ids with specials, no padding) are counted."""
+        n = len(ids)
+        keep = np.ones(n, dtype=bool)
+        if self.exclude_special and self.special_ids:
+            keep &= ~np.isin(np.asarray(ids), np.fromiter(self.special_ids, dtype=np.int64))
+        for p in self.exclude_positions:
+            q = p if p >= 0 else n + p
+            if 0 <= q < n:
+                keep[q] = False
+        return keep
+
+
+@dataclass
+class Window:
+    index: int  # position of the window in the stream
+    doc: int  # document index in corpus order
+    start: int  # offset of the first content token in the document's tokens
+    ids: list
+    counted: np.ndarray  # bool per position
+
+
+def validate_plan(plan: WindowPlan, max_length: int | None) -> None:
+    if plan.seq_len < 1:
+        raise EmbgeomError(f"--seq-len must be a positive integer, got {plan.seq_len}")
+    if plan.content_len < 1:
+        raise EmbgeomError(
+            f"--seq-len {plan.seq_len} leaves no room for text after the model's "
+            f"{len(plan.prefix) + len(plan.suffix)} special tokens; use a larger --seq-len"
+        )
+    if max_length is not None and plan.seq_len > max_length:
+        raise EmbgeomError(
+            f"--seq-len {plan.seq_len} is longer than this model accepts ({max_length} positions); "
+            f"use --seq-len {max_length} or less"
+        )
+    if plan.max_tokens is not None and plan.max_tokens < 1:
+        raise EmbgeomError(f"--max-tokens must be a positive integer, got {plan.max_tokens}")
+    if plan.seq_len >= 1 << POSITION_BITS:
+        raise EmbgeomError(f"--seq-len {plan.seq_len} is too large (at most {(1 << POSITION_BITS) - 1})")
+
+
+def _tokenize_chunks(documents: Iterable[str], tokenizer, chunk: int = 64) -> Iterator[list]:
+    buf: list = []
+    for doc in documents:
+        buf.append(doc)
+        if len(buf) == chunk:
+            yield from tokenizer(buf, add_special_tokens=False)["input_ids"]
+            buf = []
+    if buf:
+        yield from tokenizer(buf, add_special_tokens=False)["input_ids"]
+
+
+def iter_windows(documents: Iterable[str], tokenizer, plan: WindowPlan) -> Iterator[Window]:
+    """Consecutive windows of every document, in corpus order, until max_tokens."""
+    pre, suf = list(plan.prefix), list(plan.suffix)
+    step = plan.content_len
+    remaining = plan.max_tokens
+    index = 0
+    for doc_index, ids in enumerate(_tokenize_chunks(documents, tokenizer)):
+        for start in range(0, len(ids), step):
+            content = ids[start : start + step]
+            full = pre + content + suf
+            counted = plan.counted_mask(full)
+            k = int(counted.sum())
+            if remaining is not None and k >= remaining:
+                # Shorten the last window so exactly max_tokens are counted.
+                while k > remaining and content:
+                    content = content[:-1]
+                    full = pre + content + suf
+                    counted = plan.counted_mask(full)
+                    k = int(counted.sum())
+                if k > 0:
+                    yield Window(index, doc_index, start, full, counted)
+                return
+            if k > 0:
+                yield Window(index, doc_index, start, full, counted)
+                index += 1
+                if remaining is not None:
+                    remaining -= k
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B, T) long
+    attention_mask: torch.Tensor  # (B, T) long
+    counted: torch.Tensor  # (B, T) bool: attended and not excluded
+    window_index: torch.Tensor  # (B,) long
+    n_counted: int
+
+    def keys(self) -> torch.Tensor:
+        """Stream-unique int64 key of every counted token, in mask order."""
+        pos = torch.arange(self.input_ids.shape[1], dtype=torch.long)
+        k = (self.window_index[:, None] << POSITION_BITS) | pos[None, :]
+        return k[self.counted.cpu()]
+
+    def positions(self) -> torch.Tensor:
+        pos = torch.arange(self.input_ids.shape[1], dtype=torch.long).expand_as(self.input_ids)
+        return pos[self.counted.cpu()]
+
+    def to(self, device) -> "Batch":
+        return Batch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.counted.to(device),
+            self.window_index,
+            self.n_counted,
+        )
+
+
+def collate(windows: list, pad_id: int) -> Batch:
+    T = max(len(w.ids) for w in windows)
+    B = len(windows)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    att = torch.zeros((B, T), dtype=torch.long)
+    cnt = torch.zeros((B, T), dtype=torch.bool)
+    for i, w in enumerate(windows):
+        n = len(w.ids)
+        ids[i, :n] = torch.as_tensor(w.ids, dtype=torch.long)
+        att[i, :n] = 1
+        cnt[i, :n] = torch.from_numpy(w.counted)
+    idx = torch.tensor([w.index for w in windows], dtype=torch.long)
+    return Batch(ids, att, cnt, idx, int(cnt.sum()))
+
+
+def iter_batches(windows: Iterable[Window], batch_size: int, pad_id: int, pool_batches: int = 32) -> Iterator[Batch]:
+    """Pool windows, sort each pool by length (longest first), cut into batches."""
+    if batch_size < 1:
+        raise EmbgeomError(f"--batch-size must be a positive integer, got {batch_size}")
+    pool: list = []
+
+    def flush():
+        pool.sort(key=lambda w: (-len(w.ids), w.index))
+        for i in range(0, len(pool), batch_size):
+            yield collate(pool[i : i + batch_size], pad_id)
+        pool.clear()
+
+    for w in windows:
+        pool.append(w)
+        if len(pool) >= batch_size * pool_batches:
+            yield from flush()
+    if pool:
+        yield from flush()
+
+
+def pad_token_id(tokenizer) -> int:
+    for attr in ("pad_token_id", "eos_token_id", "unk_token_id"):
+        v = getattr(tokenizer, attr, None)
+        if isinstance(v, int):
+            return v
+    return 0
