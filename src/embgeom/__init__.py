@@ -1,2 +1,10 @@
-"""embgeom."""
+"""embgeom: exact streaming geometry of transformer hidden states."""
 __version__ = "0.1.0"
+
+from .errors import EmbgeomError
+from .metrics.spectrum import anisotropy
+from .pipeline import AnalysisConfig, analyze
+from .results import Result
+from .stats.moments import Moments
+
+__all__ = ["EmbgeomError", "Moments", "Result", "analyze", "anisotropy", "AnalysisConfig"]

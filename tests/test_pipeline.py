@@ -1,0 +1,123 @@
+"""End to end on tiny random models of four architectures, against a reference
+computed from `output_hidden_states` one window at a time."""
+import json
+
+import numpy as np
+import pytest
+
+from embgeom import analyze
+from embgeom.models import load_model
+from embgeom.results import LAYER_COLUMNS, Result
+from reference import hidden_vectors, two_pass, windows_of
+
+EXPECTED = {  # kind, stacks -> blocks, norm placement
+    "gpt2": ("decoder", {"decoder": 3}, "pre-LN"),
+    "bert": ("encoder", {"encoder": 2}, "post-LN"),
+    "llama": ("decoder", {"decoder": 2}, "pre-LN"),
+    "t5": ("encoder-decoder", {"encoder": 2, "decoder": 3}, "pre-LN"),
+}
+
+
+@pytest.mark.parametrize("arch", list(EXPECTED))
+def test_model_facts_are_measured(tiny_models, arch):
+    lm = load_model(str(tiny_models[arch]), device="cpu")
+    kind, n_layers, placement = EXPECTED[arch]
+    assert lm.facts.kind == kind
+    assert lm.facts.n_layers == n_layers
+    assert lm.facts.norm_placement == placement
+    assert lm.facts.width == 32
+
+
+@pytest.mark.parametrize("arch", list(EXPECTED))
+def test_statistics_match_output_hidden_states(tiny_models, lee_corpus, arch):
+    texts = lee_corpus.read_text().splitlines()[:12]
+    res = analyze(str(tiny_models[arch]), texts, seq_len=48, batch_size=5, device="cpu")
+    lm = load_model(str(tiny_models[arch]), device="cpu")
+    windows = windows_of(texts, lm.tokenizer, 48, lm.facts.special_prefix, lm.facts.special_suffix)
+    ref = hidden_vectors(lm.model, windows, encoder_decoder=arch == "t5")
+    if "main" in ref:
+        ref = {lm.facts.kind: ref.pop("main")}
+    layers = res.layers
+    assert list(layers.columns[: len(LAYER_COLUMNS)]) == LAYER_COLUMNS
+    assert set(layers["stack"]) == set(ref)
+    assert res.run["counts"]["windows"] == len(windows)
+    for stack, per_layer in ref.items():
+        rows = layers[(layers["stack"] == stack) & (layers["view"] == "all")].sort_values("layer")
+        assert len(rows) == len(per_layer) == EXPECTED[arch][1][stack] + 1
+        for (_, row), X in zip(rows.iterrows(), per_layer):
+            want = two_pass(X)
+            assert row["n_tokens"] == want["n_tokens"]
+            for key in ("Q", "M", "V", "anisotropy", "mean_cosine"):
+                # Batching pads windows; float32 attention then differs in the last bits.
+                assert row[key] == pytest.approx(want[key], rel=2e-4, abs=1e-6), (stack, row["layer"], key)
+            assert row["depth"] == pytest.approx(row["layer"] / row["n_layers"])
+
+
+def test_exclusions_and_max_tokens(tiny_models, lee_corpus):
+    texts = lee_corpus.read_text().splitlines()[:10]
+    lm = load_model(str(tiny_models["bert"]), device="cpu")
+    special = set(lm.tokenizer.all_special_ids)
+    res = analyze(lm, texts, seq_len=40, batch_size=4, exclude_special=True, exclude_positions=(1,), max_tokens=300)
+    windows = windows_of(texts, lm.tokenizer, 40, lm.facts.special_prefix, lm.facts.special_suffix)
+
+    def counted(w):
+        keep = np.array([t not in special for t in w])
+        keep[1] = False
+        return keep
+
+    # The stream stops at exactly 300 counted tokens: cut the reference there.
+    kept, total = [], 0
+    for w in windows:
+        k = int(counted(w).sum())
+        if total + k >= 300:
+            content = w[1:-1]
+            while total + int(counted(w).sum()) > 300:
+                content = content[:-1]
+                w = [w[0]] + content + [w[-1]]
+            kept.append(w)
+            break
+        kept.append(w)
+        total += k
+    ref = hidden_vectors(lm.model, kept, counted_fn=counted)["main"]
+    rows = res.layers.sort_values("layer")
+    assert (rows["n_tokens"] == 300).all()
+    assert res.run["counts"]["tokens_counted"] == 300
+    for (_, row), X in zip(rows.iterrows(), ref):
+        want = two_pass(X)
+        assert row["n_tokens"] == want["n_tokens"]
+        assert row["V"] == pytest.approx(want["V"], rel=2e-4)
+        assert row["M"] == pytest.approx(want["M"], rel=2e-4)
+
+
+def test_long_documents_are_windowed_not_truncated(tiny_models):
+    lm = load_model(str(tiny_models["gpt2"]), device="cpu")
+    text = " ".join(["the geometry of hidden states"] * 60)
+    n_ids = len(lm.tokenizer(text, add_special_tokens=False)["input_ids"])
+    res = analyze(lm, [text], seq_len=32, batch_size=3)
+    assert res.run["counts"]["tokens_counted"] == n_ids
+    assert res.run["counts"]["windows"] == -(-n_ids // 32)
+    assert (res.layers["n_tokens"] == n_ids).all()
+
+
+def test_batch_size_does_not_change_results(tiny_models, lee_corpus):
+    texts = lee_corpus.read_text().splitlines()[:8]
+    lm = load_model(str(tiny_models["llama"]), device="cpu")
+    a = analyze(lm, texts, seq_len=40, batch_size=1).layers
+    b = analyze(lm, texts, seq_len=40, batch_size=7).layers
+    assert (a["n_tokens"] == b["n_tokens"]).all()
+    np.testing.assert_allclose(a["V"], b["V"], rtol=2e-4)
+
+
+def test_save_and_load_round_trip(tiny_models, lee_corpus, tmp_path):
+    res = analyze(str(tiny_models["gpt2"]), lee_corpus, seq_len=64, max_tokens=500, device="cpu")
+    out = res.save(tmp_path / "out")
+    for name in ("layers.csv", "layers.parquet", "spectrum.parquet", "run.json", "figures/layer_profiles.png"):
+        assert (out / name).exists(), name
+    back = Result.load(out)
+    np.testing.assert_allclose(back.layers["V"], res.layers["V"])
+    run = json.loads((out / "run.json").read_text())
+    assert run["model"]["kind"] == "decoder" and run["model"]["norm_placement"] == "pre-LN"
+    assert run["corpus"]["sha256"]
+    spec = back.spectrum[back.spectrum["layer"] == 2]
+    assert len(spec) == 32 and (np.diff(spec["eigenvalue"].to_numpy()) <= 0).all()
+    assert spec["eigenvalue"].sum() == pytest.approx(float(res.layers.query("layer == 2")["V"].iloc[0]), rel=1e-9)
