@@ -107,16 +107,17 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except SystemExit:
         raise
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            _say(f"embgeom: error: {exc.format_message()}")
+    except Exception as exc:
+        # Usage errors of the command-line parser (typer vendors its own click, so
+        # match by shape rather than class).
+        if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
+            message = exc.format_message()
+            if message:  # empty when help was shown for a bare command
+                _say(f"embgeom: error: {message}")
             sys.exit(2)
-        if isinstance(exc, click.exceptions.Abort):
+        if type(exc).__name__ == "Abort":
             sys.exit(130)
         raise
-
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,112 @@
+"""The command line: a real run, and every bad input answered with one line and exit 2."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from embgeom.cli import main
+
+
+def run_cli(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+        raise SystemExit(0)
+    captured = capsys.readouterr()
+    return exc.value.code, captured.err
+
+
+def test_run_writes_tables_and_figures(tiny_models, lee_corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, err = run_cli(["run", str(tiny_models["bert"]), "--corpus", str(lee_corpus), "--out", str(out),
+                         "--max-tokens", "400", "--seq-len", "64", "--no-progress"], capsys)
+    assert code == 0, err
+    assert (out / "layers.csv").exists() and (out / "figures" / "layer_profiles.png").exists()
+    code, err = run_cli(["plot", str(out), str(out), "--out", str(tmp_path / "figs")], capsys)
+    assert code == 0, err
+    assert (tmp_path / "figs" / "profile_anisotropy.png").exists()
+
+
+@pytest.fixture()
+def bad_inputs(tiny_models, lee_corpus, tmp_path):
+    """name -> (extra argv, substring the message must contain)."""
+    import transformers as tf
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n   \n\n")
+    bad_utf8 = tmp_path / "bad.txt"
+    bad_utf8.write_bytes(b"fine line\nbad \xff\xfe byte\n")
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text('{"body": "some text"}\n')
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    # A model whose second block produces NaN.
+    nan_dir = tmp_path / "nan-model"
+    m = tf.GPT2LMHeadModel.from_pretrained(tiny_models["gpt2"])
+    with torch.no_grad():
+        m.transformer.h[1].mlp.c_proj.bias.fill_(float("nan"))
+    m.save_pretrained(nan_dir)
+    tf.AutoTokenizer.from_pretrained(tiny_models["gpt2"]).save_pretrained(nan_dir)
+    corrupt = tmp_path / "corrupt-model"
+    corrupt.mkdir()
+    for f in tiny_models["gpt2"].iterdir():
+        (corrupt / f.name).write_bytes(f.read_bytes())
+    (corrupt / "model.safetensors").write_bytes(b"not really safetensors")
+    notgguf = tmp_path / "fake.gguf"
+    notgguf.write_bytes(b"PK\x03\x04 this is a zip")
+    model, corpus = str(tiny_models["gpt2"]), str(lee_corpus)
+    return {
+        "missing model": ([str(tmp_path / "nope"), "--corpus", corpus], "does not exist"),
+        "missing corpus": ([model, "--corpus", str(tmp_path / "nope.txt")], "does not exist"),
+        "empty corpus": ([model, "--corpus", str(empty)], "no non-blank document"),
+        "invalid utf-8": ([model, "--corpus", str(bad_utf8)], "--encoding-errors replace"),
+        "missing text field": ([model, "--corpus", str(jsonl)], "text"),
+        "zero batch size": ([model, "--corpus", corpus, "--batch-size", "0"], "--batch-size"),
+        "negative max tokens": ([model, "--corpus", corpus, "--max-tokens", "-5"], "--max-tokens"),
+        "non-numeric option": ([model, "--corpus", corpus, "--seq-len", "abc"], "seq-len"),
+        "seq-len past limit": ([model, "--corpus", corpus, "--seq-len", "4096"], "128"),
+        "out is a file": ([model, "--corpus", corpus, "--out-override", str(a_file)], "is a file"),
+        "cuda without gpu": ([model, "--corpus", corpus, "--device", "cuda"], "no CUDA GPU"),
+        "unknown dtype": ([model, "--corpus", corpus, "--dtype", "float8"], "--dtype"),
+        "non-finite hidden states": ([str(nan_dir), "--corpus", corpus], "layer 2"),
+        "corrupt weights": ([str(corrupt), "--corpus", corpus], "could not load model"),
+        "not a gguf": ([str(notgguf), "--corpus", corpus], "not a GGUF file"),
+        "bad outlier factor": ([model, "--corpus", corpus, "--outlier-factor", "0.5"], "--outlier-factor"),
+    }
+
+
+CASES = ["missing model", "missing corpus", "empty corpus", "invalid utf-8", "missing text field",
+         "zero batch size", "negative max tokens", "non-numeric option", "seq-len past limit", "out is a file",
+         "cuda without gpu", "unknown dtype", "non-finite hidden states", "corrupt weights", "not a gguf",
+         "bad outlier factor"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_gives_one_line_and_exit_2(bad_inputs, case, tmp_path, capsys):
+    if case == "cuda without gpu" and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    argv, needle = bad_inputs[case]
+    out = tmp_path / "result"
+    if "--out-override" in argv:
+        i = argv.index("--out-override")
+        out = argv[i + 1]
+        argv = argv[:i] + argv[i + 2 :]
+    defaults = {"--max-tokens": "200", "--seq-len": "64"}
+    for flag, value in defaults.items():
+        if flag not in argv:
+            argv = [*argv, flag, value]
+    code, err = run_cli(["run", *argv, "--out", str(out), "--no-progress"], capsys)
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    assert needle in lines[0], lines[0]
+    assert not (tmp_path / "result" / "layers.csv").exists()
+
+
+def test_module_entry_point_reports_errors_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "embgeom", "run", str(tmp_path / "nope"), "--corpus",
+                           str(tmp_path / "x.txt"), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("embgeom: error:") and "Traceback" not in proc.stderr
