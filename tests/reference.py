@@ -6,20 +6,32 @@ import numpy as np
 import torch
 
 
-def windows_of(texts, tok, seq_len, prefix, suffix, max_tokens=None):
+def windows_of(texts, tok, seq_len, prefix, suffix):
     step = seq_len - len(prefix) - len(suffix)
-    out, total = [], 0
+    out = []
     for text in texts:
         ids = tok(text, add_special_tokens=False)["input_ids"]
         for s in range(0, len(ids), step):
-            w = list(prefix) + ids[s : s + step] + list(suffix)
-            if max_tokens is not None and total + len(w) >= max_tokens:
-                w = w[: len(prefix) + max(0, max_tokens - total - len(prefix) - len(suffix))] + list(suffix)
-                out.append(w)
-                return out
-            out.append(w)
-            total += len(w)
+            out.append(list(prefix) + ids[s : s + step] + list(suffix))
     return out
+
+
+def limit(windows, counted_fn, max_tokens):
+    """Windows up to the one where max_tokens is reached, and a counted_fn that counts
+    only the first max_tokens counted positions overall."""
+    kept, masks, total = [], [], 0
+    for w in windows:
+        m = counted_fn(w).copy()
+        if total + m.sum() >= max_tokens:
+            m &= np.cumsum(m) <= max_tokens - total
+            kept.append(w)
+            masks.append(m)
+            break
+        kept.append(w)
+        masks.append(m)
+        total += int(m.sum())
+    it = iter(masks)
+    return kept, lambda w: next(it)
 
 
 def hidden_vectors(model, windows, counted_fn=None, encoder_decoder=False):

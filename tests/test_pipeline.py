@@ -8,7 +8,7 @@ import pytest
 from embgeom import analyze
 from embgeom.models import load_model
 from embgeom.results import LAYER_COLUMNS, Result
-from reference import hidden_vectors, two_pass, windows_of
+from reference import hidden_vectors, limit, two_pass, windows_of
 
 EXPECTED = {  # kind, stacks -> blocks, norm placement
     "gpt2": ("decoder", {"decoder": 3}, "pre-LN"),
@@ -65,20 +65,8 @@ def test_exclusions_and_max_tokens(tiny_models, lee_corpus):
         keep[1] = False
         return keep
 
-    # The stream stops at exactly 300 counted tokens: cut the reference there.
-    kept, total = [], 0
-    for w in windows:
-        k = int(counted(w).sum())
-        if total + k >= 300:
-            content = w[1:-1]
-            while total + int(counted(w).sum()) > 300:
-                content = content[:-1]
-                w = [w[0]] + content + [w[-1]]
-            kept.append(w)
-            break
-        kept.append(w)
-        total += k
-    ref = hidden_vectors(lm.model, kept, counted_fn=counted)["main"]
+    kept, counted_limited = limit(windows, counted, 300)
+    ref = hidden_vectors(lm.model, kept, counted_fn=counted_limited)["main"]
     rows = res.layers.sort_values("layer")
     assert (rows["n_tokens"] == 300).all()
     assert res.run["counts"]["tokens_counted"] == 300

@@ -2,7 +2,9 @@
 
 Documents are tokenized without special tokens and split into consecutive windows of
 at most `seq_len` tokens including the model's own special tokens; nothing is
-truncated. `max_tokens` stops the stream at exactly that many counted tokens.
+truncated. `max_tokens` stops the stream at exactly that many counted tokens: the
+last window is run whole (same context as without the limit) but only its first
+counted positions up to the limit are counted.
 Windows are pooled and sorted by length before batching so little is padding.
 """
 from __future__ import annotations
@@ -101,14 +103,11 @@ def iter_windows(documents: Iterable[str], tokenizer, plan: WindowPlan) -> Itera
             counted = plan.counted_mask(full)
             k = int(counted.sum())
             if remaining is not None and k >= remaining:
-                # Shorten the last window so exactly max_tokens are counted.
-                while k > remaining and content:
-                    content = content[:-1]
-                    full = pre + content + suf
-                    counted = plan.counted_mask(full)
-                    k = int(counted.sum())
-                if k > 0:
-                    yield Window(index, doc_index, start, full, counted)
+                # The last window keeps its full context; only its first `remaining`
+                # counted positions are counted, so exactly max_tokens are.
+                if k > remaining:
+                    counted = counted & (np.cumsum(counted) <= remaining)
+                yield Window(index, doc_index, start, full, counted)
                 return
             if k > 0:
                 yield Window(index, doc_index, start, full, counted)
