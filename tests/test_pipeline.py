@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from embgeom import analyze
+from embgeom import EmbgeomError, analyze
 from embgeom.models import load_model
 from embgeom.results import LAYER_COLUMNS, Result
 from reference import hidden_vectors, limit, two_pass, windows_of
@@ -109,3 +109,24 @@ def test_save_and_load_round_trip(tiny_models, lee_corpus, tmp_path):
     spec = back.spectrum[back.spectrum["layer"] == 2]
     assert len(spec) == 32 and (np.diff(spec["eigenvalue"].to_numpy()) <= 0).all()
     assert spec["eigenvalue"].sum() == pytest.approx(float(res.layers.query("layer == 2")["V"].iloc[0]), rel=1e-9)
+
+
+def test_hub_id_with_revisions_from_local_cache(tiny_models, lee_corpus, tmp_path, monkeypatch):
+    """A Hub id resolves offline from a Hugging Face cache, at the asked revision."""
+    import shutil
+
+    hub = tmp_path / "hub"
+    repo = hub / "models--someone--tiny-gpt2"
+    for rev, commit, arch in [("main", "a" * 40, "gpt2"), ("step100", "b" * 40, "llama")]:
+        shutil.copytree(tiny_models[arch], repo / "snapshots" / commit)
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / rev).write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    a = analyze("someone/tiny-gpt2", lee_corpus, revision="step100", seq_len=32, max_tokens=100, device="cpu")
+    assert a.run["model"]["model_type"] == "llama" and a.run["model"]["source"] == "hub"
+    assert set(a.layers["revision"]) == {"step100"}
+    b = analyze("someone/tiny-gpt2", lee_corpus, seq_len=32, max_tokens=100, device="cpu")
+    assert b.run["model"]["model_type"] == "gpt2"
+    with pytest.raises(EmbgeomError, match="revision nope"):
+        analyze("someone/tiny-gpt2", lee_corpus, revision="nope", seq_len=32, device="cpu")

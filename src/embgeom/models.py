@@ -100,6 +100,9 @@ def _quiet_transformers():
 def _from_pretrained(location, revision=None, dtype=torch.float32, local_files_only=False, **kw):
     from transformers import AutoModel, AutoTokenizer
 
+    if os.environ.get("HF_HUB_CACHE") and "cache_dir" not in kw:
+        # Read at call time, so a cache chosen after import is honoured.
+        kw["cache_dir"] = os.environ["HF_HUB_CACHE"]
     tok = AutoTokenizer.from_pretrained(location, revision=revision, local_files_only=local_files_only, **kw)
     model = AutoModel.from_pretrained(
         location, revision=revision, local_files_only=local_files_only, dtype=dtype, **kw

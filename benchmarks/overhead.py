@@ -1,0 +1,104 @@
+"""Whole-process cost of `embgeom run` against a plain forward loop (not a test).
+
+The baseline is the honest minimum: the same model, corpus, windows and batch size,
+run with `output_hidden_states=True` and nothing else. Both run as fresh processes,
+so imports and model loading count on both sides. Prints the ratio and peak memory.
+
+    .venv/bin/python benchmarks/overhead.py [--model minilm|smollm2|PATH] [--tokens 20000]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def baseline(model_spec: str, corpus: str, seq_len: int, batch_size: int, max_tokens: int) -> None:
+    """Forward passes only: tokenize, window, batch, run. Prints its own timings."""
+    import torch
+
+    from embgeom.models import load_model
+    from embgeom.pipeline import AnalysisConfig
+    from embgeom.corpus import read_documents
+    from embgeom.windows import WindowPlan, iter_batches, iter_windows, pad_token_id
+
+    torch.set_grad_enabled(False)
+    lm = load_model(model_spec, device="cpu")
+    plan = WindowPlan(seq_len=seq_len, prefix=tuple(lm.facts.special_prefix), suffix=tuple(lm.facts.special_suffix),
+                      max_tokens=max_tokens)
+    t = time.perf_counter()
+    n = 0
+    for b in iter_batches(iter_windows(read_documents(corpus), lm.tokenizer, plan), batch_size,
+                          pad_token_id(lm.tokenizer)):
+        out = lm.model(input_ids=b.input_ids, attention_mask=b.attention_mask, output_hidden_states=True)
+        n += b.n_counted
+        del out
+    print(json.dumps({"stream_s": time.perf_counter() - t, "tokens": n}))
+
+
+def timed(cmd: list[str]) -> tuple[float, int, str]:
+    """Wall seconds, peak RSS (KiB) of the child, stdout."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        sys.exit(f"command failed: {' '.join(cmd)}\n{proc.stderr[-2000:]}")
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return wall, max(peak, before), proc.stdout
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="minilm")
+    ap.add_argument("--tokens", type=int, default=20000)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--baseline-worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--corpus", default=None)
+    args = ap.parse_args()
+
+    if args.baseline_worker:
+        baseline(args.model, args.corpus, args.seq_len, args.batch_size, args.tokens)
+        return
+
+    from embgeom.packaged import minilm_path, smollm2_gguf_path
+    from embgeom.wiki import write_demo_corpus
+
+    model = {"minilm": str(minilm_path()), "smollm2": str(smollm2_gguf_path())}.get(args.model, args.model)
+    tmp = Path(tempfile.mkdtemp(prefix="embgeom-bench-"))
+    corpus = write_demo_corpus(tmp / "corpus.txt", max_words=int(args.tokens * 1.2) + 2000)
+    common = ["--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size)]
+    base_cmd = [sys.executable, __file__, "--baseline-worker", "--model", model, "--corpus", str(corpus),
+                "--tokens", str(args.tokens), *common]
+    run_cmd = [sys.executable, "-m", "embgeom", "run", model, "--corpus", str(corpus), "--out", str(tmp / "out"),
+               "--max-tokens", str(args.tokens), "--device", "cpu", "--no-progress", "--no-figures", *common]
+    # Warm the GGUF cache and the page cache before timing either side.
+    timed(base_cmd)
+    rows = []
+    for _ in range(args.repeats):
+        b_wall, b_rss, b_out = timed(base_cmd)
+        e_wall, e_rss, _ = timed(run_cmd)
+        run = json.loads((tmp / "out" / "run.json").read_text())
+        rows.append((b_wall, e_wall, json.loads(b_out)["stream_s"], run["timings_s"]["stream"]))
+    b_wall = min(r[0] for r in rows)
+    e_wall = min(r[1] for r in rows)
+    b_stream = min(r[2] for r in rows)
+    e_stream = min(r[3] for r in rows)
+    print(f"model {Path(model).name}, {args.tokens} tokens, seq_len {args.seq_len}, batch {args.batch_size}, "
+          f"torch threads {os.cpu_count()} cores, best of {args.repeats}")
+    print(f"whole process: forward-only loop {b_wall:.1f} s, embgeom run {e_wall:.1f} s, ratio {e_wall / b_wall:.3f}")
+    print(f"streaming part: forward-only {b_stream:.1f} s, embgeom {e_stream:.1f} s, ratio {e_stream / b_stream:.3f}")
+    print(f"embgeom: {args.tokens / e_stream:,.0f} tokens/s while streaming")
+    print(f"peak RSS of the children: {e_rss / 1024:.0f} MiB (max over both)")
+
+
+if __name__ == "__main__":
+    main()
