@@ -21,7 +21,7 @@ def check_against_reference(lm, texts, seq_len, max_tokens):
     windows = windows_of(texts, lm.tokenizer, seq_len, lm.facts.special_prefix, lm.facts.special_suffix)
     windows, counted = limit(windows, lambda w: np.ones(len(w), dtype=bool), max_tokens)
     ref = hidden_vectors(lm.model, windows, counted_fn=counted)["main"]
-    rows = res.layers.sort_values("layer")
+    rows = res.layers[res.layers["view"] == "all"].sort_values("layer")
     assert len(rows) == len(ref)
     for (_, row), X in zip(rows.iterrows(), ref):
         want = two_pass(X)

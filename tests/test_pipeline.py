@@ -67,7 +67,7 @@ def test_exclusions_and_max_tokens(tiny_models, lee_corpus):
 
     kept, counted_limited = limit(windows, counted, 300)
     ref = hidden_vectors(lm.model, kept, counted_fn=counted_limited)["main"]
-    rows = res.layers.sort_values("layer")
+    rows = res.layers[res.layers["view"] == "all"].sort_values("layer")
     assert (rows["n_tokens"] == 300).all()
     assert res.run["counts"]["tokens_counted"] == 300
     for (_, row), X in zip(rows.iterrows(), ref):
@@ -106,9 +106,9 @@ def test_save_and_load_round_trip(tiny_models, lee_corpus, tmp_path):
     run = json.loads((out / "run.json").read_text())
     assert run["model"]["kind"] == "decoder" and run["model"]["norm_placement"] == "pre-LN"
     assert run["corpus"]["sha256"]
-    spec = back.spectrum[back.spectrum["layer"] == 2]
+    spec = back.spectrum[(back.spectrum["layer"] == 2) & (back.spectrum["view"] == "all")]
     assert len(spec) == 32 and (np.diff(spec["eigenvalue"].to_numpy()) <= 0).all()
-    assert spec["eigenvalue"].sum() == pytest.approx(float(res.layers.query("layer == 2")["V"].iloc[0]), rel=1e-9)
+    assert spec["eigenvalue"].sum() == pytest.approx(float(res.layers.query("layer == 2 and view == 'all'")["V"].iloc[0]), rel=1e-9)
 
 
 def test_hub_id_with_revisions_from_local_cache(tiny_models, lee_corpus, tmp_path, monkeypatch):

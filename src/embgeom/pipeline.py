@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 
 from . import __version__
@@ -17,7 +18,7 @@ from .extract import decoder_inputs, forward_hidden
 from .models import LoadedModel, load_model
 from .progress import token_progress
 from .results import Result, layers_frame
-from .stats.moments import Moments, NonFiniteInput
+from .stats.layers import VIEWS, LayerStatistics
 from .windows import WindowPlan, iter_batches, iter_windows, pad_token_id, validate_plan
 
 
@@ -40,6 +41,7 @@ class AnalysisConfig:
     encoding_errors: str = "strict"
     min_count: int = 10
     max_count: int = 100000
+    calibration_tokens: int = 2048
 
     def validate(self) -> None:
         def positive_int(name, v, allow_none=False):
@@ -89,27 +91,6 @@ def _versions() -> dict:
         "numpy": numpy.__version__,
         "pandas": pandas.__version__,
     }
-
-
-class LayerStatistics:
-    """The accumulators of one model: per stack, per layer (one per view)."""
-
-    def __init__(self, n_layers: dict, width: int, device):
-        self.moments = {
-            stack: [Moments(width, device=device) for _ in range(n + 1)] for stack, n in n_layers.items()
-        }
-
-    def update(self, stack: str, hidden: Sequence[torch.Tensor], counted: torch.Tensor) -> None:
-        idx = counted.reshape(-1).nonzero().squeeze(1)
-        for layer, h in enumerate(hidden):
-            x = h.reshape(-1, h.shape[-1]).index_select(0, idx)
-            try:
-                self.moments[stack][layer].update(x)
-            except NonFiniteInput:
-                raise EmbgeomError(
-                    f"hidden states of {stack} layer {layer} are not finite (NaN or inf); "
-                    "the model overflows in this dtype: try --dtype float32"
-                ) from None
 
 
 def _counted_decoder(plan: WindowPlan, model, batch) -> torch.Tensor:
@@ -188,57 +169,90 @@ def analyze(
     )
     validate_plan(plan, facts.max_length)
 
-    # Pre-pass with the tokenizer alone: validates the corpus before any model work
-    # and gives the progress bar its total.
+    type_of, type_text = token_type_table(tok, cfg.token_types)
+
+    # Pre-pass with the tokenizer alone: validates the corpus before any model work,
+    # gives the progress bar its total and sizes the per-type accumulators.
     t1 = time.perf_counter()
     n_windows = n_counted = 0
     docs_used = set()
+    seen_types: set = set()
     for w in iter_windows(docs(), tok, plan):
         n_windows += 1
         n_counted += int(w.counted.sum())
         docs_used.add(w.doc)
+        seen_types.update(np.asarray(w.ids)[w.counted].tolist())
     if n_counted == 0:
         raise EmbgeomError("no token is counted: the corpus is empty after tokenization or every position is excluded")
+    n_types_expected = len({int(type_of[i]) for i in seen_types}) if type_of is not None else len(seen_types)
     t_count = time.perf_counter() - t1
 
     device = loaded.device
     is_ed = facts.kind == "encoder-decoder"
-    stats = LayerStatistics(facts.n_layers, facts.width, device)
+    stats = LayerStatistics(facts.n_layers, facts.width, device, outlier_factor=cfg.outlier_factor,
+                            calibration_tokens=cfg.calibration_tokens, type_capacity=n_types_expected + 1)
+    type_lut = torch.as_tensor(type_of, device=device) if type_of is not None else None
     pad = pad_token_id(tok)
     t2 = time.perf_counter()
     n_seen = {stack: 0 for stack in facts.n_layers}
     n_padded = 0
-    with token_progress(n_counted, enabled=progress, description=loaded.name) as advance, torch.inference_mode():
+    with token_progress(n_counted, enabled=progress, description=loaded.name) as advance, torch.no_grad():
         for batch in iter_batches(iter_windows(docs(), tok, plan), cfg.batch_size, pad):
             b = batch.to(device)
             hidden = forward_hidden(loaded.model, b.input_ids, b.attention_mask, is_ed, single_stack=facts.kind)
             n_padded += int(b.input_ids.numel())
+            B, T = b.input_ids.shape
+            positions = torch.arange(T, device=device).expand(B, T)
+            windows = b.window_index.to(device)[:, None].expand(B, T)
+            docs_ix = b.doc_index.to(device)[:, None].expand(B, T)
             for stack, hs in hidden.items():
-                counted = _counted_decoder(plan, loaded.model, b) if stack == "decoder" and is_ed else b.counted
-                stats.update(stack, hs, counted)
+                if stack == "decoder" and is_ed:
+                    ids = decoder_inputs(loaded.model, b.input_ids)
+                    counted = _counted_decoder(plan, loaded.model, b)
+                else:
+                    ids, counted = b.input_ids, b.counted
+                types = type_lut[ids] if type_lut is not None else ids
+                meta = {"token_id": ids, "document": docs_ix, "window": windows, "position": positions}
+                stats.update(stack, hs, counted, types, meta)
                 n_seen[stack] += int(counted.sum())
             advance(batch.n_counted)
+    stats.finish()
     t_stream = time.perf_counter() - t2
 
-    rows, spectrum_rows = [], []
+    t3 = time.perf_counter()
     name = loaded.name
-    for stack, per_layer in stats.moments.items():
-        L = facts.n_layers[stack]
-        for layer, m in enumerate(per_layer):
-            lam: list = []
-            metrics = m.metrics(eigenvalues_out=lam)
-            row = dict(
-                model=name, revision=revision or "", step=step, stack=stack, layer=layer, n_layers=L,
-                depth=layer / L, view="all", n_tokens=m.n, **metrics,
-            )
-            rows.append(row)
-            for rank, value in enumerate(lam[0], start=1):
-                spectrum_rows.append(dict(model=name, revision=revision or "", step=step, stack=stack,
-                                          layer=layer, view="all", rank=rank, eigenvalue=float(value)))
-    import pandas as pd
-
+    rev = revision or ""
+    rows, spectrum_rows, token_frames = [], [], []
+    for stack, L in facts.n_layers.items():
+        for layer in range(L + 1):
+            for view in VIEWS:
+                acc = stats.view(view, stack, layer)
+                ident = dict(model=name, revision=rev, step=step, stack=stack, layer=layer)
+                row = dict(ident, n_layers=L, depth=layer / L, view=view, n_tokens=acc.moments.n)
+                if acc.moments.n == 0:
+                    rows.append(row)
+                    continue
+                lam: list = []
+                row.update(acc.moments.metrics(eigenvalues_out=lam))
+                dec = acc.types.decomposition()
+                row.update(V_within=dec["V_within"], V_between=dec["V_between"])
+                row.update(acc.types.tradeoff(min_count=cfg.min_count, max_count=cfg.max_count))
+                rows.append(row)
+                spectrum_rows.append(pd.DataFrame(dict(ident, view=view, rank=np.arange(1, len(lam[0]) + 1),
+                                                       eigenvalue=lam[0])))
+                if view == "all":
+                    table = acc.types.table()
+                    table.insert(0, "layer", layer)
+                    table.insert(0, "stack", stack)
+                    token_frames.append(table)
     layers = layers_frame(rows)
-    spectrum = pd.DataFrame(spectrum_rows)
+    spectrum = pd.concat(spectrum_rows, ignore_index=True)
+    tokens = pd.concat(token_frames, ignore_index=True)
+    tokens.insert(2, "token", type_text(tokens["token_id"].to_numpy()))
+    for col, value in (("step", step), ("revision", rev), ("model", name)):
+        tokens.insert(0, col, value)
+    outliers = outlier_table(stats.outlier_records(), tok, name, rev)
+    t_metrics = time.perf_counter() - t3
     run = {
         "versions": _versions(),
         "config": {**asdict(cfg), "model": str(model) if not isinstance(model, LoadedModel) else facts.path,
@@ -249,14 +263,79 @@ def analyze(
             "documents": len(docs_used),
             "tokens_counted": n_counted,
             "tokens_per_stack": n_seen,
+            "token_types": n_types_expected,
             "padding_fraction": 1.0 - sum(n_seen.values()) / max(1, n_padded * len(n_seen)) if n_padded else 0.0,
         },
         "model": facts.to_dict(),
-        "accumulator_bytes": int(sum(m.nbytes for ms in stats.moments.values() for m in ms)),
-        "timings_s": {"load": t_load, "count": t_count, "stream": t_stream, "total": time.perf_counter() - t0},
+        "outliers": {
+            "factor": cfg.outlier_factor,
+            "calibration_tokens": stats.calibrated_on,
+            "median_norm": stats.median_norm,
+            "count": {s: [int(stats.outliers[s][l].moments.n) for l in range(L + 1)] for s, L in facts.n_layers.items()},
+        },
+        "accumulator_bytes": int(stats.nbytes),
+        "timings_s": {"load": t_load, "count": t_count, "stream": t_stream, "metrics": t_metrics,
+                      "total": time.perf_counter() - t0},
         "device": str(device),
     }
-    return Result(layers=layers, spectrum=spectrum, run=run)
+    return Result(layers=layers, spectrum=spectrum, tokens=tokens, outliers=outliers, run=run)
+
+
+MARKERS = ("##", "Ġ", "▁")
+
+
+def _strip_markers(token: str) -> str:
+    for m in MARKERS:
+        if token.startswith(m):
+            return token[len(m):]
+    return token
+
+
+def token_type_table(tokenizer, token_types: str):
+    """(vocabulary id -> type id table or None, function: type ids -> texts).
+
+    `id` types are vocabulary ids. `string` types are surface forms with the subword
+    markers `##`, `Ġ` and `▁` stripped, so `Ġthe` and `the` are one type; their ids
+    index the sorted list of distinct strings.
+    """
+    vocab_size = len(tokenizer)
+    pieces = tokenizer.convert_ids_to_tokens(list(range(vocab_size)))
+    pieces = ["" if p is None else str(p) for p in pieces]
+    if token_types == "id":
+        arr = np.asarray(pieces, dtype=object)
+        return None, lambda ids: arr[np.asarray(ids, dtype=np.int64)]
+    stripped = [_strip_markers(p) for p in pieces]
+    strings = sorted(set(stripped))
+    index = {t: i for i, t in enumerate(strings)}
+    table = np.fromiter((index[t] for t in stripped), dtype=np.int64, count=vocab_size)
+    arr = np.asarray(strings, dtype=object)
+    return table, lambda ids: arr[np.asarray(ids, dtype=np.int64)]
+
+
+OUTLIER_COLUMNS = ["model", "revision", "stack", "layer", "token_id", "token", "document", "window", "position",
+                   "norm", "norm_over_median"]
+
+
+def outlier_table(records: list, tokenizer, model: str, revision: str) -> pd.DataFrame:
+    """outliers.csv: one row per (outlier token, layer)."""
+    if not records:
+        return pd.DataFrame(columns=OUTLIER_COLUMNS)
+    frames = []
+    for r in records:
+        n = len(r["norm"])
+        frames.append(pd.DataFrame({
+            "stack": [r["stack"]] * n, "layer": r["layer"], "token_id": r["token_id"].numpy(),
+            "document": r["document"].numpy(), "window": r["window"].numpy(), "position": r["position"].numpy(),
+            "norm": r["norm"].numpy(), "norm_over_median": r["norm"].numpy() / r["median"],
+        }))
+    df = pd.concat(frames, ignore_index=True)
+    df.insert(0, "revision", revision)
+    df.insert(0, "model", model)
+    ids = df["token_id"].to_numpy()
+    uniq = np.unique(ids)
+    texts = dict(zip(uniq.tolist(), tokenizer.convert_ids_to_tokens(uniq.tolist())))
+    df.insert(df.columns.get_loc("token_id") + 1, "token", [texts[i] for i in ids.tolist()])
+    return df.sort_values(["stack", "layer", "window", "position"], ignore_index=True)[OUTLIER_COLUMNS]
 
 
 def _corpus_record(corpus) -> dict:

@@ -123,6 +123,7 @@ class Batch:
     counted: torch.Tensor  # (B, T) bool: attended and not excluded
     window_index: torch.Tensor  # (B,) long
     n_counted: int
+    doc_index: torch.Tensor | None = None  # (B,) long
 
     def keys(self) -> torch.Tensor:
         """Stream-unique int64 key of every counted token, in mask order."""
@@ -141,6 +142,7 @@ class Batch:
             self.counted.to(device),
             self.window_index,
             self.n_counted,
+            self.doc_index,
         )
 
 
@@ -156,7 +158,8 @@ def collate(windows: list, pad_id: int) -> Batch:
         att[i, :n] = 1
         cnt[i, :n] = torch.from_numpy(w.counted)
     idx = torch.tensor([w.index for w in windows], dtype=torch.long)
-    return Batch(ids, att, cnt, idx, int(cnt.sum()))
+    docs = torch.tensor([w.doc for w in windows], dtype=torch.long)
+    return Batch(ids, att, cnt, idx, int(cnt.sum()), docs)
 
 
 def iter_batches(windows: Iterable[Window], batch_size: int, pad_id: int, pool_batches: int = 32) -> Iterator[Batch]:

@@ -1,0 +1,183 @@
+"""All accumulators of one model run: per stack, per layer, split into inliers and
+outliers by norm, so both views come from one pass.
+
+The `inliers` view keeps tokens whose norm at a layer is at most `outlier_factor`
+times that layer's median norm, the median calibrated on the first
+`calibration_tokens` counted tokens of the stream. Inliers and outliers are
+accumulated apart and the `all` view is their exact merge: no statistic is ever
+computed twice, and outliers (rare) cost almost nothing. A view is therefore a
+filter in front of the same accumulators, for every metric.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .moments import Moments, NonFiniteInput
+from .token_moments import TokenGroups, TokenMoments
+from ..errors import EmbgeomError
+
+VIEWS = ("all", "inliers")
+
+
+@dataclass
+class LayerAccumulators:
+    """Accumulators of one (stack, layer) for one part (inliers or outliers)."""
+
+    moments: Moments
+    types: TokenMoments | None
+
+    @classmethod
+    def new(cls, width, device, with_types, capacity=0):
+        return cls(Moments(width, device=device), TokenMoments(width, device=device, capacity=capacity) if with_types else None)
+
+    def update(self, x: torch.Tensor, groups) -> None:
+        self.moments.update(x)
+        if self.types is not None:
+            self.types.update(x, groups)
+
+    def merged_with(self, other: "LayerAccumulators") -> "LayerAccumulators":
+        m = Moments.from_state_dict(self.moments.state_dict()).merge(other.moments)
+        t = None
+        if self.types is not None:
+            t = TokenMoments.from_state_dict(self.types.state_dict()).merge(other.types)
+        return LayerAccumulators(m, t)
+
+    @property
+    def nbytes(self) -> int:
+        return self.moments.nbytes + (self.types.nbytes if self.types is not None else 0)
+
+
+@dataclass
+class _Pending:
+    """Counted vectors held back until the outlier threshold is calibrated."""
+
+    xs: list = field(default_factory=list)  # per batch: list over layers of (n, d)
+    types: list = field(default_factory=list)
+    meta: list = field(default_factory=list)
+    n: int = 0
+
+
+class LayerStatistics:
+    """Streaming statistics of every layer of every stack, in two views.
+
+    Parameters
+    ----------
+    n_layers : {stack: number of blocks}; hidden states are n_layers + 1 per stack.
+    width : vector width d.
+    outlier_factor : inliers have ‖x‖ ≤ outlier_factor × median ‖x‖ of their layer.
+    calibration_tokens : counted tokens from the start of the stream used for the median.
+    with_types : keep per-token-type moments (paper B) too.
+    type_capacity : expected number of token types (rows allocated once).
+    """
+
+    def __init__(self, n_layers: dict, width: int, device=None, outlier_factor: float = 10.0,
+                 calibration_tokens: int = 2048, with_types: bool = True, type_capacity: int = 0):
+        self.n_layers = dict(n_layers)
+        self.width = width
+        self.outlier_factor = float(outlier_factor)
+        self.calibration_tokens = int(calibration_tokens)
+        self.with_types = with_types
+
+        def part():
+            return {s: [LayerAccumulators.new(width, device, with_types, type_capacity) for _ in range(n + 1)]
+                    for s, n in self.n_layers.items()}
+
+        self.inliers = part()
+        self.outliers = {s: [LayerAccumulators.new(width, device, with_types) for _ in range(n + 1)]
+                         for s, n in self.n_layers.items()}
+        self.median_norm: dict = {s: None for s in self.n_layers}  # stack -> list per layer
+        self.calibrated_on: dict = {s: 0 for s in self.n_layers}
+        self._pending = {s: _Pending() for s in self.n_layers}
+        self._outlier_rows: list = []
+
+    # ----------------------------------------------------------------- updates
+    def update(self, stack: str, hidden, counted: torch.Tensor, token_types: torch.Tensor,
+               meta: dict | None = None) -> None:
+        """Add one batch of one stack.
+
+        hidden : sequence over layers of (B, T, d) tensors.
+        counted : (B, T) bool, the tokens to count.
+        token_types : (B, T) int64 type of each position.
+        meta : optional {name: (B, T) int64} carried into the outlier list
+            (e.g. token id, window, position).
+        """
+        idx = counted.reshape(-1).nonzero().squeeze(1)
+        types = token_types.reshape(-1).index_select(0, idx.to(token_types.device))
+        metas = {k: v.reshape(-1).index_select(0, idx.to(v.device)) for k, v in (meta or {}).items()}
+        xs = []
+        for layer, h in enumerate(hidden):
+            x = h.reshape(-1, h.shape[-1]).index_select(0, idx.to(h.device))
+            if not bool(torch.isfinite(x.sum(dtype=torch.float64))):  # NaN/inf propagate
+                raise EmbgeomError(
+                    f"hidden states of {stack} layer {layer} are not finite (NaN or inf); "
+                    "the model overflows in this dtype: try --dtype float32"
+                )
+            xs.append(x)
+        if self.median_norm[stack] is None:
+            p = self._pending[stack]
+            p.xs.append(xs)
+            p.types.append(types)
+            p.meta.append(metas)
+            p.n += int(idx.numel())
+            if p.n >= self.calibration_tokens:
+                self._calibrate(stack)
+            return
+        self._accumulate(stack, xs, types, metas)
+
+    def _calibrate(self, stack: str) -> None:
+        p = self._pending[stack]
+        medians = []
+        for layer in range(self.n_layers[stack] + 1):
+            norms = torch.cat([torch.linalg.vector_norm(b[layer].double(), dim=1) for b in p.xs])
+            medians.append(float(norms.median()) if norms.numel() else math.nan)
+        self.median_norm[stack] = medians
+        self.calibrated_on[stack] = p.n
+        self._pending[stack] = _Pending()
+        for xs, types, metas in zip(p.xs, p.types, p.meta):
+            self._accumulate(stack, xs, types, metas)
+
+    def finish(self) -> None:
+        """Calibrate stacks whose stream ended before `calibration_tokens`."""
+        for stack in self.n_layers:
+            if self.median_norm[stack] is None:
+                self._calibrate(stack)
+
+    def _accumulate(self, stack, xs, types, metas) -> None:
+        groups = TokenMoments.group(types) if self.with_types else None
+        for layer, x in enumerate(xs):
+            limit = self.outlier_factor * self.median_norm[stack][layer]
+            norms = torch.linalg.vector_norm(x, dim=1)
+            out = norms > limit
+            if not bool(out.any()):
+                self.inliers[stack][layer].update(x, groups)
+                continue
+            keep = ~out
+            g_in = TokenMoments.group(types[keep]) if self.with_types else None
+            g_out = TokenMoments.group(types[out]) if self.with_types else None
+            self.inliers[stack][layer].update(x[keep], g_in)
+            self.outliers[stack][layer].update(x[out], g_out)
+            row = {k: v[out].cpu() for k, v in metas.items()}
+            row.update(stack=stack, layer=layer, norm=norms[out].double().cpu(),
+                       median=self.median_norm[stack][layer])
+            self._outlier_rows.append(row)
+
+    # ----------------------------------------------------------------- results
+    def view(self, name: str, stack: str, layer: int) -> LayerAccumulators:
+        """The accumulators of one view ('all' merges inliers and outliers exactly)."""
+        inl = self.inliers[stack][layer]
+        if name == "inliers":
+            return inl
+        if name == "all":
+            out = self.outliers[stack][layer]
+            return inl if out.moments.n == 0 else inl.merged_with(out)
+        raise EmbgeomError(f"unknown view {name!r}; use one of {VIEWS}")
+
+    def outlier_records(self) -> list[dict]:
+        return self._outlier_rows
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for part in (self.inliers, self.outliers) for accs in part.values() for a in accs)
