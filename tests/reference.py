@@ -70,3 +70,32 @@ def two_pass(X: np.ndarray) -> dict:
         "anisotropy": float(lam[0] / lam.sum()),
         "mean_cosine": float((s @ s - len(X)) / (len(X) * (len(X) - 1))),
     }
+
+
+def hidden_vectors_with_ids(model, windows):
+    """Like hidden_vectors for a single-stack model, also returning the token ids."""
+    per_layer, ids = None, []
+    with torch.no_grad():
+        for w in windows:
+            hs = model(input_ids=torch.tensor([w]), output_hidden_states=True).hidden_states
+            if per_layer is None:
+                per_layer = [[] for _ in hs]
+            for layer, h in enumerate(hs):
+                per_layer[layer].append(h[0].double().numpy())
+            ids.extend(w)
+    return [np.concatenate(v) for v in per_layer], np.asarray(ids)
+
+
+def per_type(X: np.ndarray, types: np.ndarray) -> tuple[dict, dict]:
+    """({type: (n, Q, M, V)}, {V, V_within, V_between}) in two passes."""
+    mu = X.mean(0)
+    out, within, between = {}, 0.0, 0.0
+    for t in np.unique(types):
+        Xt = X[types == t]
+        mt = Xt.mean(0)
+        Vt = float(np.mean(np.sum((Xt - mt) ** 2, 1)))
+        out[int(t)] = (len(Xt), float(np.mean(np.sum(Xt * Xt, 1))), float(mt @ mt), Vt)
+        within += len(Xt) * Vt
+        between += len(Xt) * float((mt - mu) @ (mt - mu))
+    n = len(X)
+    return out, {"V": float(np.mean(np.sum((X - mu) ** 2, 1))), "V_within": within / n, "V_between": between / n}

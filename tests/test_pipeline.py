@@ -130,3 +130,40 @@ def test_hub_id_with_revisions_from_local_cache(tiny_models, lee_corpus, tmp_pat
     assert b.run["model"]["model_type"] == "gpt2"
     with pytest.raises(EmbgeomError, match="revision nope"):
         analyze("someone/tiny-gpt2", lee_corpus, revision="nope", seq_len=32, device="cpu")
+
+
+@pytest.mark.parametrize("token_types", ["id", "string"])
+def test_token_types_and_decomposition(tiny_models, lee_corpus, token_types):
+    from embgeom.pipeline import token_type_table
+    from reference import hidden_vectors_with_ids, per_type
+
+    texts = lee_corpus.read_text().splitlines()[:6]
+    lm = load_model(str(tiny_models["gpt2"]), device="cpu")
+    res = analyze(lm, texts, seq_len=64, batch_size=3, token_types=token_types, min_count=3)
+    windows = windows_of(texts, lm.tokenizer, 64, [], [])
+    layers, ids = hidden_vectors_with_ids(lm.model, windows)
+    table, text_of = token_type_table(lm.tokenizer, token_types)
+    types = ids if table is None else table[ids]
+    if token_types == "string":
+        # Ġthe and the are one type.
+        pieces = lm.tokenizer.convert_ids_to_tokens(list(range(len(lm.tokenizer))))
+        pairs = [(i, pieces.index(p[1:])) for i, p in enumerate(pieces) if p.startswith("Ġ") and p[1:] in pieces]
+        assert pairs and all(table[a] == table[b] for a, b in pairs)
+    tok_table = res.tokens
+    for layer, X in enumerate(layers):
+        want_types, want = per_type(X, types)
+        row = res.layers[(res.layers["layer"] == layer) & (res.layers["view"] == "all")].iloc[0]
+        for key in ("V", "V_within", "V_between"):
+            assert row[key] == pytest.approx(want[key], rel=2e-4, abs=1e-9), (layer, key)
+        got = tok_table[tok_table["layer"] == layer].set_index("token_id")
+        assert len(got) == len(want_types)
+        for t, (n, Q, M, V) in want_types.items():
+            assert got.loc[t, "n"] == n
+            assert got.loc[t, "Q"] == pytest.approx(Q, rel=2e-4)
+            assert got.loc[t, "token"] == text_of([t])[0]
+        # the trade-off columns come from the same per-type numbers
+        sel = got[(got["n"] >= 3) & (got["n"] <= 100000)]
+        assert row["n_types"] == len(sel)
+        if layer > 0 and len(sel) > 2:
+            slope = np.polyfit(sel["M"], sel["V"], 1)[0]
+            assert row["mv_slope"] == pytest.approx(slope, rel=1e-3, abs=1e-9)
