@@ -24,8 +24,10 @@ def synthetic_stream(rng, n_batches=6, B=4, T=50, d=16, huge_every=25):
 def test_views_split_outliers_and_merge_exactly():
     rng = np.random.default_rng(0)
     stream = list(synthetic_stream(rng))
-    stats = LayerStatistics({"decoder": 1}, 16, outlier_factor=10.0, calibration_tokens=300)
-    for h, counted, types in stream:
+    stats = LayerStatistics({"decoder": 1}, 16, outlier_factor=10.0)
+    for i, (h, counted, types) in enumerate(stream):
+        if i == 2:
+            stats.calibrate()
         hidden = [torch.from_numpy(h).float(), torch.from_numpy(2 * h).float()]
         meta = {"position": torch.arange(50).expand(4, 50)}
         stats.update("decoder", hidden, torch.from_numpy(counted), torch.from_numpy(types), meta)
@@ -33,7 +35,7 @@ def test_views_split_outliers_and_merge_exactly():
 
     X = np.concatenate([h[c] for h, c, _ in stream]).astype(np.float32).astype(np.float64)
     norms = np.linalg.norm(X, axis=1)
-    # The median is calibrated on the first batches that reach 300 counted tokens.
+    # The median is calibrated on the batches given before calibrate().
     first = np.concatenate([h[c] for h, c, _ in stream[:2]]).astype(np.float32).astype(np.float64)
     median = np.median(np.linalg.norm(first, axis=1))  # even count: torch takes the lower middle
     calib = np.sort(np.linalg.norm(first, axis=1))[(len(first) - 1) // 2]
@@ -63,7 +65,7 @@ def test_views_split_outliers_and_merge_exactly():
 def test_non_finite_hidden_state_names_the_layer():
     from embgeom.errors import EmbgeomError
 
-    stats = LayerStatistics({"encoder": 2}, 4, calibration_tokens=1)
+    stats = LayerStatistics({"encoder": 2}, 4)
     h = torch.ones(1, 3, 4)
     bad = h.clone()
     bad[0, 1, 2] = float("inf")

@@ -167,3 +167,19 @@ def test_token_types_and_decomposition(tiny_models, lee_corpus, token_types):
         if layer > 0 and len(sel) > 2:
             slope = np.polyfit(sel["M"], sel["V"], 1)[0]
             assert row["mv_slope"] == pytest.approx(slope, rel=1e-3, abs=1e-9)
+
+
+def test_outlier_calibration_does_not_depend_on_batch_size(tiny_models, lee_corpus):
+    texts = lee_corpus.read_text().splitlines()[:10]
+    lm = load_model(str(tiny_models["gpt2"]), device="cpu")
+    opts = dict(seq_len=48, calibration_tokens=200, outlier_factor=1.3)
+    a = analyze(lm, texts, batch_size=2, **opts)
+    b = analyze(lm, texts, batch_size=9, **opts)
+    assert a.run["outliers"]["calibration_windows"] == b.run["outliers"]["calibration_windows"] == 5
+    np.testing.assert_allclose(a.run["outliers"]["median_norm"]["decoder"], b.run["outliers"]["median_norm"]["decoder"],
+                               rtol=1e-5)
+    inl_a = a.layers[a.layers["view"] == "inliers"]
+    inl_b = b.layers[b.layers["view"] == "inliers"]
+    assert (inl_a["n_tokens"].to_numpy() == inl_b["n_tokens"].to_numpy()).all()
+    assert (inl_a["n_tokens"] < a.layers[a.layers["view"] == "all"]["n_tokens"].to_numpy()).any()
+    assert len(a.outliers) == len(b.outliers) > 0

@@ -177,9 +177,12 @@ def analyze(
     n_windows = n_counted = 0
     docs_used = set()
     seen_types: set = set()
+    head = 0  # windows the outlier threshold is calibrated on
     for w in iter_windows(docs(), tok, plan):
         n_windows += 1
         n_counted += int(w.counted.sum())
+        if head == 0 and n_counted >= cfg.calibration_tokens:
+            head = n_windows
         docs_used.add(w.doc)
         seen_types.update(np.asarray(w.ids)[w.counted].tolist())
     if n_counted == 0:
@@ -189,15 +192,18 @@ def analyze(
 
     device = loaded.device
     is_ed = facts.kind == "encoder-decoder"
+    head = head or n_windows
     stats = LayerStatistics(facts.n_layers, facts.width, device, outlier_factor=cfg.outlier_factor,
-                            calibration_tokens=cfg.calibration_tokens, type_capacity=n_types_expected + 1)
+                            type_capacity=n_types_expected + 1)
     type_lut = torch.as_tensor(type_of, device=device) if type_of is not None else None
     pad = pad_token_id(tok)
     t2 = time.perf_counter()
     n_seen = {stack: 0 for stack in facts.n_layers}
     n_padded = 0
     with token_progress(n_counted, enabled=progress, description=loaded.name) as advance, torch.no_grad():
-        for batch in iter_batches(iter_windows(docs(), tok, plan), cfg.batch_size, pad):
+        for batch in iter_batches(iter_windows(docs(), tok, plan), cfg.batch_size, pad, head=head):
+            if not batch.head:
+                stats.calibrate()
             b = batch.to(device)
             hidden = forward_hidden(loaded.model, b.input_ids, b.attention_mask, is_ed, single_stack=facts.kind)
             n_padded += int(b.input_ids.numel())
@@ -269,6 +275,7 @@ def analyze(
         "model": facts.to_dict(),
         "outliers": {
             "factor": cfg.outlier_factor,
+            "calibration_windows": head,
             "calibration_tokens": stats.calibrated_on,
             "median_norm": stats.median_norm,
             "count": {s: [int(stats.outliers[s][l].moments.n) for l in range(L + 1)] for s, L in facts.n_layers.items()},

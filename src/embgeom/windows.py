@@ -124,6 +124,7 @@ class Batch:
     window_index: torch.Tensor  # (B,) long
     n_counted: int
     doc_index: torch.Tensor | None = None  # (B,) long
+    head: bool = False  # one of the first windows, batched apart (see iter_batches)
 
     def keys(self) -> torch.Tensor:
         """Stream-unique int64 key of every counted token, in mask order."""
@@ -143,6 +144,7 @@ class Batch:
             self.window_index,
             self.n_counted,
             self.doc_index,
+            self.head,
         )
 
 
@@ -162,24 +164,36 @@ def collate(windows: list, pad_id: int) -> Batch:
     return Batch(ids, att, cnt, idx, int(cnt.sum()), docs)
 
 
-def iter_batches(windows: Iterable[Window], batch_size: int, pad_id: int, pool_batches: int = 32) -> Iterator[Batch]:
-    """Pool windows, sort each pool by length (longest first), cut into batches."""
+def iter_batches(windows: Iterable[Window], batch_size: int, pad_id: int, pool_batches: int = 32,
+                 head: int = 0) -> Iterator[Batch]:
+    """Pool windows, sort each pool by length (longest first), cut into batches.
+
+    The first `head` windows of the stream are pooled and batched on their own and
+    their batches come first, marked `head=True` (the outlier threshold is
+    calibrated on them, whatever the batch size).
+    """
     if batch_size < 1:
         raise EmbgeomError(f"--batch-size must be a positive integer, got {batch_size}")
     pool: list = []
 
-    def flush():
+    def flush(is_head=False):
         pool.sort(key=lambda w: (-len(w.ids), w.index))
         for i in range(0, len(pool), batch_size):
-            yield collate(pool[i : i + batch_size], pad_id)
+            b = collate(pool[i : i + batch_size], pad_id)
+            b.head = is_head
+            yield b
         pool.clear()
 
+    in_head = head > 0
     for w in windows:
+        if in_head and w.index >= head:
+            yield from flush(is_head=True)
+            in_head = False
         pool.append(w)
-        if len(pool) >= batch_size * pool_batches:
+        if not in_head and len(pool) >= batch_size * pool_batches:
             yield from flush()
     if pool:
-        yield from flush()
+        yield from flush(is_head=in_head)
 
 
 def pad_token_id(tokenizer) -> int:

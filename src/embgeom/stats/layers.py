@@ -2,8 +2,8 @@
 outliers by norm, so both views come from one pass.
 
 The `inliers` view keeps tokens whose norm at a layer is at most `outlier_factor`
-times that layer's median norm, the median calibrated on the first
-`calibration_tokens` counted tokens of the stream. Inliers and outliers are
+times that layer's median norm, the median calibrated on the batches given before
+`calibrate()` is called (the pipeline gives the first windows of the stream). Inliers and outliers are
 accumulated apart and the `all` view is their exact merge: no statistic is ever
 computed twice, and outliers (rare) cost almost nothing. A view is therefore a
 filter in front of the same accumulators, for every metric.
@@ -68,17 +68,17 @@ class LayerStatistics:
     n_layers : {stack: number of blocks}; hidden states are n_layers + 1 per stack.
     width : vector width d.
     outlier_factor : inliers have ‖x‖ ≤ outlier_factor × median ‖x‖ of their layer.
-    calibration_tokens : counted tokens from the start of the stream used for the median.
+        Batches are held back until `calibrate()` (or `finish()`) fixes the medians
+        from them, then go into the accumulators like every later batch.
     with_types : keep per-token-type moments (paper B) too.
     type_capacity : expected number of token types (rows allocated once).
     """
 
     def __init__(self, n_layers: dict, width: int, device=None, outlier_factor: float = 10.0,
-                 calibration_tokens: int = 2048, with_types: bool = True, type_capacity: int = 0):
+                 with_types: bool = True, type_capacity: int = 0):
         self.n_layers = dict(n_layers)
         self.width = width
         self.outlier_factor = float(outlier_factor)
-        self.calibration_tokens = int(calibration_tokens)
         self.with_types = with_types
 
         def part():
@@ -122,8 +122,6 @@ class LayerStatistics:
             p.types.append(types)
             p.meta.append(metas)
             p.n += int(idx.numel())
-            if p.n >= self.calibration_tokens:
-                self._calibrate(stack)
             return
         self._accumulate(stack, xs, types, metas)
 
@@ -139,11 +137,16 @@ class LayerStatistics:
         for xs, types, metas in zip(p.xs, p.types, p.meta):
             self._accumulate(stack, xs, types, metas)
 
-    def finish(self) -> None:
-        """Calibrate stacks whose stream ended before `calibration_tokens`."""
+    def calibrate(self) -> None:
+        """Fix each layer's median norm from the batches held back so far, then
+        accumulate them. Later calls do nothing."""
         for stack in self.n_layers:
             if self.median_norm[stack] is None:
                 self._calibrate(stack)
+
+    def finish(self) -> None:
+        """End of stream: calibrate if that has not happened yet."""
+        self.calibrate()
 
     def _accumulate(self, stack, xs, types, metas) -> None:
         groups = TokenMoments.group(types) if self.with_types else None
