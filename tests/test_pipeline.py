@@ -155,7 +155,7 @@ def test_token_types_and_decomposition(tiny_models, lee_corpus, token_types):
         row = res.layers[(res.layers["layer"] == layer) & (res.layers["view"] == "all")].iloc[0]
         for key in ("V", "V_within", "V_between"):
             assert row[key] == pytest.approx(want[key], rel=2e-4, abs=1e-9), (layer, key)
-        got = tok_table[tok_table["layer"] == layer].set_index("token_id")
+        got = tok_table[(tok_table["layer"] == layer) & (tok_table["view"] == "all")].set_index("token_id")
         assert len(got) == len(want_types)
         for t, (n, Q, M, V) in want_types.items():
             assert got.loc[t, "n"] == n

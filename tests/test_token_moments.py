@@ -148,6 +148,23 @@ def test_many_small_chunks_match_reference(kind):
     assert_dec_close(acc.decomposition(), want_dec, 1e-7)
 
 
+@pytest.mark.parametrize("kind", ["far", "normal"])
+def test_presorted_ids_read_batch_in_place(kind):
+    """Rows arriving in id order (the fast path without a gather) give the same
+    numbers, whatever the chunking."""
+    x, ids = make_data(kind, n=2500, seed=13, dtype=np.float32)
+    want, want_dec = reference(x, ids)
+    acc = TokenMoments(D)
+    acc.chunk_bytes_cpu, acc.min_chunk_rows = 0, 37
+    for a in range(0, len(ids), 800):
+        order = np.argsort(ids[a : a + 800], kind="stable")
+        g = TokenMoments.group(ids[a : a + 800][order])
+        assert g.presorted
+        acc.update(x[a : a + 800][order], g)
+    assert_tables_close(acc.table(), want, 1e-7)
+    assert_dec_close(acc.decomposition(), want_dec, 1e-7)
+
+
 def test_half_precision_input():
     x, ids = make_data("normal", n=1500, seed=4)
     xb = torch.from_numpy(x).to(torch.bfloat16)
@@ -269,6 +286,7 @@ def test_group_contents():
     assert g.first.tolist() == [1, 0, 3]
     assert g.inverse.tolist() == [1, 0, 1, 2, 0, 1]
     assert g.sorted_inverse.tolist() == [0, 0, 1, 1, 1, 2]
+    assert not g.presorted and TokenGroups([-3, 5, 5, 7]).presorted
 
 
 def test_memory_grows_only_with_types_and_capacity_hint():
@@ -407,6 +425,26 @@ def test_bad_input_raises_embgeom_error():
     sd["n"] = 99
     with pytest.raises(EmbgeomError, match="inconsistent"):
         TokenMoments.from_state_dict(sd)
+
+
+def test_nan_in_a_late_chunk_rolls_back_everything():
+    """Types are stored chunk by chunk; a NaN found late undoes the stored ones and
+    forgets the types that were new, so the accumulator is as before."""
+    x, ids = make_data("normal", n=1200, seed=14, dtype=np.float32)
+    good = TokenMoments(D)
+    good.chunk_bytes_cpu, good.min_chunk_rows = 0, 8
+    good.update(x[:600], ids[:600])
+    twin = TokenMoments.from_state_dict(good.state_dict())
+    before = good.table()
+    bad = x[600:].copy()
+    bad[np.argmax(ids[600:])] = np.nan  # the last type in id order: found last
+    with pytest.raises(EmbgeomError, match="NaN"):
+        good.update(bad, ids[600:])
+    assert good.n == 600 and good.n_types == len(before)
+    pd.testing.assert_frame_equal(good.table(), before, check_exact=True)
+    good.update(x[600:], ids[600:])
+    twin.update(x[600:], ids[600:])
+    pd.testing.assert_frame_equal(good.table(), twin.table(), check_exact=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

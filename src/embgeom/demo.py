@@ -20,15 +20,12 @@ def run_demo(out, max_tokens: int = 20000, progress: bool = True, say=print, bat
     out = prepare_out_dir(out)
     corpus = write_demo_corpus(out / "corpus.txt", max_words=DEMO_WORDS)
     say(f"corpus: {corpus} (English Wikipedia sample shipped with gensim, wiki markup stripped)")
-    models = {"minilm": minilm_path(), "smollm2": smollm2_gguf_path()}
+    models = {"minilm": (minilm_path(), "all-MiniLM-L6-v2"), "smollm2": (smollm2_gguf_path(), "SmolLM2-135M")}
     results = []
-    for short, path in models.items():
-        say(f"analysing {path.name if path.suffix else 'all-MiniLM-L6-v2'} on {max_tokens} tokens ...")
-        res = analyze(str(path), str(corpus), max_tokens=max_tokens, seq_len=DEMO_SEQ_LEN,
+    for short, (path, name) in models.items():
+        say(f"analysing {name} ({path}) on {max_tokens} tokens ...")
+        res = analyze(str(path), str(corpus), name=name, max_tokens=max_tokens, seq_len=DEMO_SEQ_LEN,
                       batch_size=batch_size, progress=progress)
-        if short == "minilm":
-            res.layers["model"] = "all-MiniLM-L6-v2"
-            res.spectrum["model"] = "all-MiniLM-L6-v2"
         res.save(out / short)
         results.append(res)
     written = plot_runs(results, out / "figures")

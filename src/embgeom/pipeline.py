@@ -121,6 +121,7 @@ def analyze(
     *,
     revision: str | None = None,
     step: int | None = None,
+    name: str | None = None,
     progress: bool = False,
     cache_dir=None,
     **options,
@@ -135,6 +136,7 @@ def analyze(
         A corpus file or directory (see `embgeom.corpus.read_documents`) or documents.
     revision : Hub revision (branch, tag or commit), for Hub ids.
     step : training step recorded in the `step` column (parsed from checkpoint names by sweeps).
+    name : the `model` column (default: the model directory's or file's name, or the Hub id).
     progress : show a progress bar.
     **options : the fields of `AnalysisConfig` (max_tokens, seq_len, batch_size,
         device, dtype, id_sample, token_types, seed, exclude_special,
@@ -226,7 +228,7 @@ def analyze(
     t_stream = time.perf_counter() - t2
 
     t3 = time.perf_counter()
-    name = loaded.name
+    name = name or loaded.name
     rev = revision or ""
     rows, spectrum_rows, token_frames = [], [], []
     for stack, L in facts.n_layers.items():
@@ -246,11 +248,11 @@ def analyze(
                 rows.append(row)
                 spectrum_rows.append(pd.DataFrame(dict(ident, view=view, rank=np.arange(1, len(lam[0]) + 1),
                                                        eigenvalue=lam[0])))
-                if view == "all":
-                    table = acc.types.table()
-                    table.insert(0, "layer", layer)
-                    table.insert(0, "stack", stack)
-                    token_frames.append(table)
+                table = acc.types.table()
+                table.insert(0, "view", view)
+                table.insert(0, "layer", layer)
+                table.insert(0, "stack", stack)
+                token_frames.append(table)
     layers = layers_frame(rows)
     spectrum = pd.concat(spectrum_rows, ignore_index=True)
     tokens = pd.concat(token_frames, ignore_index=True)

@@ -108,6 +108,184 @@ def plot_metric(layers: pd.DataFrame, metric: str, path: Path) -> Path:
     return path
 
 
+def _slug(*parts) -> str:
+    text = "_".join(str(p) for p in parts if p not in (None, ""))
+    return "".join(c if c.isalnum() or c in "-." else "-" for c in text)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _groups(df: pd.DataFrame, keys=("model", "revision", "stack")):
+    df = df.copy()
+    for k in keys:
+        if k not in df.columns:
+            df[k] = ""
+    df["revision"] = df["revision"].fillna("").astype(str)
+    return df.groupby(list(keys), sort=False, dropna=False)
+
+
+def middle_layer(n_layers: int) -> int:
+    return n_layers // 2
+
+
+def plot_mv_scatter(tokens: pd.DataFrame, layers: pd.DataFrame, path: Path, layer: int | None = None,
+                    min_count: int = 10, max_count: int = 100000) -> Path | None:
+    """M(X_t) against V(X_t) per token type at one layer (middle by default), one
+    panel per view, with the least-squares line, coloured by log10 n_t."""
+    L = int(layers["n_layers"].iloc[0])
+    layer = middle_layer(L) if layer is None else layer
+    views = [v for v in ("all", "inliers") if "view" not in tokens.columns or v in set(tokens["view"])]
+    fig, axes = plt.subplots(1, len(views), figsize=(5.6 * len(views), 4.6), squeeze=False)
+    drawn = False
+    for ax, view in zip(axes.flat, views):
+        t = tokens[(tokens["layer"] == layer) & (tokens["n"] >= min_count) & (tokens["n"] <= max_count)]
+        if "view" in t.columns:
+            t = t[t["view"] == view]
+        rows = layers[(layers["layer"] == layer) & (layers["view"] == view)]
+        if len(t) < 3 or rows.empty:
+            ax.axis("off")
+            continue
+        row = rows.iloc[0]
+        sc = ax.scatter(t["M"], t["V"], c=np.log10(t["n"]), s=12, cmap="viridis", alpha=0.8)
+        fig.colorbar(sc, ax=ax, label="log10 n_t (occurrences)")
+        xs = np.linspace(t["M"].min(), t["M"].max(), 50)
+        ax.plot(xs, row["mv_intercept"] + row["mv_slope"] * xs, color="crimson",
+                label=f"OLS slope {row['mv_slope']:.3g}, R² {row['mv_r2']:.2f} ({int(row['n_types'])} types)")
+        ax.set_xlabel("M(X_t) = ‖mean of type‖²")
+        ax.set_ylabel("V(X_t) = variance of type")
+        ax.set_title(f"{row['model']} {row['stack']}, layer {layer}/{L}, view {view}", fontsize=10)
+        ax.legend(fontsize=8)
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    return _save(fig, path)
+
+
+def plot_tradeoff_depth(layers: pd.DataFrame, path: Path) -> Path | None:
+    metrics = [m for m in ("mv_slope", "mv_r2", "q_cv") if m in plottable_metrics(layers)]
+    if not metrics:
+        return None
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.4 * len(metrics), 3.6), squeeze=False)
+    for ax, metric in zip(axes.flat, metrics):
+        _draw_metric(ax, layers, metric)
+    axes.flat[0].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_variance_shares(layers: pd.DataFrame, path: Path, title: str) -> Path | None:
+    """Stacked bars per layer: M/Q, V_between/Q and V_within/Q (they add up to 1)."""
+    d = layers[layers["view"] == "all"].sort_values("layer")
+    if d["V_within"].isna().all():
+        return None
+    fig, ax = plt.subplots(figsize=(max(5, 0.28 * len(d) + 2), 3.8))
+    x = d["layer"].to_numpy()
+    parts = [("M", "M/Q (norm of mean)"), ("V_between", "V_between/Q"), ("V_within", "V_within/Q")]
+    bottom = np.zeros(len(d))
+    for col, label in parts:
+        share = (d[col] / d["Q"]).to_numpy()
+        ax.bar(x, share, bottom=bottom, label=label, width=0.8)
+        bottom += share
+    ax.set_xlabel("layer")
+    ax.set_ylabel("share of Q")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _save(fig, path)
+
+
+def plot_within_share(layers: pd.DataFrame, path: Path) -> Path | None:
+    d = layers.copy()
+    if d["V_within"].isna().all():
+        return None
+    d["V_within_over_V"] = d["V_within"] / d["V"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, view, g in _series(d[d["view"] == "all"]):
+        ax.plot(g["depth"], g["V_within_over_V"], marker="o", ms=3, label=label)
+    ax.set_xlabel("relative depth (layer / layers)")
+    ax.set_ylabel("V_within / V")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_types_vs_count(tokens: pd.DataFrame, layers: pd.DataFrame, path: Path, layer: int | None = None) -> Path | None:
+    L = int(layers["n_layers"].iloc[0])
+    layer = middle_layer(L) if layer is None else layer
+    t = tokens[tokens["layer"] == layer]
+    if "view" in t.columns:
+        t = t[t["view"] == "all"]
+    if len(t) < 3:
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    for ax, col in zip(axes, ("Q", "M", "V")):
+        ax.scatter(np.log10(t["n"]), t[col], s=8, alpha=0.5)
+        ax.set_xlabel("log10 n_t")
+        ax.set_ylabel(f"{col}(X_t)")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"token types at layer {layer} of {L}", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_anisotropy_id(layers: pd.DataFrame, path: Path) -> Path:
+    """Paper A's first figure: anisotropy (both views) and intrinsic dimension against depth."""
+    has_id = "id_twonn" in plottable_metrics(layers)
+    fig, axes = plt.subplots(1, 2 if has_id else 1, figsize=(11 if has_id else 6, 4), squeeze=False)
+    _draw_metric(axes[0, 0], layers, "anisotropy")
+    axes[0, 0].legend(fontsize=7)
+    if has_id:
+        _draw_metric(axes[0, 1], layers, "id_twonn")
+    return _save(fig, path)
+
+
+def plot_spectrum(spectrum: pd.DataFrame, path: Path, title: str) -> Path | None:
+    s = spectrum[spectrum["view"] == "all"]
+    if s.empty:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    layers_ = sorted(s["layer"].unique())
+    cmap = plt.get_cmap("viridis")
+    for i, layer in enumerate(layers_):
+        g = s[s["layer"] == layer].sort_values("rank")
+        lam = g["eigenvalue"].to_numpy()
+        ax.plot(g["rank"], lam / lam.sum(), color=cmap(i / max(1, len(layers_) - 1)), lw=1)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("rank")
+    ax.set_ylabel("λ_i / Σλ")
+    sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(min(layers_), max(layers_)))
+    fig.colorbar(sm, ax=ax, label="layer")
+    ax.set_title(title, fontsize=10)
+    return _save(fig, path)
+
+
+def plot_outliers(outliers: pd.DataFrame, n_layers: int, path: Path, title: str, max_positions: int = 64) -> Path | None:
+    """Where massive activations sit: count per (layer, position in window), and
+    their most frequent tokens."""
+    if outliers is None or outliers.empty:
+        return None
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [2, 1]})
+    pos = outliers["position"].clip(upper=max_positions)
+    grid = np.zeros((n_layers + 1, max_positions + 1))
+    np.add.at(grid, (outliers["layer"].to_numpy(), pos.to_numpy()), 1)
+    im = ax.imshow(grid, aspect="auto", origin="lower", cmap="magma_r")
+    fig.colorbar(im, ax=ax, label="outlier tokens")
+    ax.set_xlabel(f"position in window (≥{max_positions} pooled)")
+    ax.set_ylabel("layer")
+    ax.set_title(title, fontsize=10)
+    top = outliers["token"].astype(str).value_counts().head(12)[::-1]
+    ax2.barh([repr(t) for t in top.index], top.to_numpy())
+    ax2.set_xlabel("outlier (token, layer) pairs")
+    ax2.set_title("most frequent outlier tokens", fontsize=10)
+    return _save(fig, path)
+
+
 def plot_runs(results, figdir) -> list[Path]:
     """Every figure for one or several results (Result objects), overlaid."""
     figdir = Path(figdir)
@@ -116,4 +294,24 @@ def plot_runs(results, figdir) -> list[Path]:
     written = [plot_profiles(layers, figdir / "layer_profiles.png")]
     for metric in plottable_metrics(layers):
         written.append(plot_metric(layers, metric, figdir / f"profile_{metric}.png"))
-    return written
+    written.append(plot_anisotropy_id(layers, figdir / "anisotropy_id.png"))
+    written.append(plot_tradeoff_depth(layers, figdir / "tradeoff_depth.png"))
+    written.append(plot_within_share(layers, figdir / "within_share.png"))
+    for r in results:
+        for (model, revision, stack), g in _groups(r.layers):
+            tag = _slug(model, revision, stack)
+            title = f"{model} {stack}" + (f" @{revision}" if revision else "")
+            written.append(plot_variance_shares(g, figdir / f"shares_{tag}.png", title))
+            if r.tokens is not None and len(r.tokens):
+                t = r.tokens[(r.tokens["model"] == model) & (r.tokens["stack"] == stack)]
+                if "revision" in t.columns:
+                    t = t[t["revision"].fillna("").astype(str) == revision]
+                written.append(plot_mv_scatter(t, g, figdir / f"mv_scatter_{tag}.png"))
+                written.append(plot_types_vs_count(t, g, figdir / f"types_vs_count_{tag}.png"))
+            if r.spectrum is not None and len(r.spectrum):
+                sp = r.spectrum[(r.spectrum["model"] == model) & (r.spectrum["stack"] == stack)]
+                written.append(plot_spectrum(sp, figdir / f"spectrum_{tag}.png", title))
+            if r.outliers is not None and len(r.outliers):
+                o = r.outliers[(r.outliers["model"] == model) & (r.outliers["stack"] == stack)]
+                written.append(plot_outliers(o, int(g["n_layers"].iloc[0]), figdir / f"outliers_{tag}.png", title))
+    return [w for w in written if w is not None]

@@ -293,7 +293,7 @@ def _candidates(Xf, half, n, p, k, half_sq, c, slack, delta, block):
     return run.keys[:n], run.idx[:n]
 
 
-def _exact_sq(X64: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, chunk_elems: int = 1 << 18):
+def _exact_sq(X64: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, chunk_elems: int = 1 << 19):
     """Exact float64 squared distances ``‖x[rows[r]] − x[cols[r, j]]‖²`` by differences
     (in cache-sized chunks, into a reused buffer)."""
     m, q = cols.shape
@@ -314,7 +314,7 @@ def _exact_sq(X64: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, chunk_e
     return out
 
 
-def _exact_sq_pairs(X64: torch.Tensor, a: torch.Tensor, b: torch.Tensor, chunk_elems: int = 1 << 18):
+def _exact_sq_pairs(X64: torch.Tensor, a: torch.Tensor, b: torch.Tensor, chunk_elems: int = 1 << 19):
     """Exact float64 squared distances of the pairs ``(a[t], b[t])`` by differences."""
     return _exact_sq(X64, a, b[:, None], chunk_elems)[:, 0]
 

@@ -101,6 +101,11 @@ class TokenGroups:
         rows of each type are contiguous: ``inverse[perm]`` is non-decreasing.
     starts : (m,) int64, where each type's rows begin in that order.
     first : (m,) int64, the first position of each id in the batch (``perm[starts]``).
+    presorted : bool, whether the ids came in non-decreasing order. Then the rows of
+        each type are already contiguous and ``update`` reads the batch in place
+        instead of gathering it: a caller that gathers its vectors in id order anyway
+        (``x = h[order]`` with ``order = torch.sort(ids, stable=True).indices``)
+        saves a pass over the batch.
     n : int, the batch length.
 
     Build it with ``TokenMoments.group(token_ids)`` (or ``TokenGroups(token_ids)``)
@@ -109,17 +114,22 @@ class TokenGroups:
     accumulator.
     """
 
-    __slots__ = ("ids", "inverse", "counts", "perm", "sorted_inverse", "starts", "first", "n", "_moved", "_plans")
+    __slots__ = (
+        "ids", "inverse", "counts", "perm", "sorted_inverse", "starts", "first", "presorted", "n",
+        "_moved", "_plans",
+    )
 
     def __init__(self, token_ids, device=None):
         t = _as_id_vector(token_ids)
         if device is not None:
             t = t.to(device)
         self.n = int(t.shape[0])
+        self.presorted = True
         if self.n == 0:
             e = torch.empty(0, dtype=_I64, device=t.device)
             self.ids = self.inverse = self.counts = self.perm = self.sorted_inverse = self.starts = self.first = e
         else:
+            self.presorted = bool((t[1:] >= t[:-1]).all())
             ids, inverse, counts = torch.unique(t, sorted=True, return_inverse=True, return_counts=True)
             perm = torch.sort(inverse, stable=True).indices
             starts = torch.cumsum(counts, 0) - counts
@@ -145,6 +155,7 @@ class TokenGroups:
         if g is None:
             g = object.__new__(TokenGroups)
             g.n = self.n
+            g.presorted = self.presorted
             for name in ("ids", "inverse", "counts", "perm", "sorted_inverse", "starts", "first"):
                 setattr(g, name, getattr(self, name).to(device))
             g._moved = {}
@@ -445,11 +456,11 @@ class TokenMoments:
         # per-type sums being added to stay in cache.
         s1 = ws.s1[:m].zero_()
         s2 = ws.s2[:m].zero_()
-        perm, local = g.perm, plan.local
+        perm, local, presorted = g.perm, plan.local, g.presorted
         for a, b, t0, t1 in plan.chunks:
             r = b - a
             li = local[a:b]
-            xs = torch.index_select(x, 0, perm[a:b], out=ws.x[:r])
+            xs = x[a:b] if presorted else torch.index_select(x, 0, perm[a:b], out=ws.x[:r])
             y = ws.y[:r].copy_(xs)
             y.sub_(torch.index_select(ref[t0:t1], 0, li, out=ws.ref_rows[:r]))
             s1[t0:t1].index_add_(0, li, y)
