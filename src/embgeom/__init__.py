@@ -6,5 +6,6 @@ from .metrics.spectrum import anisotropy
 from .pipeline import AnalysisConfig, analyze
 from .results import Result
 from .stats.moments import Moments
+from .stats.token_moments import TokenMoments
 
-__all__ = ["EmbgeomError", "Moments", "Result", "analyze", "anisotropy", "AnalysisConfig"]
+__all__ = ["EmbgeomError", "Moments", "TokenMoments", "Result", "analyze", "anisotropy", "AnalysisConfig"]

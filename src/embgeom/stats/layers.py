@@ -106,6 +106,11 @@ class LayerStatistics:
         """
         idx = counted.reshape(-1).nonzero().squeeze(1)
         types = token_types.reshape(-1).index_select(0, idx.to(token_types.device))
+        # Gather tokens in type order: order does not matter to any accumulator, and
+        # per-type sums then read contiguous rows.
+        order = torch.sort(types, stable=True).indices
+        types = types.index_select(0, order)
+        idx = idx.index_select(0, order.to(idx.device))
         metas = {k: v.reshape(-1).index_select(0, idx.to(v.device)) for k, v in (meta or {}).items()}
         xs = []
         for layer, h in enumerate(hidden):
