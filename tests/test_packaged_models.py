@@ -46,7 +46,10 @@ def test_smollm2_gguf_decoder(texts, monkeypatch):
     res = check_against_reference(lm, texts, seq_len=96, max_tokens=600)
     # Massive activations make the middle layers of this decoder nearly one-dimensional.
     mid = res.layers[(res.layers["layer"] >= 12) & (res.layers["layer"] <= 28)]
-    assert (mid["anisotropy"] > 0.9).all()
+    assert (mid[mid["view"] == "all"]["anisotropy"] > 0.9).all()
+    # ... and leaving out the few massive-activation tokens brings them back to low values.
+    assert (mid[mid["view"] == "inliers"]["anisotropy"] < 0.3).all()
+    assert (res.outliers["position"] == 0).mean() > 0.5
     # The fp32 copy is cached: a second load skips dequantization.
     cached = gguf_fp32_copy(path)
     assert (cached / "config.json").exists()

@@ -183,3 +183,30 @@ def test_outlier_calibration_does_not_depend_on_batch_size(tiny_models, lee_corp
     assert (inl_a["n_tokens"].to_numpy() == inl_b["n_tokens"].to_numpy()).all()
     assert (inl_a["n_tokens"] < a.layers[a.layers["view"] == "all"]["n_tokens"].to_numpy()).any()
     assert len(a.outliers) == len(b.outliers) > 0
+
+
+def test_intrinsic_dimension_on_the_same_sampled_positions_in_every_layer(tiny_models, lee_corpus):
+    from embgeom.metrics.intrinsic_dim import mle_id, twonn
+    from embgeom.stats.position_sample import position_priorities
+    from embgeom.windows import POSITION_BITS
+
+    texts = lee_corpus.read_text().splitlines()[:10]
+    lm = load_model(str(tiny_models["gpt2"]), device="cpu")
+    opts = dict(seq_len=48, id_sample=150, seed=3)
+    a = analyze(lm, texts, batch_size=2, **opts)
+    b = analyze(lm, texts, batch_size=7, **opts)
+    cols = ["id_twonn", "id_twonn_ml", "id_twonn_ml_low", "id_twonn_ml_high", "id_mle", "id_n"]
+    np.testing.assert_allclose(a.layers[cols].to_numpy(float), b.layers[cols].to_numpy(float), rtol=1e-5)
+
+    # Reference: every window alone, keys (window, position), the 150 smallest seeded priorities.
+    windows = windows_of(texts, lm.tokenizer, 48, [], [])
+    ref = hidden_vectors(lm.model, windows)["main"]
+    keys = np.concatenate([(i << POSITION_BITS) + np.arange(len(w)) for i, w in enumerate(windows)])
+    prio = position_priorities(keys, seed=3)
+    chosen = np.lexsort((keys, prio))[:150]
+    rows = a.layers[a.layers["view"] == "all"].sort_values("layer")
+    for (_, row), X in zip(rows.iterrows(), ref):
+        S = X[chosen]
+        assert row["id_twonn"] == pytest.approx(twonn(S), rel=1e-4)
+        assert row["id_mle"] == pytest.approx(mle_id(S, k=20), rel=1e-4)
+    assert (rows["id_n"] > 100).all()

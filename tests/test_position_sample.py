@@ -62,8 +62,8 @@ def test_contents_are_the_bottom_k_of_the_stream(stream):
 
 
 def test_independent_of_batch_size_and_order(stream):
-    ref = _run(stream, 1)
-    for batch in (7, 500, N):
+    ref = _run(stream, 1)  # one token at a time
+    for batch in (7, 500, N):  # and 1, above
         _same(ref, _run(stream, batch))
     _same(ref, _run(stream, 64, as_list=True))
     perm = np.random.default_rng(1).permutation(N)

@@ -2,10 +2,22 @@
 __version__ = "0.1.0"
 
 from .errors import EmbgeomError
+from .metrics.intrinsic_dim import mle_id, twonn, twonn_ml
 from .metrics.spectrum import anisotropy
 from .pipeline import AnalysisConfig, analyze
 from .results import Result
 from .stats.moments import Moments
 from .stats.token_moments import TokenMoments
 
-__all__ = ["EmbgeomError", "Moments", "TokenMoments", "Result", "analyze", "anisotropy", "AnalysisConfig"]
+__all__ = [
+    "AnalysisConfig",
+    "EmbgeomError",
+    "Moments",
+    "Result",
+    "TokenMoments",
+    "analyze",
+    "anisotropy",
+    "mle_id",
+    "twonn",
+    "twonn_ml",
+]

@@ -19,7 +19,7 @@ from .models import LoadedModel, load_model
 from .progress import token_progress
 from .results import Result, layers_frame
 from .stats.layers import VIEWS, LayerStatistics
-from .windows import WindowPlan, iter_batches, iter_windows, pad_token_id, validate_plan
+from .windows import POSITION_BITS, WindowPlan, iter_batches, iter_windows, pad_token_id, validate_plan
 
 
 @dataclass
@@ -196,7 +196,7 @@ def analyze(
     is_ed = facts.kind == "encoder-decoder"
     head = head or n_windows
     stats = LayerStatistics(facts.n_layers, facts.width, device, outlier_factor=cfg.outlier_factor,
-                            type_capacity=n_types_expected + 1)
+                            type_capacity=n_types_expected + 1, id_sample=cfg.id_sample, seed=cfg.seed)
     type_lut = torch.as_tensor(type_of, device=device) if type_of is not None else None
     pad = pad_token_id(tok)
     t2 = time.perf_counter()
@@ -221,7 +221,8 @@ def analyze(
                     ids, counted = b.input_ids, b.counted
                 types = type_lut[ids] if type_lut is not None else ids
                 meta = {"token_id": ids, "document": docs_ix, "window": windows, "position": positions}
-                stats.update(stack, hs, counted, types, meta)
+                keys = (windows << POSITION_BITS) | positions
+                stats.update(stack, hs, counted, types, meta, keys=keys)
                 n_seen[stack] += int(counted.sum())
             advance(batch.n_counted)
     stats.finish()
@@ -245,6 +246,8 @@ def analyze(
                 dec = acc.types.decomposition()
                 row.update(V_within=dec["V_within"], V_between=dec["V_between"])
                 row.update(acc.types.tradeoff(min_count=cfg.min_count, max_count=cfg.max_count))
+                if cfg.id_sample > 0:
+                    row.update(stats.intrinsic_dimension(stack, layer, view))
                 rows.append(row)
                 spectrum_rows.append(pd.DataFrame(dict(ident, view=view, rank=np.arange(1, len(lam[0]) + 1),
                                                        eigenvalue=lam[0])))

@@ -1,39 +1,48 @@
 """Exact k-nearest-neighbour distances (Euclidean), fast and memory-bounded.
 
-The intrinsic-dimension estimators need, for every point, the distances to its
-``k`` nearest *other* points, exactly as a float64 brute force would give them.
-A float64 brute force costs ``2 n² d`` float64 flops plus an ``n × n`` sort; this
-module gets the same numbers at float32 matrix-multiply speed:
+The intrinsic-dimension estimators need, for every point, the distances to its ``k``
+nearest *other* points, exactly as a float64 brute force gives them. A float64
+brute force costs ``2 n² d`` float64 flops plus an ``n × n`` partial sort; this
+module returns the same numbers from float32 matrix products:
 
-1. **Candidates (float32, blocked).** The points are centred (distances do not
-   change) and scaled by a power of two (exact), then cut into blocks of
-   ``block_size`` rows. For each pair of blocks ``I ≤ J`` one float32 matrix
-   product gives the keys ``s_ij = (1 − c)(‖x_i‖² + ‖x_j‖²)/2 − x_i·x_j``; the tile
-   is symmetric, so it serves the rows of ``I`` and (transposed) the rows of
-   ``J``, halving the flops. Each row keeps its ``p = k + margin`` smallest keys.
-   Memory: a few ``block_size²`` float32 tiles plus ``n × p`` candidates; never an
-   ``n × n`` matrix (unless ``n ≤ block_size``).
-2. **Exact distances (float64).** For the candidates, ``‖x_i − x_j‖²`` is
-   recomputed from the original float64 coordinates (differences, not the
-   expansion), and the ``k`` smallest are kept.
-3. **Certificate.** The constant ``c = 2(γ_{d+2} + 8u)`` (``u = 2⁻²⁴``,
-   ``γ_m = m u / (1 − m u)``, the worst-case rounding of a float32 dot product of
-   length ``m`` in any summation order) makes every computed key a lower bound of
-   the true ``‖x_i − x_j‖² / 2``. So if the smallest key of a point that was *not*
-   evaluated exactly is at least half the ``k``-th exact squared distance, no
-   point outside the candidates can be closer, and the answer is exact. Rows that
-   fail this test (near ties wider than float32 can separate, tight clusters far
-   from the centre) are recomputed with float64 keys and the same certificate,
-   and any row still undecided is done by a float64 brute force over all points.
-   The result is therefore the float64 brute-force answer (to the last few ulps of
-   the float64 sum of squares), whatever the data.
+1. **Duplicates.** Exactly equal rows are grouped first (a hash proposes, a
+   comparison confirms); the k-NN is computed on the distinct points and expanded
+   (a copy's other copies are neighbours at distance 0). Self-matches are excluded
+   by index, never by distance.
+2. **Candidates (float32, blocked, symmetric).** The points are centred (distances
+   do not change) and scaled by a power of two (exact). For blocks ``I ≤ J`` of
+   ``block_size`` points one float32 product gives the tile of keys
+   ``s_ij = (1 − c)(‖x_i‖² + ‖x_j‖²)/2 − x_i·x_j``; a tile serves the rows of ``I``
+   and, transposed, the rows of ``J``, which halves the flops. With
+   ``c = 2(2u + γ_{d+2} + 8u)``, ``u = 2⁻²⁴`` and ``γ_m = m u/(1 − m u)`` (the
+   worst-case error of a float32 dot product of length ``m`` in any summation order),
+   every key is a proven *lower* bound of ``‖x_i − x_j‖²/2``, and key + ``1.5 c (‖x_i‖²
+   + ‖x_j‖²)/2`` an upper bound. Diagonal tiles go first: each point's ``p = k +
+   margin`` smallest keys within its own block give an upper bound ``τ_i`` of its
+   k-th neighbour's distance; in every other tile a strided group minimum screens
+   the entries, only those with a key ≤ ``τ_i`` are looked at, and ``τ_i``
+   tightens as candidates accumulate. A point skipped by the screen is provably
+   farther than the k-th neighbour. Memory: one ``block_size²`` float32 tile plus
+   ``n × p`` candidates; never an ``n × n`` matrix (unless ``n ≤ block_size``).
+3. **Exact distances (float64).** The ``k`` candidates with the smallest keys (all
+   ``p`` for rows that need them) are recomputed from the original float64
+   coordinates as sums of squared differences, and sorted.
+4. **Certificate.** A row is exact when the smallest key among the points not
+   evaluated exactly is at least half its k-th exact squared distance (with the
+   centring rounding accounted for). Rows that fail (near ties that float32 cannot
+   separate, tight clusters far from the centre) are redone with float64 keys:
+   every point whose float64 key is at most the k-th exact distance found so far is
+   evaluated exactly, which is complete by construction.
 
-Self-matches are excluded by index, not by distance: an exact duplicate of a
-point is a real neighbour at distance 0.
+The result is the float64 brute-force answer (sums of squared differences, then the
+square root), whatever the data: exact duplicates, ties, clusters far from the
+origin. Data with extreme magnitudes (coordinates beyond 2⁴⁰⁰ or all below 2⁻⁴⁰⁰)
+are rescaled by a power of two so that squared distances do not overflow.
 
-Everything is torch: on a CUDA tensor the whole computation runs on the GPU
-(float32 matrix products are forced to IEEE precision — TF32/bf16 "fast fp32"
-modes are switched off for the duration of the call and restored afterwards).
+Everything is torch: on a CUDA tensor the whole computation runs on the GPU. Float32
+products are forced to IEEE precision for the duration of the call (TF32/bf16
+"fast fp32" modes are switched off and restored afterwards; if one cannot be
+switched off, the bound ``c`` is widened to bf16 input rounding instead).
 """
 from __future__ import annotations
 
@@ -102,9 +111,11 @@ def _ieee_fp32_matmul():
                 pass
 
 
-def _fp32_unit_roundoff(device) -> float:
-    """Effective unit roundoff of a float32 matmul here: 2⁻²⁴, or 2⁻⁸ if some reduced
-    precision mode could not be switched off (then the certificate stays valid)."""
+def _fp32_input_roundoff(device) -> float:
+    """Rounding of the inputs of a float32 matmul here: 2⁻²⁴ (IEEE), or 2⁻⁸ if some
+    reduced-precision mode (TF32, bf16) could not be switched off; products and sums
+    stay in float32 in those modes, so the key bound only needs the wider input
+    rounding."""
     g = torch.Generator(device="cpu").manual_seed(12345)
     a = torch.randn(64, 256, generator=g, dtype=torch.float64)
     b = torch.randn(256, 64, generator=g, dtype=torch.float64)
@@ -125,8 +136,8 @@ class _Running:
     ``tau[i]`` is a proven upper bound of the (scaled) half squared distance from
     point ``i`` to its ``k``-th nearest neighbour, so any point whose key (a lower
     bound of its half squared distance) exceeds ``tau[i]`` can never be among the
-    ``k`` nearest and is not even looked at. It starts from a small strided subset
-    and tightens as candidates accumulate.
+    ``k`` nearest and is not even looked at. It comes from the diagonal tiles and
+    tightens as candidates accumulate.
     """
 
     def __init__(self, n_pad, p, k, half_sq, c, slack, delta, dev):
@@ -364,7 +375,7 @@ def _resolve(X64, keys, idx, k, to_scaled, slack, delta):
     return out_sq, out_nb, ok
 
 
-def _threshold_rows(X64, Xs, half64, rows, tau, k, block, pair_budget: int = 1 << 22):
+def _threshold_rows(X64, Xs, half64, rows, tau, k, block):
     """Exact k-NN of the points ``rows`` by collecting *every* point whose float64 key is
     at most ``tau`` (a key is a lower bound of the scaled half squared distance, and
     ``tau`` an upper bound of the k-th neighbour's), then evaluating those exactly."""
@@ -406,17 +417,17 @@ def _threshold_rows(X64, Xs, half64, rows, tau, k, block, pair_budget: int = 1 <
     return out_sq, out_nb
 
 
-def _knn_core(X64: torch.Tensor, k: int, block: int, margin: int):
-    """Exact k-NN (squared distances, indices) of the rows of ``X64``, ``n ≥ k + 1``."""
+def _knn_core(X64: torch.Tensor, k: int, block: int, margin: int, abs_max: float):
+    """Exact k-NN (squared distances, indices) of the rows of ``X64``, ``n ≥ k + 1``;
+    ``abs_max`` is an upper bound of ``max |X64|``."""
     n, d = X64.shape
     dev = X64.device
     p = min(k + margin, n - 1)
-    # Centre, then scale by a power of two so the largest coordinate is below 1
-    # (neither changes the neighbours; the scaling is exact).
+    # Centre, then scale by a power of two so that every coordinate is below 1 in
+    # magnitude (neither changes the neighbours; the scaling is exact).
     mean = X64.mean(dim=0)
-    lo, hi = torch.aminmax(X64, dim=0)
-    amax = float(torch.maximum(hi - mean, mean - lo).max()) * (1 + 1e-12)
-    if amax == 0.0:  # all points identical
+    amax = (abs_max + float(mean.abs().max())) * (1 + 1e-12)
+    if amax == 0.0:  # all points are the origin
         nb = (torch.arange(n, device=dev)[:, None] + torch.arange(1, k + 1, device=dev)[None, :]) % n
         return torch.zeros((n, k), dtype=torch.float64, device=dev), nb
     e = math.frexp(amax)[1]
@@ -427,12 +438,13 @@ def _knn_core(X64: torch.Tensor, k: int, block: int, margin: int):
     delta = 2.1 * math.sqrt(d) * _U64
 
     with _ieee_fp32_matmul():
-        u = _fp32_unit_roundoff(dev)
-        c32 = 2.0 * (_gamma(d + 2, u) + 8 * u)
+        u_in = _fp32_input_roundoff(dev)
+        c32 = 2.0 * (2.0 * u_in + u_in * u_in + _gamma(d + 2, _U32) + 8 * _U32)
         slack32 = (d + 8) * 2.0 ** -120  # float32 underflow
         n_pad = -(-n // _GROUP) * _GROUP
-        Xf = torch.zeros((n_pad, d), dtype=torch.float32, device=dev)
-        Xf[:n] = Xs.to(torch.float32)
+        Xf = torch.empty((n_pad, d), dtype=torch.float32, device=dev)
+        Xf[:n] = Xs
+        Xf[n:] = 0.0
         half = torch.full((n_pad,), math.inf, dtype=torch.float32, device=dev)
         half[:n] = ((1.0 - c32) * 0.5 * sq_norm).to(torch.float32)
         sqp = torch.zeros(n_pad, dtype=torch.float64, device=dev)
@@ -521,9 +533,9 @@ def _expand(sq_u, nb_u, group, counts, k):
 # public API
 # ---------------------------------------------------------------------------
 def _check_k(k, n: int) -> int:
-    if isinstance(k, bool) or not isinstance(k, (int,)) and not (hasattr(k, "__index__")):
+    if isinstance(k, bool) or isinstance(k, float) or not hasattr(k, "__index__"):
         raise EmbgeomError(f"k must be a positive integer, got {k!r}")
-    k = int(k)
+    k = int(k.__index__())
     if k < 1:
         raise EmbgeomError(f"k must be a positive integer, got {k}")
     if n < k + 1:
@@ -542,8 +554,9 @@ def knn(X, k: int, *, block_size: int = 2048, margin: int = 8, name: str = "X"):
     X : (n, d) numpy array or torch tensor, any real dtype; CPU or CUDA.
     k : number of neighbours, ``1 ≤ k ≤ n − 1``. The point itself is never its own
         neighbour (excluded by index); exact duplicates are neighbours at distance 0.
-    block_size : rows (and columns) per float32 tile; memory is about
-        ``3 · block_size² · 4`` bytes plus ``n · (k + margin) · 12`` bytes.
+    block_size : rows (and columns) per float32 tile. Memory: one ``block_size²``
+        float32 tile (plus screening buffers of a fraction of it), ``n · (k + margin)
+        · 12`` bytes of candidates, and copies of X (two float64, one float32).
     margin : extra float32 candidates per point beyond ``k``; only speed depends on it,
         the result is exact in any case (see the module docstring).
 
@@ -571,8 +584,9 @@ def knn(X, k: int, *, block_size: int = 2048, margin: int = 8, name: str = "X"):
     if amax > 2.0 ** 400 or 0.0 < amax < 2.0 ** -400:
         e0 = math.frexp(amax)[1]
         X64 = X64 * (2.0 ** (-e0 // 2)) * (2.0 ** (-e0 - (-e0 // 2)))
+        amax = amax * (2.0 ** (-e0 // 2)) * (2.0 ** (-e0 - (-e0 // 2)))
     if groups is None:
-        sq, nb = _knn_core(X64, k, block, margin)
+        sq, nb = _knn_core(X64, k, block, margin, amax)
     else:
         reps, group = groups
         nu = reps.shape[0]
@@ -582,7 +596,7 @@ def knn(X, k: int, *, block_size: int = 2048, margin: int = 8, name: str = "X"):
             sq_u = torch.zeros((1, 1), dtype=torch.float64, device=X64.device)
             nb_u = torch.zeros((1, 1), dtype=torch.int64, device=X64.device)
         else:
-            sq_u, nb_u = _knn_core(X64[reps], ku, block, margin)
+            sq_u, nb_u = _knn_core(X64[reps], ku, block, margin, amax)
         sq, nb = _expand(sq_u, nb_u, group, counts, k)
     dist = sq.sqrt_()
     if e0:

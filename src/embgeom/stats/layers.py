@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .moments import Moments, NonFiniteInput
+from .position_sample import PositionSample
 from .token_moments import TokenGroups, TokenMoments
 from ..errors import EmbgeomError
 
@@ -72,10 +73,13 @@ class LayerStatistics:
         from them, then go into the accumulators like every later batch.
     with_types : keep per-token-type moments (paper B) too.
     type_capacity : expected number of token types (rows allocated once).
+    id_sample : positions kept (uniformly, by seeded hash of their keys) with their
+        vectors in every layer, for intrinsic dimension; 0 keeps none.
+    seed : the sample's seed.
     """
 
     def __init__(self, n_layers: dict, width: int, device=None, outlier_factor: float = 10.0,
-                 with_types: bool = True, type_capacity: int = 0):
+                 with_types: bool = True, type_capacity: int = 0, id_sample: int = 0, seed: int = 0):
         self.n_layers = dict(n_layers)
         self.width = width
         self.outlier_factor = float(outlier_factor)
@@ -92,10 +96,13 @@ class LayerStatistics:
         self.calibrated_on: dict = {s: 0 for s in self.n_layers}
         self._pending = {s: _Pending() for s in self.n_layers}
         self._outlier_rows: list = []
+        self._id_cache: dict = {}
+        self.samples = {s: PositionSample(id_sample, n + 1, width, seed=seed) for s, n in self.n_layers.items()} \
+            if id_sample > 0 else {}
 
     # ----------------------------------------------------------------- updates
     def update(self, stack: str, hidden, counted: torch.Tensor, token_types: torch.Tensor,
-               meta: dict | None = None) -> None:
+               meta: dict | None = None, keys: torch.Tensor | None = None) -> None:
         """Add one batch of one stack.
 
         hidden : sequence over layers of (B, T, d) tensors.
@@ -103,6 +110,9 @@ class LayerStatistics:
         token_types : (B, T) int64 type of each position.
         meta : optional {name: (B, T) int64} carried into the outlier list
             (e.g. token id, window, position).
+        keys : (B, T) int64 stream-unique key of every position (needed when
+            id_sample > 0): the sample keeps the positions with the smallest seeded
+            hash of their key, so it does not depend on batching or sharding.
         """
         idx = counted.reshape(-1).nonzero().squeeze(1)
         types = token_types.reshape(-1).index_select(0, idx.to(token_types.device))
@@ -121,6 +131,11 @@ class LayerStatistics:
                     "the model overflows in this dtype: try --dtype float32"
                 )
             xs.append(x)
+        if self.samples:
+            if keys is None:
+                raise EmbgeomError("LayerStatistics.update needs keys when id_sample > 0")
+            k = keys.reshape(-1).index_select(0, idx.to(keys.device))
+            self.samples[stack].update(k, xs, {n: v for n, v in metas.items() if n in ("token_id", "position")})
         if self.median_norm[stack] is None:
             p = self._pending[stack]
             p.xs.append(xs)
@@ -183,9 +198,37 @@ class LayerStatistics:
             return inl if out.moments.n == 0 else inl.merged_with(out)
         raise EmbgeomError(f"unknown view {name!r}; use one of {VIEWS}")
 
+    def intrinsic_dimension(self, stack: str, layer: int, view: str, k: int = 20,
+                            discard_fraction: float = 0.1) -> dict:
+        """The id_* columns of one layer and view, from the position sample (the
+        inliers view drops sampled positions above the layer's outlier limit)."""
+        from ..metrics.intrinsic_dim import intrinsic_dimensions
+        from ..metrics.neighbors import knn_distances
+
+        nan = float("nan")
+        empty = dict(id_twonn=nan, id_twonn_ml=nan, id_twonn_ml_low=nan, id_twonn_ml_high=nan, id_mle=nan, id_n=0)
+        sample = self.samples.get(stack)
+        if sample is None or len(sample) < 3:
+            return empty
+        X = torch.from_numpy(sample.layer(layer))
+        if view == "inliers":
+            limit = self.outlier_factor * self.median_norm[stack][layer]
+            keep = torch.linalg.vector_norm(X, dim=1) <= limit
+            if not bool(keep.all()):
+                X = X[keep]
+            elif "all" in self._id_cache.get(stack, {}).get(layer, {}):
+                return self._id_cache[stack][layer]["all"]
+        if X.shape[0] < 3:
+            return empty
+        dist = knn_distances(X, min(k, X.shape[0] - 1))
+        out = intrinsic_dimensions(distances=dist, k=k, discard_fraction=discard_fraction)
+        self._id_cache.setdefault(stack, {}).setdefault(layer, {})[view] = out
+        return out
+
     def outlier_records(self) -> list[dict]:
         return self._outlier_rows
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for part in (self.inliers, self.outliers) for accs in part.values() for a in accs)
+        acc = sum(a.nbytes for part in (self.inliers, self.outliers) for accs in part.values() for a in accs)
+        return acc + sum(s.nbytes for s in self.samples.values())

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import math
 import threading
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -230,6 +231,18 @@ class _Workspace:
         self.ref = torch.empty(types, dim, **kw)
         self.s1 = torch.empty(types, dim, **kw)
         self.s2 = torch.empty(types, **kw)
+
+
+def _segment_matrix(counts: torch.Tensor, n: int, device) -> torch.Tensor:
+    """Sparse CSR (types × rows) matrix of ones whose product with rows sorted by type
+    gives per-type sums (each row belongs to the segment its type's count spans)."""
+    crow = torch.zeros(counts.shape[0] + 1, dtype=_I64, device=device)
+    torch.cumsum(counts, 0, out=crow[1:])
+    cols = torch.arange(n, dtype=_I64, device=device)
+    ones = torch.ones(n, dtype=_F64, device=device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, cols, ones, size=(counts.shape[0], n), check_invariants=False)
 
 
 class TokenMoments:
@@ -436,15 +449,12 @@ class TokenMoments:
 
         ids, counts = g.ids, g.counts
         m = int(ids.shape[0])
-        budget = self.chunk_bytes_cuda if dev.type == "cuda" else self.chunk_bytes_cpu
-        plan = g.plan(min(nb, max(self.min_chunk_rows, budget // (8 * self.dim))))
-        ws = _Workspace.get(dev, x.dtype, self.dim, plan.rows_per_chunk, m)
 
         # Reference point per type: its stored mean, or for a type new to this
         # accumulator its first vector here. Nothing is stored until the end.
         rows = self._lookup(ids)
         found = rows >= 0
-        ref = ws.ref[:m]
+        ref = torch.zeros(m, self.dim, dtype=_F64, device=dev)
         if self._k:
             torch.index_select(self._mean, 0, rows.clamp(min=0), out=ref)
         new = (~found).nonzero().squeeze(1)
@@ -452,20 +462,16 @@ class TokenMoments:
             ref.index_copy_(0, new, x.index_select(0, g.first.index_select(0, new)).to(_F64))
 
         # Σ y and Σ ‖y‖² per type, y = x − ref, in float64 (exact conversion, one
-        # rounding of the small residual), over chunks of id-sorted rows, so the
-        # per-type sums being added to stay in cache.
-        s1 = ws.s1[:m].zero_()
-        s2 = ws.s2[:m].zero_()
-        perm, local, presorted = g.perm, plan.local, g.presorted
-        for a, b, t0, t1 in plan.chunks:
-            r = b - a
-            li = local[a:b]
-            xs = x[a:b] if presorted else torch.index_select(x, 0, perm[a:b], out=ws.x[:r])
-            y = ws.y[:r].copy_(xs)
-            y.sub_(torch.index_select(ref[t0:t1], 0, li, out=ws.ref_rows[:r]))
-            s1[t0:t1].index_add_(0, li, y)
-            sq = torch.linalg.vector_norm(y, dim=1, out=ws.norm[:r]).square_()
-            s2[t0:t1].index_add_(0, li, sq)
+        # rounding of the small residual). Rows are taken in type order, so the
+        # per-type sums are segment sums: one sparse (types × rows) matrix product,
+        # far faster than index_add_ on CPU.
+        xs = x if g.presorted else x.index_select(0, g.perm)
+        y = xs.to(_F64, copy=True)
+        y.sub_(ref.index_select(0, g.sorted_inverse))
+        seg = _segment_matrix(counts, nb, dev)
+        s1 = seg @ y
+        s2 = (seg @ torch.linalg.vector_norm(y, dim=1).square_()[:, None]).squeeze(1)
+        del y
         # A NaN or inf anywhere makes its row's ‖y‖², hence s2, non-finite.
         if not bool(torch.isfinite(s2.sum())):
             raise EmbgeomError(

@@ -1,0 +1,165 @@
+"""Benchmark: embgeom's exact-k-NN intrinsic-dimension estimators against scikit-dimension.
+
+    python benchmarks/intrinsic_dim.py                    # synthetic data, n = 5k, 10k, 20k
+    python benchmarks/intrinsic_dim.py --npy layer.npy    # real hidden states, (N, d) array
+
+For each n it times ``embgeom.metrics.intrinsic_dim.twonn`` against
+``skdim.id.TwoNN()`` and ``mle_id`` against ``skdim.id.MLE(K=20)`` on the same
+float64 data, prints the ratio of the times and the relative difference of the
+estimates, and reports this machine's float32 matrix-multiply throughput (torch.mm of
+4096², the ceiling) next to the throughput the k-NN achieves. Prints only; asserts
+nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from embgeom.metrics.intrinsic_dim import intrinsic_dimensions, mle_id, twonn
+from embgeom.metrics.neighbors import knn_distances
+
+
+def _best(fn, repeat):
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def matmul_gflops(size=4096, repeat=5):
+    a = torch.randn(size, size)
+    b = torch.randn(size, size)
+    torch.mm(a, b)
+    t, _ = _best(lambda: torch.mm(a, b), repeat)
+    return 2 * size**3 / t / 1e9
+
+
+def knn_flops(n, d, block=2048):
+    """Float32 multiply-add flops the k-NN performs: the upper triangle of
+    block × block tiles (each tile serves its rows and its columns)."""
+    group = 16
+    n_pad = -(-n // group) * group
+    b = max(group, block // group * group)
+    sizes = [min(b, n_pad - s) for s in range(0, n_pad, b)]
+    total = 0
+    for i, si in enumerate(sizes):
+        for sj in sizes[i:]:
+            total += 2 * si * sj * d
+    return total
+
+
+def synthetic(n, d=576, intrinsic=12, seed=0):
+    """A curved 12-dimensional manifold in R^576 that looks a little like hidden states:
+    a smooth nonlinear map of a 12-d Gaussian, an offset mean far from the origin, a few
+    high-variance coordinates, and isotropic noise."""
+    rng = np.random.default_rng(seed)
+    Z = rng.standard_normal((n, intrinsic))
+    W1 = rng.standard_normal((intrinsic, 64)) / np.sqrt(intrinsic)
+    W2 = rng.standard_normal((64, d)) / np.sqrt(64)
+    X = np.tanh(Z @ W1 * 1.5) @ W2 * 4.0
+    X[:, :4] *= 8.0  # a few dominant directions
+    X += rng.standard_normal(d) * 3.0  # mean far from the origin
+    X += 0.05 * rng.standard_normal((n, d))
+    return X
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--npy", help="(N, d) array of real hidden states (rows are tokens)")
+    ap.add_argument("--sizes", default="5000,10000,20000", help="comma-separated n (default 5000,10000,20000)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of embgeom per timing (best is reported)")
+    ap.add_argument("--skdim-repeat-below", type=float, default=5.0,
+                    help="time scikit-dimension once when one run takes longer than this many seconds")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="threads for torch and for numpy's BLAS (scikit-dimension) alike (default: the libraries' choice)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        try:
+            from threadpoolctl import threadpool_limits
+
+            threadpool_limits(args.threads)
+        except ImportError:
+            print("  (threadpoolctl not installed: numpy's BLAS threads are not limited)")
+    try:
+        import skdim
+    except ImportError:
+        skdim = None
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+
+    print("embgeom intrinsic-dimension benchmark")
+    print(f"  machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"torch {torch.__version__} with {torch.get_num_threads()} threads, "
+          f"load average {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"  scikit-dimension: {getattr(skdim, '__version__', 'not installed')}")
+    ceiling = matmul_gflops()
+    print(f"  float32 matmul ceiling (torch.mm 4096x4096): {ceiling:.0f} GFLOP/s")
+
+    if args.npy:
+        data = np.load(args.npy, mmap_mode="r")
+        if data.ndim != 2:
+            raise SystemExit(f"--npy must hold a 2-d (N, d) array, got shape {data.shape}")
+        print(f"  data: {args.npy}, {data.shape[0]} x {data.shape[1]} ({data.dtype}); a seeded random subset of n rows")
+        rng = np.random.default_rng(0)
+        pick = lambda n: np.asarray(data[np.sort(rng.choice(data.shape[0], size=min(n, data.shape[0]), replace=False))], dtype=np.float64)
+    else:
+        print("  data: SYNTHETIC - 12-d curved manifold in R^576 (tanh features, dominant axes, "
+              "offset mean, noise 0.05); pass --npy for real hidden states")
+        pick = lambda n: synthetic(n)
+    print()
+    hdr = (f"{'n':>6} {'d':>4} | {'estimator':<9} {'embgeom':>10} {'skdim':>10} {'speed-up':>8} | "
+           f"{'estimate':>10} {'skdim est.':>10} {'rel. diff':>9}")
+    print(hdr)
+    print("-" * len(hdr))
+    rows = []
+    for n in sizes:
+        X = pick(n)
+        n, d = X.shape
+        Xt = torch.from_numpy(X)
+        for name, ours, theirs in (
+            ("TwoNN", lambda: twonn(Xt), lambda: skdim.id.TwoNN().fit(X).dimension_ if skdim else None),
+            ("MLE k=20", lambda: mle_id(Xt, 20), lambda: skdim.id.MLE(K=20).fit(X).dimension_ if skdim else None),
+        ):
+            t_ours, est = _best(ours, args.repeat)
+            t_sk, ref = float("nan"), None
+            if skdim is not None:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    t_sk, ref = _best(theirs, 1)
+                    if t_sk < args.skdim_repeat_below and args.repeat > 1:
+                        t2, _ = _best(theirs, args.repeat - 1)
+                        t_sk = min(t_sk, t2)
+            once = " (1 run)" if t_sk >= args.skdim_repeat_below else ""
+            rel = abs(est - ref) / abs(ref) if ref else float("nan")
+            print(f"{n:>6} {d:>4} | {name:<9} {t_ours:>9.3f}s {t_sk:>9.2f}s{once:<0} {t_sk / t_ours:>7.1f}x | "
+                  f"{est:>10.5f} {ref if ref is not None else float('nan'):>10.5f} {rel:>9.1e}")
+            rows.append((n, name, t_ours, t_sk, rel))
+        # the k-NN alone, and the pipeline path (one k = 20 k-NN for every estimate)
+        t2, _ = _best(lambda: knn_distances(Xt, 2), args.repeat)
+        t20, dist = _best(lambda: knn_distances(Xt, 20), args.repeat)
+        tb, res = _best(lambda: intrinsic_dimensions(distances=dist), args.repeat)
+        fl = knn_flops(n, d)
+        print(f"{'':>6} {'':>4} | k-NN k=2: {t2:.3f}s = {fl / t2 / 1e9:.0f} GFLOP/s, k=20: {t20:.3f}s = "
+              f"{fl / t20 / 1e9:.0f} GFLOP/s ({100 * fl / t20 / 1e9 / ceiling:.0f}% of the ceiling; "
+              f"{fl / 1e9:.1f} GFLOP in the symmetric tiles, {2 * n * n * d / 1e9:.1f} in a full product)")
+        print(f"{'':>6} {'':>4} | pipeline (one k=20 k-NN + all id_* columns): {t20 + tb:.3f}s -> "
+              f"twonn {res['id_twonn']:.4f}, twonn_ml {res['id_twonn_ml']:.4f} "
+              f"[{res['id_twonn_ml_low']:.4f}, {res['id_twonn_ml_high']:.4f}], mle {res['id_mle']:.4f}, n {res['id_n']}")
+    print()
+    if skdim is not None and rows:
+        worst = min(r[3] / r[2] for r in rows)
+        agree = max(r[4] for r in rows)
+        print(f"smallest speed-up {worst:.1f}x (target 10x); largest relative difference of the estimates {agree:.1e} "
+              f"(required 1e-6)")
+
+
+if __name__ == "__main__":
+    main()
