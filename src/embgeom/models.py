@@ -204,7 +204,7 @@ def load_model(
         try:
             model, tok = _from_pretrained(str(spec), revision, torch_dtype, local_files_only=True, **kw)
         except Exception:  # noqa: BLE001 - not in the local cache: try the network
-            if os.environ.get("HF_HUB_OFFLINE") == "1":
+            if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
                 raise EmbgeomError(_hub_missing(spec, revision)) from None
             try:
                 model, tok = _from_pretrained(str(spec), revision, torch_dtype, **kw)
@@ -234,11 +234,30 @@ def _load_failure(where: str, exc: Exception) -> str:
     return f"could not load model {where}: {type(exc).__name__}: {text[:300]}"
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick connection to the Hub, so an offline machine fails at once instead of
+    after the client's retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    try:
+        from huggingface_hub import constants
+
+        url = urlparse(constants.ENDPOINT)
+    except Exception:  # noqa: BLE001
+        url = urlparse("https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def _hub_missing(spec, revision) -> str:
     rev = f" at revision {revision}" if revision else ""
     return (
         f"model {spec}{rev} is neither a local path nor in the Hugging Face cache, and it could not be "
-        "downloaded; check the name, or download it first (huggingface-cli download) where there is a network"
+        "downloaded; check the path or name, or download it first (huggingface-cli download) where there is a network"
     )
 
 
