@@ -61,6 +61,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--id-sample", type=int, default=10000, help="passed to embgeom run (0: no ID estimation)")
     ap.add_argument("--baseline-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--corpus", default=None)
     args = ap.parse_args()
@@ -79,7 +80,8 @@ def main() -> None:
     base_cmd = [sys.executable, __file__, "--baseline-worker", "--model", model, "--corpus", str(corpus),
                 "--tokens", str(args.tokens), *common]
     run_cmd = [sys.executable, "-m", "embgeom", "run", model, "--corpus", str(corpus), "--out", str(tmp / "out"),
-               "--max-tokens", str(args.tokens), "--device", "cpu", "--no-progress", "--no-figures", *common]
+               "--max-tokens", str(args.tokens), "--device", "cpu", "--no-progress", "--no-figures",
+               "--id-sample", str(args.id_sample), *common]
     # Warm the GGUF cache and the page cache before timing either side.
     timed(base_cmd)
     rows = []
@@ -87,16 +89,18 @@ def main() -> None:
         b_wall, b_rss, b_out = timed(base_cmd)
         e_wall, e_rss, _ = timed(run_cmd)
         run = json.loads((tmp / "out" / "run.json").read_text())
-        rows.append((b_wall, e_wall, json.loads(b_out)["stream_s"], run["timings_s"]["stream"]))
+        rows.append((b_wall, e_wall, json.loads(b_out)["stream_s"], run["timings_s"]["stream"],
+                     run["timings_s"]["metrics"]))
     b_wall = min(r[0] for r in rows)
     e_wall = min(r[1] for r in rows)
     b_stream = min(r[2] for r in rows)
     e_stream = min(r[3] for r in rows)
-    print(f"model {Path(model).name}, {args.tokens} tokens, seq_len {args.seq_len}, batch {args.batch_size}, "
+    print(f"model {Path(model).name}, {args.tokens} tokens, id-sample {args.id_sample}, seq_len {args.seq_len}, batch {args.batch_size}, "
           f"torch threads {os.cpu_count()} cores, best of {args.repeats}")
     print(f"whole process: forward-only loop {b_wall:.1f} s, embgeom run {e_wall:.1f} s, ratio {e_wall / b_wall:.3f}")
     print(f"streaming part: forward-only {b_stream:.1f} s, embgeom {e_stream:.1f} s, ratio {e_stream / b_stream:.3f}")
-    print(f"embgeom: {args.tokens / e_stream:,.0f} tokens/s while streaming")
+    print(f"embgeom: {args.tokens / e_stream:,.0f} tokens/s while streaming; metrics after the stream "
+          f"(eigenvalues, per-type tables, ID on {args.id_sample} sampled positions): {min(r[4] for r in rows):.1f} s")
     print(f"peak RSS of the children: {e_rss / 1024:.0f} MiB (max over both)")
 
 

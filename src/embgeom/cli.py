@@ -29,7 +29,8 @@ def run(
     models: List[str] = typer.Argument(..., metavar="MODEL...", help="Model directory, .gguf file or Hub id."),
     corpus: Path = typer.Option(..., "--corpus", help=".txt (one document per line), .jsonl, .csv, .parquet, or a datasets directory."),
     out: Path = typer.Option(..., "--out", help="Output directory (created if missing)."),
-    revision: List[str] = typer.Option([], "--revision", help="Hub revision; repeat for several checkpoints."),
+    revision: List[str] = typer.Option([], "--revision", help="Hub revision; repeat for several checkpoints (a training directory: checkpoint folder names)."),
+    step: List[int] = typer.Option([], "--step", help="Training step of each checkpoint, in the order named (default: parsed from stepN, global_stepN, checkpoint-N)."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Stop after this many counted tokens."),
     seq_len: int = typer.Option(512, "--seq-len", help="Window length in tokens, special tokens included."),
     batch_size: int = typer.Option(16, "--batch-size", help="Windows per forward pass."),
@@ -47,9 +48,15 @@ def run(
     figures: bool = typer.Option(True, "--figures/--no-figures", help="Write PNG figures into OUT/figures."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
-    """Analyse MODEL(s) over a corpus and write tables, figures and run.json to OUT."""
+    """Analyse MODEL(s) over a corpus and write tables, figures and run.json to OUT.
+
+    Several models or revisions, or a training directory of checkpoint-N folders, make
+    a sweep: each checkpoint is kept in OUT/checkpoints/ and a rerun skips those
+    already finished; OUT gets the combined tables and training-dynamics figures.
+    """
     from .pipeline import analyze
-    from .results import combine, prepare_out_dir
+    from .results import prepare_out_dir
+    from .sweep import expand_targets, is_sweep, run_sweep
 
     prepare_out_dir(out)
     options = dict(
@@ -58,13 +65,18 @@ def run(
         exclude_positions=tuple(exclude_positions), outlier_factor=outlier_factor, text_field=text_field,
         encoding_errors=encoding_errors,
     )
-    results = []
-    for model in models:
-        for rev in revision or [None]:
-            results.append(analyze(model, corpus, revision=rev, progress=progress, cache_dir=cache_dir, **options))
-    result = combine(results)
-    result.save(out, figures=figures)
-    _say(f"wrote {out}/layers.csv ({len(result.layers)} rows)" + (f" and figures in {out}/figures" if figures else ""))
+    targets = expand_targets(models, revision, step)
+    if is_sweep(targets, models):
+        result = run_sweep(targets, corpus, out, progress=progress, figures=figures, cache_dir=cache_dir,
+                           say=_say, **options)
+        where = f"{out}/layers.csv ({len(result.layers)} rows, {len(targets)} checkpoints in {out}/checkpoints)"
+    else:
+        t = targets[0]
+        result = analyze(t.spec, corpus, revision=t.revision, step=t.step, progress=progress, cache_dir=cache_dir,
+                         **options)
+        result.save(out, figures=figures)
+        where = f"{out}/layers.csv ({len(result.layers)} rows)"
+    _say(f"wrote {where}" + (f" and figures in {out}/figures" if figures else ""))
 
 
 @app.command()

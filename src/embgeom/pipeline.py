@@ -149,6 +149,9 @@ def analyze(
     cfg = AnalysisConfig(**options)
     cfg.exclude_positions = tuple(int(p) for p in (cfg.exclude_positions or ()))
     cfg.validate()
+    from .models import _quiet_transformers
+
+    _quiet_transformers()  # long documents are windowed here, not truncated: no length warnings
     docs = _documents(corpus, cfg)
     t0 = time.perf_counter()
     if isinstance(model, LoadedModel):

@@ -314,4 +314,10 @@ def plot_runs(results, figdir) -> list[Path]:
             if r.outliers is not None and len(r.outliers):
                 o = r.outliers[(r.outliers["model"] == model) & (r.outliers["stack"] == stack)]
                 written.append(plot_outliers(o, int(g["n_layers"].iloc[0]), figdir / f"outliers_{tag}.png", title))
+
+    # ---- geometry over training (checkpoint sweeps, GeometryCallback): see plots_training.py
+    if "step" in layers.columns and pd.to_numeric(layers["step"], errors="coerce").dropna().nunique() > 1:
+        from .plots_training import plot_training
+
+        written.extend(plot_training(results, figdir))
     return [w for w in written if w is not None]

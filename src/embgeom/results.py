@@ -137,10 +137,13 @@ def combine(results: list["Result"]) -> "Result":
         return pd.concat(frames, ignore_index=True) if frames else None
 
     spectrum = cat([r.spectrum for r in results])
+    outliers = cat([r.outliers for r in results])
+    if outliers is None:  # keep an empty outliers.csv with its columns
+        outliers = next((r.outliers for r in results if r.outliers is not None), None)
     merged = Result(
         layers=cat([r.layers for r in results]),
         tokens=cat([r.tokens for r in results]),
-        outliers=cat([r.outliers for r in results]),
+        outliers=outliers,
         run={"runs": [r.run for r in results]},
     )
     if spectrum is not None:

@@ -1,0 +1,518 @@
+"""Geometry during training: measure a model held in memory on a fixed probe corpus.
+
+* `measure(model, tokenizer, corpus, step)`: one measurement, returns a Result;
+* `GeometryProbe(corpus, tokenizer, out=...)`: call it as `probe(model, step)` from a
+  plain PyTorch loop; it keeps every measurement (`probe.layers`) and rewrites
+  `out/layers.csv` after each one;
+* `GeometryCallback(corpus, every=N, out=...)`: the same as a
+  `transformers.TrainerCallback`, measuring at the start of training, every N
+  optimiser steps and at the end, and logging headline numbers to the Trainer's
+  loggers (log_history, TensorBoard, W&B, the console).
+
+The model is measured where it is (its device and dtype), in eval mode (no
+dropout) and without gradients; the train/eval mode of every submodule is restored
+afterwards and `requires_grad` flags are never touched. Rows carry the `step`
+column, the `revision` column `step<N>` (so every measurement is its own series in
+`embgeom plot`), and `train_loss`: the training loss the Trainer logged at that
+step, or the latest one logged before it.
+"""
+from __future__ import annotations
+
+import bisect
+import inspect
+import json
+import math
+import weakref
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+
+from .errors import EmbgeomError
+from .results import LAYER_COLUMNS, SPECTRUM_TABLE_COLUMNS, Result, _atomic_write_text, combine
+
+from transformers import TrainerCallback
+
+TRAIN_LOSS = "train_loss"
+LOG_KEYS = ("loss", "learning_rate", "grad_norm", "epoch")  # kept from the Trainer's log, with the step
+
+# Facts about a model (layer count, width, norm placement...) are measured once per
+# model object with two tiny forward passes; later measurements reuse them.
+_FACTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _signature(model, tokenizer) -> tuple:
+    p = next(model.parameters())
+    return (str(p.dtype), str(p.device), sum(q.numel() for q in model.parameters()), id(tokenizer))
+
+
+def _facts(model, tokenizer):
+    from .models import inspect_model
+
+    sig = _signature(model, tokenizer)
+    try:
+        cached = _FACTS.get(model)
+    except TypeError:  # not weak-referenceable
+        cached = None
+    if cached is not None and cached[0] == sig:
+        return cached[1]
+    facts = inspect_model(model, tokenizer, source="object", path=model_name(model))
+    try:
+        _FACTS[model] = (sig, facts)
+    except TypeError:
+        pass
+    return facts
+
+
+def model_name(model, default: str | None = None) -> str:
+    """The `model` column for an in-memory model: the last part of the name it was
+    loaded from, else `default`, else its class name."""
+    path = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "").rstrip("/")
+    if path:
+        return Path(path).name if Path(path).name not in ("model", "") else Path(path).parent.name or path
+    return default or type(model).__name__
+
+
+def step_label(step) -> str:
+    return "" if step is None else f"step{int(step)}"
+
+
+def measure(model, tokenizer, corpus, step: int | None = None, *, name: str | None = None, **options) -> Result:
+    """Measure the geometry of `model` (in memory, e.g. while it trains) over `corpus`.
+
+    The model runs in eval mode without gradients; the train/eval mode of every
+    submodule is restored afterwards (also when the analysis fails), and
+    `requires_grad` flags are not touched. `options` are those of `embgeom.analyze`
+    (max_tokens, seq_len, batch_size, id_sample, ...); `device` and `dtype` do not
+    apply: the model is measured where it is, in its dtype.
+    """
+    from .models import LoadedModel
+    from .pipeline import analyze
+
+    if tokenizer is None:
+        raise EmbgeomError("measuring a model in memory needs its tokenizer; pass tokenizer=...")
+    if not hasattr(model, "parameters") or not hasattr(model, "modules"):
+        raise EmbgeomError(f"measure() needs a torch model, got {type(model).__name__}")
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        loaded = LoadedModel(model=model, tokenizer=tokenizer, name=name or model_name(model),
+                             facts=_facts(model, tokenizer))
+        return analyze(loaded, corpus, step=step, revision=step_label(step) or None, name=loaded.name, **options)
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def log_spaced_steps(last: int, count: int, first: int = 1) -> list[int]:
+    """About `count` distinct steps from `first` to `last`, evenly spaced in log(step):
+    early training, where the geometry moves fastest, gets most of them."""
+    if last < first or count < 1:
+        return []
+    grid = np.geomspace(first, last, num=count)
+    return sorted({int(round(x)) for x in grid})
+
+
+def _sorted_log(entries) -> list[dict]:
+    """Loss entries ({"step", "loss", ...}) by step, one per step (the last logged wins)."""
+    by_step = {}
+    for e in entries:
+        if e.get("loss") is not None and e.get("step") is not None:
+            by_step[int(e["step"])] = dict(e, step=int(e["step"]))
+    return [by_step[k] for k in sorted(by_step)]
+
+
+class GeometryProbe:
+    """Measure a model in memory again and again on one probe corpus; keep every row.
+
+    probe = GeometryProbe("probe.txt", tokenizer, out="geometry/", max_tokens=5000)
+    for step in range(n_steps):
+        ...train...
+        if step % 100 == 0:
+            probe(model, step, train_loss=loss.item())
+    probe.finish()        # figures in geometry/figures/
+
+    `probe.layers` holds every row (the columns of layers.csv and `train_loss`). With
+    `out`, the tables are rewritten after each measurement (layers.csv last,
+    atomically), so they can be watched while training runs. A step measured again
+    replaces its rows.
+    """
+
+    def __init__(self, corpus, tokenizer=None, *, out=None, name: str | None = None, keep_tokens: bool = False,
+                 **options):
+        from .pipeline import AnalysisConfig
+
+        if isinstance(corpus, (str, Path)):
+            if not Path(corpus).exists():
+                raise EmbgeomError(f"probe corpus {corpus} does not exist; pass a corpus file or a list of texts")
+            corpus = str(corpus)
+        elif isinstance(corpus, Iterable):
+            corpus = list(corpus)
+            if not corpus or not all(isinstance(d, str) for d in corpus):
+                raise EmbgeomError("a probe corpus given as a list must hold strings (documents)")
+        else:
+            raise EmbgeomError(f"the probe corpus must be a path or a list of texts, got {type(corpus).__name__}")
+        unknown = set(options) - set(AnalysisConfig.__dataclass_fields__)
+        if unknown:
+            raise EmbgeomError(f"unknown option(s) {sorted(unknown)}; known: {sorted(AnalysisConfig.__dataclass_fields__)}")
+        cfg = AnalysisConfig(**options)
+        cfg.exclude_positions = tuple(int(p) for p in (cfg.exclude_positions or ()))
+        cfg.validate()
+        self.corpus = corpus
+        self.tokenizer = tokenizer
+        self.out = Path(out) if out is not None else None
+        self.name = name
+        self.keep_tokens = keep_tokens
+        self.options = options
+        self.training_log: list[dict] = []  # {"step", "loss", ...} as the trainer logged them, by step
+        self._log_steps: list[int] = []  # the steps of training_log, for bisection
+        self._results: dict = {}  # step -> Result (tokens dropped unless keep_tokens)
+        self._loss_given: dict = {}  # step -> loss passed to __call__
+        self._previous: Result | None = None  # rows of an earlier run in `out` (resumed training)
+        if self.out is not None:
+            # Check it is writable now, not after the first measurement; keep what is there.
+            if self.out.exists() and not self.out.is_dir():
+                raise EmbgeomError(f"out {self.out} is a file; name a directory")
+            probe_file = self.out / ".embgeom-write-test"
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+                probe_file.write_text("")
+                probe_file.unlink()
+            except OSError as exc:
+                raise EmbgeomError(f"cannot write to {self.out} ({exc.strerror}); choose another out") from None
+
+    # ------------------------------------------------------------------ measuring
+    @property
+    def steps(self) -> list:
+        return sorted(self._results, key=lambda s: (s is None, s or 0))
+
+    def __call__(self, model, step: int | None = None, *, tokenizer=None, train_loss: float | None = None) -> Result:
+        """Measure `model` at `step`; append (or replace) its rows; rewrite `out`."""
+        tok = tokenizer or self.tokenizer
+        if tok is None:
+            raise EmbgeomError("GeometryProbe needs the model's tokenizer (tokenizer=...)")
+        self.tokenizer = tok
+        if self.name is None:
+            self.name = model_name(model)
+        step = None if step is None else int(step)
+        res = measure(model, tok, self.corpus, step, name=self.name, **self.options)
+        for table in (res.layers, res.spectrum, res.tokens):
+            if table is not None and "step" in table.columns:
+                table["step"] = pd.array([step] * len(table), dtype="Int64")
+        if train_loss is not None:
+            self._loss_given[step] = float(train_loss)
+        kept = Result(layers=res.layers, spectrum=res.spectrum, tokens=res.tokens if self.keep_tokens else None,
+                      outliers=res.outliers, run=res.run)
+        self._results[step] = kept
+        if self.out is not None:
+            self.save()
+        return res
+
+    def set_log(self, entries: list[dict]) -> bool:
+        """Replace the training log ({"step", "loss", ...} entries, as in the Trainer's
+        log_history); True if the loss of a measured step changed."""
+        before = [self._loss(s) for s in self._results]
+        self.training_log = _sorted_log(entries)
+        self._log_steps = [e["step"] for e in self.training_log]
+        after = [self._loss(s) for s in self._results]
+        return not np.array_equal(np.asarray(before, dtype=float), np.asarray(after, dtype=float), equal_nan=True)
+
+    def add_log_entry(self, entry: dict) -> bool:
+        """Add one logged loss; True if it is the loss of a measured step."""
+        if entry.get("loss") is None or entry.get("step") is None:
+            return False
+        entry = dict(entry, step=int(entry["step"]))
+        i = bisect.bisect_left(self._log_steps, entry["step"])
+        if i < len(self._log_steps) and self._log_steps[i] == entry["step"]:
+            self.training_log[i] = entry
+        else:
+            self._log_steps.insert(i, entry["step"])
+            self.training_log.insert(i, entry)
+        return entry["step"] in self._results
+
+    def _loss(self, step) -> float:
+        """The loss given for `step`, else the one logged at `step`, else the latest
+        one logged before it, else NaN."""
+        if step in self._loss_given:
+            return self._loss_given[step]
+        if step is None:
+            return math.nan
+        i = bisect.bisect_right(self._log_steps, step) - 1
+        return float(self.training_log[i]["loss"]) if i >= 0 else math.nan
+
+    def keep_previous(self, before_step: int) -> int:
+        """Resumed training: keep the rows an earlier run wrote to `out` for steps
+        before `before_step`. Returns how many steps were kept."""
+        if self.out is None or not (self.out / "layers.csv").exists():
+            return 0
+        try:
+            prev = Result.load(self.out)
+        except (EmbgeomError, OSError, ValueError):
+            return 0
+
+        def before(df):
+            if df is None or "step" not in df.columns:
+                return df
+            s = pd.to_numeric(df["step"], errors="coerce")
+            return df[s.notna() & (s < before_step)].reset_index(drop=True)
+
+        layers = before(prev.layers)
+        if layers is None or layers.empty:
+            return 0
+        self._previous = Result(layers=layers, spectrum=before(prev.spectrum), tokens=before(prev.tokens),
+                                outliers=None, run={})
+        training = prev.run.get("training", {}) if isinstance(prev.run, dict) else {}
+        if not self.training_log and training.get("log"):
+            self.set_log([e for e in training["log"] if e.get("step", math.inf) < before_step])
+        return int(layers["step"].nunique())
+
+    # ------------------------------------------------------------------ tables
+    @property
+    def layers(self) -> pd.DataFrame:
+        """Every row measured so far (earlier rows of a resumed run first), with `train_loss`."""
+        return self.result().layers
+
+    def result(self) -> Result:
+        """Every measurement as one Result (the tables of layers.csv and friends)."""
+        parts = []
+        if self._previous is not None:
+            parts.append(self._previous)
+        for step in self.steps:
+            r = self._results[step]
+            layers = r.layers.copy()
+            layers[TRAIN_LOSS] = self._loss(step)
+            parts.append(Result(layers=layers, spectrum=r.spectrum, tokens=r.tokens, outliers=r.outliers, run=r.run))
+        if not parts:
+            return Result(layers=pd.DataFrame(columns=LAYER_COLUMNS + [TRAIN_LOSS]),
+                          spectrum=pd.DataFrame(columns=SPECTRUM_TABLE_COLUMNS))
+        res = combine(parts) if len(parts) > 1 else Result(layers=parts[0].layers, spectrum=parts[0].spectrum,
+                                                            tokens=parts[0].tokens, outliers=parts[0].outliers,
+                                                            run={"runs": [parts[0].run]})
+        if TRAIN_LOSS not in res.layers.columns:
+            res.layers[TRAIN_LOSS] = np.nan
+        res.layers["step"] = pd.array(pd.to_numeric(res.layers["step"], errors="coerce"), dtype="Int64")
+        res.run = {
+            "training": {
+                "model": self.name,
+                "steps": [None if s is None else int(s) for s in self.steps],
+                "log": self.training_log,
+            },
+            "runs": [p.run for p in parts if p.run],
+        }
+        return res
+
+    def save(self, out=None, figures: bool = False) -> Path:
+        """Write the tables (and with `figures`, the training figures) to `out`."""
+        out = Path(out) if out is not None else self.out
+        if out is None:
+            raise EmbgeomError("GeometryProbe.save needs an output directory")
+        out.mkdir(parents=True, exist_ok=True)
+        res = self.result()
+        try:
+            _atomic_write_text(out / "run.json", json.dumps(res.run, indent=2, default=str) + "\n")
+            _write_parquet(res.layers, out / "layers.parquet")
+            _write_parquet(res.spectrum, out / "spectrum.parquet")
+            if res.tokens is not None and len(res.tokens):
+                _write_parquet(res.tokens, out / "tokens.parquet")
+            if res.outliers is not None:
+                res.outliers.to_csv(out / "outliers.csv.tmp", index=False)
+                (out / "outliers.csv.tmp").replace(out / "outliers.csv")
+            if self.training_log:
+                pd.DataFrame(self.training_log).to_csv(out / "training_log.csv.tmp", index=False)
+                (out / "training_log.csv.tmp").replace(out / "training_log.csv")
+            if figures:
+                from .plots_training import plot_training
+
+                plot_training([res], out / "figures")
+            _atomic_write_text(out / "layers.csv", res.layers.to_csv(index=False))
+        except OSError as exc:
+            raise EmbgeomError(f"writing geometry tables to {out} failed ({exc.strerror or exc})") from None
+        return out
+
+    def finish(self, figures: bool = True) -> Result:
+        """Write the final tables and the training figures (when `out` is set); return everything."""
+        if self.out is not None:
+            self.save(figures=figures)
+        return self.result()
+
+
+def _write_parquet(df: pd.DataFrame, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    df.to_parquet(tmp, index=False)
+    tmp.replace(path)
+
+
+def headline_metrics(layers: pd.DataFrame, prefix: str = "geometry", per_layer: bool = True) -> dict:
+    """Scalars for the trainer's loggers from one measurement's rows: anisotropy (all
+    tokens and inliers) and TwoNN intrinsic dimension (when measured) per layer and
+    averaged over layers. Keys look like `geometry/anisotropy/layer_03`,
+    `geometry/anisotropy_inliers/mean`; a stack name is added for encoder-decoders."""
+    out = {}
+    stacks = list(dict.fromkeys(layers["stack"]))
+    for stack in stacks:
+        s = layers[layers["stack"] == stack]
+        base = prefix if len(stacks) == 1 else f"{prefix}/{stack}"
+        width = len(str(int(s["layer"].max()))) if len(s) else 1
+        for metric, view, key in (("anisotropy", "all", "anisotropy"), ("anisotropy", "inliers", "anisotropy_inliers"),
+                                  ("id_twonn", "all", "id_twonn")):
+            if metric not in s.columns:
+                continue
+            rows = s[s["view"] == view].sort_values("layer")
+            values = pd.to_numeric(rows[metric], errors="coerce").to_numpy(dtype=float)
+            if not np.isfinite(values).any():
+                continue
+            out[f"{base}/{key}/mean"] = float(np.nanmean(values))
+            if per_layer:
+                for layer, v in zip(rows["layer"], values):
+                    if np.isfinite(v):
+                        out[f"{base}/{key}/layer_{int(layer):0{width}d}"] = float(v)
+    return out
+
+
+def _find_trainer(callback):
+    """The Trainer whose callback handler is calling `callback` right now, if any.
+
+    A TrainerCallback is not given its Trainer; walking up the call stack to the
+    object whose `callback_handler` holds this callback finds it, so the metrics can
+    go through `Trainer.log` (log_history and every logger) without asking the user
+    to wire anything. Returns None when it is not found (then `attach` is the way).
+    """
+    frame = inspect.currentframe()
+    try:
+        f = frame.f_back if frame is not None else None
+        for _ in range(16):
+            if f is None:
+                return None
+            obj = f.f_locals.get("self")
+            handler = getattr(obj, "callback_handler", None)
+            if handler is not None and callable(getattr(obj, "log", None)) and \
+                    any(cb is callback for cb in getattr(handler, "callbacks", ())):
+                return obj
+            f = f.f_back
+        return None
+    finally:
+        del frame
+
+
+class GeometryCallback(TrainerCallback):
+    """A `transformers.TrainerCallback` that measures the geometry of the model being
+    trained on a fixed probe corpus.
+
+    Measures at the start of training (step 0, or the step training resumes from),
+    every `every` optimiser steps, and at the end (unless the last step was just
+    measured): with `every=2` and `max_steps=5`, steps 0, 2, 4, 5. `every=None`
+    measures at the start and the end only. `at_steps` adds steps of your own, e.g.
+    `log_spaced_steps(max_steps, 12)` to see the first steps of training closely.
+
+    corpus: a corpus path (see `embgeom.corpus.read_documents`) or a list of texts;
+    keep it small (a few thousand tokens) so a measurement costs a few forward passes.
+    out: a directory for layers.csv (rewritten after every measurement, atomically),
+    layers.parquet, spectrum.parquet, outliers.csv, training_log.csv, run.json and,
+    at the end of training, figures/training_*.png. A resumed training keeps the rows
+    an earlier run wrote there for earlier steps.
+    tokenizer: default, the Trainer's `processing_class` (or `tokenizer`).
+    log: send headline numbers (see `headline_metrics`) to the Trainer's loggers;
+    log_layers: per layer as well as the mean over layers.
+    **options: those of `embgeom.analyze` (max_tokens, seq_len, batch_size,
+    id_sample, token_types, exclude_special, exclude_positions, outlier_factor, ...).
+
+    `callback.layers` holds every row so far; `callback.probe` is the GeometryProbe.
+    Only the main process measures in distributed training; the model must not be
+    sharded (FSDP/ZeRO-3) across processes.
+    """
+
+    def __init__(self, corpus, every: int | None = 100, out=None, tokenizer=None, *, at_steps: Iterable[int] = (),
+                 name: str | None = None, log: bool = True, log_layers: bool = True, figures: bool = True,
+                 keep_tokens: bool = False, **options):
+        if every is not None and (isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1):
+            raise EmbgeomError(f"every must be a positive number of steps or None, got {every!r}")
+        self.every = None if every is None else int(every)
+        try:
+            self.at_steps = frozenset(int(s) for s in at_steps)
+        except (TypeError, ValueError):
+            raise EmbgeomError(f"at_steps must be a list of step numbers, got {at_steps!r}") from None
+        self.probe = GeometryProbe(corpus, tokenizer, out=out, name=name, keep_tokens=keep_tokens, **options)
+        self.log = log
+        self.log_layers = log_layers
+        self.figures = figures
+        self._trainer = None
+        self._measured_steps: set = set()
+
+    # ------------------------------------------------------------------ public
+    @property
+    def layers(self) -> pd.DataFrame:
+        return self.probe.layers
+
+    @property
+    def steps(self) -> list:
+        return self.probe.steps
+
+    def result(self) -> Result:
+        return self.probe.result()
+
+    def attach(self, trainer):
+        """Add this callback to `trainer` (if it is not there yet) and log through it."""
+        if not any(cb is self for cb in trainer.callback_handler.callbacks):
+            trainer.add_callback(self)
+        self._trainer = trainer
+        return trainer
+
+    # ------------------------------------------------------------------ events
+    def on_train_begin(self, args, state, control, model=None, processing_class=None, tokenizer=None, **kwargs):
+        if self._trainer is None:
+            self._trainer = _find_trainer(self)
+        if self.probe.name is None:
+            default = Path(str(getattr(args, "output_dir", "") or "")).name or None
+            self.probe.name = model_name(model, default) if model is not None else default
+        if state.global_step > 0:
+            self.probe.keep_previous(state.global_step)
+        self._measure(args, state, control, model, processing_class or tokenizer)
+
+    def on_step_end(self, args, state, control, model=None, processing_class=None, tokenizer=None, **kwargs):
+        if (self.every is not None and state.global_step % self.every == 0) or state.global_step in self.at_steps:
+            self._measure(args, state, control, model, processing_class or tokenizer)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs and state.is_world_process_zero:
+            entry = {k: logs[k] for k in LOG_KEYS if k in logs}
+            if self.probe.add_log_entry(dict(entry, step=state.global_step)) and self.probe.out is not None:
+                self.probe.save()
+
+    def on_train_end(self, args, state, control, model=None, processing_class=None, tokenizer=None, **kwargs):
+        if state.global_step not in self._measured_steps:
+            self._measure(args, state, control, model, processing_class or tokenizer)
+        if state.is_world_process_zero:
+            self.probe.set_log(_training_log(state))
+            if self.probe.out is not None:
+                self.probe.finish(figures=self.figures)
+
+    # ------------------------------------------------------------------ internals
+    def _measure(self, args, state, control, model, tokenizer) -> None:
+        if not state.is_world_process_zero:
+            return
+        if model is None:
+            raise EmbgeomError("GeometryCallback was not given the model; use it through transformers.Trainer")
+        if self.probe.tokenizer is None and tokenizer is None:
+            raise EmbgeomError("GeometryCallback needs a tokenizer: pass tokenizer=... or give the Trainer "
+                               "processing_class=tokenizer")
+        step = int(state.global_step)
+        self.probe.set_log(_training_log(state))
+        res = self.probe(model, step, tokenizer=self.probe.tokenizer or tokenizer)
+        self._measured_steps.add(step)
+        if self.log:
+            metrics = headline_metrics(res.layers, per_layer=self.log_layers)
+            if metrics:
+                if self._trainer is not None:
+                    # Trainer.log clears control.should_log; keep the trainer's own
+                    # decision to log this step (its loss) intact.
+                    should_log = getattr(control, "should_log", False)
+                    self._trainer.log(metrics)
+                    if control is not None:
+                        control.should_log = should_log
+                else:
+                    state.log_history.append({**metrics, "step": step})
+
+
+def _training_log(state) -> list[dict]:
+    return [{k: e[k] for k in ("step",) + LOG_KEYS if k in e} for e in getattr(state, "log_history", []) if "loss" in e]
