@@ -71,3 +71,4 @@ def test_non_finite_hidden_state_names_the_layer():
     bad[0, 1, 2] = float("inf")
     with pytest.raises(EmbgeomError, match="encoder layer 2"):
         stats.update("encoder", [h, h, bad], torch.ones(1, 3, dtype=torch.bool), torch.zeros(1, 3, dtype=torch.long))
+        stats.finish()  # batches before calibration are checked when they are accumulated

@@ -124,13 +124,7 @@ class LayerStatistics:
         metas = {k: v.reshape(-1).index_select(0, idx.to(v.device)) for k, v in (meta or {}).items()}
         xs = []
         for layer, h in enumerate(hidden):
-            x = h.reshape(-1, h.shape[-1]).index_select(0, idx.to(h.device))
-            if not bool(torch.isfinite(x.sum(dtype=torch.float64))):  # NaN/inf propagate
-                raise EmbgeomError(
-                    f"hidden states of {stack} layer {layer} are not finite (NaN or inf); "
-                    "the model overflows in this dtype: try --dtype float32"
-                )
-            xs.append(x)
+            xs.append(h.reshape(-1, h.shape[-1]).index_select(0, idx.to(h.device)))
         if self.samples:
             if keys is None:
                 raise EmbgeomError("LayerStatistics.update needs keys when id_sample > 0")
@@ -171,21 +165,30 @@ class LayerStatistics:
     def _accumulate(self, stack, xs, types, metas) -> None:
         groups = TokenMoments.group(types) if self.with_types else None
         for layer, x in enumerate(xs):
-            limit = self.outlier_factor * self.median_norm[stack][layer]
-            norms = torch.linalg.vector_norm(x, dim=1)
-            out = norms > limit
-            if not bool(out.any()):
-                self.inliers[stack][layer].update(x, groups)
-                continue
-            keep = ~out
-            g_in = TokenMoments.group(types[keep]) if self.with_types else None
-            g_out = TokenMoments.group(types[out]) if self.with_types else None
-            self.inliers[stack][layer].update(x[keep], g_in)
-            self.outliers[stack][layer].update(x[out], g_out)
-            row = {k: v[out].cpu() for k, v in metas.items()}
-            row.update(stack=stack, layer=layer, norm=norms[out].double().cpu(),
-                       median=self.median_norm[stack][layer])
-            self._outlier_rows.append(row)
+            try:
+                self._accumulate_layer(stack, layer, x, types, groups, metas)
+            except NonFiniteInput:
+                raise EmbgeomError(
+                    f"hidden states of {stack} layer {layer} are not finite (NaN or inf); "
+                    "the model overflows in this dtype: try --dtype float32"
+                ) from None
+
+    def _accumulate_layer(self, stack, layer, x, types, groups, metas) -> None:
+        limit = self.outlier_factor * self.median_norm[stack][layer]
+        norms = torch.linalg.vector_norm(x, dim=1)
+        out = norms > limit
+        if not bool(out.any()):
+            self.inliers[stack][layer].update(x, groups)
+            return
+        keep = ~out
+        g_in = TokenMoments.group(types[keep]) if self.with_types else None
+        g_out = TokenMoments.group(types[out]) if self.with_types else None
+        self.inliers[stack][layer].update(x[keep], g_in)
+        self.outliers[stack][layer].update(x[out], g_out)
+        row = {k: v[out].cpu() for k, v in metas.items()}
+        row.update(stack=stack, layer=layer, norm=norms[out].double().cpu(),
+                   median=self.median_norm[stack][layer])
+        self._outlier_rows.append(row)
 
     # ----------------------------------------------------------------- results
     def view(self, name: str, stack: str, layer: int) -> LayerAccumulators:
