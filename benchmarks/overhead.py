@@ -24,7 +24,6 @@ def baseline(model_spec: str, corpus: str, seq_len: int, batch_size: int, max_to
     import torch
 
     from embgeom.models import load_model
-    from embgeom.pipeline import AnalysisConfig
     from embgeom.corpus import read_documents
     from embgeom.windows import WindowPlan, iter_batches, iter_windows, pad_token_id
 

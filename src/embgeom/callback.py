@@ -153,12 +153,7 @@ class GeometryProbe:
                 raise EmbgeomError("a probe corpus given as a list must hold strings (documents)")
         else:
             raise EmbgeomError(f"the probe corpus must be a path or a list of texts, got {type(corpus).__name__}")
-        unknown = set(options) - set(AnalysisConfig.__dataclass_fields__)
-        if unknown:
-            raise EmbgeomError(f"unknown option(s) {sorted(unknown)}; known: {sorted(AnalysisConfig.__dataclass_fields__)}")
-        cfg = AnalysisConfig(**options)
-        cfg.exclude_positions = tuple(int(p) for p in (cfg.exclude_positions or ()))
-        cfg.validate()
+        AnalysisConfig.from_options(**options)  # bad options fail here, not at the first measurement
         self.corpus = corpus
         self.tokenizer = tokenizer
         self.out = Path(out) if out is not None else None

@@ -1,7 +1,6 @@
 """The embedded default: the packaged encoder and decoder on English Wikipedia text."""
 from __future__ import annotations
 
-from pathlib import Path
 
 from .packaged import minilm_path, smollm2_gguf_path
 

@@ -10,7 +10,6 @@ import hashlib
 import os
 import shutil
 import tempfile
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 

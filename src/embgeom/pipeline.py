@@ -4,9 +4,9 @@ from __future__ import annotations
 import math
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+
 
 import numpy as np
 import pandas as pd
@@ -42,6 +42,17 @@ class AnalysisConfig:
     min_count: int = 10
     max_count: int = 100000
     calibration_tokens: int = 2048
+
+    @classmethod
+    def from_options(cls, **options) -> "AnalysisConfig":
+        """A checked configuration from keyword options (unknown names are an error)."""
+        unknown = set(options) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise EmbgeomError(f"unknown option(s) {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+        cfg = cls(**options)
+        cfg.exclude_positions = tuple(int(p) for p in (cfg.exclude_positions or ()))
+        cfg.validate()
+        return cfg
 
     def validate(self) -> None:
         def positive_int(name, v, allow_none=False):
@@ -143,12 +154,7 @@ def analyze(
         exclude_positions, outlier_factor, text_field, encoding_errors, min_count,
         max_count).
     """
-    unknown = set(options) - set(AnalysisConfig.__dataclass_fields__)
-    if unknown:
-        raise EmbgeomError(f"unknown option(s) {sorted(unknown)}; known: {sorted(AnalysisConfig.__dataclass_fields__)}")
-    cfg = AnalysisConfig(**options)
-    cfg.exclude_positions = tuple(int(p) for p in (cfg.exclude_positions or ()))
-    cfg.validate()
+    cfg = AnalysisConfig.from_options(**options)
     from .models import _quiet_transformers
 
     _quiet_transformers()  # long documents are windowed here, not truncated: no length warnings

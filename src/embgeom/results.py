@@ -6,13 +6,12 @@ finished run; a run that did not finish leaves none.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
+from ._atomic import atomic_writer
 from .errors import EmbgeomError
 
 ID_COLUMNS = ["model", "revision", "step", "stack", "layer", "n_layers", "depth", "view", "n_tokens"]
@@ -44,19 +43,8 @@ def layers_frame(rows: list[dict]) -> pd.DataFrame:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_writer(path) as fh:
+        fh.write(text)
 
 
 def prepare_out_dir(out) -> Path:

@@ -224,13 +224,7 @@ def is_sweep(targets: Sequence[Target], models: Sequence[str] = ()) -> bool:
 def _options_key(options: dict) -> dict:
     from .pipeline import AnalysisConfig
 
-    unknown = set(options) - set(AnalysisConfig.__dataclass_fields__)
-    if unknown:
-        raise EmbgeomError(f"unknown option(s) {sorted(unknown)}; known: {sorted(AnalysisConfig.__dataclass_fields__)}")
-    config = AnalysisConfig(**options)
-    config.exclude_positions = tuple(int(p) for p in (config.exclude_positions or ()))
-    config.validate()
-    cfg = asdict(config)
+    cfg = asdict(AnalysisConfig.from_options(**options))
     cfg["exclude_positions"] = [int(p) for p in (cfg.get("exclude_positions") or ())]
     return {k: v for k, v in sorted(cfg.items()) if k not in EXECUTION_OPTIONS}
 

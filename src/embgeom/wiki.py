@@ -25,11 +25,11 @@ import html
 import importlib.util
 import os
 import re
-import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Callable, Iterator
 
+from ._atomic import atomic_writer
 from .errors import EmbgeomError
 
 __all__ = [
@@ -702,18 +702,9 @@ def write_demo_corpus(
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     docs = _SOURCES[source](max_words)
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            for doc in docs:
-                line = " ".join(doc.split())
-                if line:
-                    fh.write(line + "\n")
-        os.replace(tmp, out)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_writer(out, newline="\n") as fh:
+        for doc in docs:
+            line = " ".join(doc.split())
+            if line:
+                fh.write(line + "\n")
     return out

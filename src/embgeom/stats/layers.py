@@ -17,7 +17,7 @@ import torch
 
 from .moments import Moments, NonFiniteInput
 from .position_sample import PositionSample
-from .token_moments import TokenGroups, TokenMoments
+from .token_moments import TokenMoments
 from ..errors import EmbgeomError
 
 VIEWS = ("all", "inliers")
