@@ -246,7 +246,10 @@ def main(argv=None) -> int:
     text = summarise(result.layers, log)
     text += (f"\n\nmodel: {args.layers} blocks, width {args.width}; {args.steps} steps of {args.batch_size} x "
              f"{args.seq_len} tokens; probe: {args.probe_tokens} held-out tokens, ID sample {args.id_sample}"
-             f"\ntraining (with measurements) {t_train:.0f} s; total {time.time() - t_start:.0f} s\n")
+             f"\ntraining (with measurements) {t_train:.0f} s; total {time.time() - t_start:.0f} s"
+             f"\ngeometry measurements: {len(geometry.seconds)} taking {sum(geometry.seconds.values()):.1f} s "
+             f"({sum(geometry.seconds.values()) / max(1, len(geometry.seconds)):.2f} s each, "
+             f"{100 * sum(geometry.seconds.values()) / max(t_train, 1e-9):.0f}% of training time)\n")
     (out / "summary.txt").write_text(text)
     print(text)
     figures = sorted((out / "geometry" / "figures").glob("*.png"))

@@ -47,6 +47,7 @@ def test_trainer_callback_records_schedule_and_restores_model(gpt2, lee_corpus, 
     trainer.train()
 
     assert cb.steps == [0, 2, 4, 5]
+    assert sorted(cb.seconds) == [0, 2, 4, 5] and all(v > 0 for v in cb.seconds.values())
     layers = cb.layers
     assert list(layers.columns[: len(LAYER_COLUMNS)]) == LAYER_COLUMNS and "train_loss" in layers.columns
     assert layers["step"].tolist() == [s for s in (0, 2, 4, 5) for _ in range(8)]  # 4 layers x 2 views

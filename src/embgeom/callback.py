@@ -22,6 +22,7 @@ import bisect
 import inspect
 import json
 import math
+import time
 import weakref
 from pathlib import Path
 from typing import Iterable
@@ -164,6 +165,7 @@ class GeometryProbe:
         self._log_steps: list[int] = []  # the steps of training_log, for bisection
         self._results: dict = {}  # step -> Result (tokens dropped unless keep_tokens)
         self._loss_given: dict = {}  # step -> loss passed to __call__
+        self.seconds: dict = {}  # step -> wall seconds the measurement took
         self._previous: Result | None = None  # rows of an earlier run in `out` (resumed training)
         if self.out is not None:
             # Check it is writable now, not after the first measurement; keep what is there.
@@ -191,7 +193,9 @@ class GeometryProbe:
         if self.name is None:
             self.name = model_name(model)
         step = None if step is None else int(step)
+        t0 = time.perf_counter()
         res = measure(model, tok, self.corpus, step, name=self.name, **self.options)
+        self.seconds[step] = time.perf_counter() - t0  # what each measurement cost the training run
         for table in (res.layers, res.spectrum, res.tokens):
             if table is not None and "step" in table.columns:
                 table["step"] = pd.array([step] * len(table), dtype="Int64")
@@ -445,6 +449,11 @@ class GeometryCallback(TrainerCallback):
 
     def result(self) -> Result:
         return self.probe.result()
+
+    @property
+    def seconds(self) -> dict:
+        """step -> wall seconds each measurement took."""
+        return self.probe.seconds
 
     def attach(self, trainer):
         """Add this callback to `trainer` (if it is not there yet) and log through it."""
