@@ -33,6 +33,6 @@ def forward_hidden(model, input_ids, attention_mask, is_encoder_decoder: bool, s
             use_cache=False,
         )
         return {"encoder": out.encoder_hidden_states, "decoder": out.decoder_hidden_states}
-    kwargs = {"use_cache": False} if "use_cache" in getattr(model.config, "to_dict", dict)() else {}
+    kwargs = {"use_cache": False} if hasattr(model.config, "use_cache") else {}
     out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **kwargs)
     return {single_stack: out.hidden_states}

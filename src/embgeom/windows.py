@@ -126,16 +126,6 @@ class Batch:
     doc_index: torch.Tensor | None = None  # (B,) long
     head: bool = False  # one of the first windows, batched apart (see iter_batches)
 
-    def keys(self) -> torch.Tensor:
-        """Stream-unique int64 key of every counted token, in mask order."""
-        pos = torch.arange(self.input_ids.shape[1], dtype=torch.long)
-        k = (self.window_index[:, None] << POSITION_BITS) | pos[None, :]
-        return k[self.counted.cpu()]
-
-    def positions(self) -> torch.Tensor:
-        pos = torch.arange(self.input_ids.shape[1], dtype=torch.long).expand_as(self.input_ids)
-        return pos[self.counted.cpu()]
-
     def to(self, device) -> "Batch":
         return Batch(
             self.input_ids.to(device),

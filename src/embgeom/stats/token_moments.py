@@ -21,9 +21,8 @@ types):
 * every vector x of type t is shifted by a reference point r_t of its type: the
   type's stored mean, or, for a type new to the accumulator, its first vector in the
   batch. The residual y = x − r_t is formed in float64 (exact conversion, a single
-  rounding of a small number) and the per-type sums Σ y and Σ ‖y‖² are accumulated in
-  float64 with ``index_add_``. Rows go through in cache-sized chunks of id-sorted
-  rows, so no float64 copy of the whole batch is made;
+  rounding of a small number) and the per-type sums Σ y and Σ ‖y‖² are segment sums
+  over the id-sorted rows: one sparse (types × rows) matrix product in float64;
 * the batch's per-type mean and centred sum of squares follow without cancellation:
   μ_b = r + ȳ, S_b = Σ ‖y‖² − n_b ‖ȳ‖² with ȳ = Σ y / n_b small;
 * it is merged into the running state per type, vectorised over types, with the
@@ -51,7 +50,6 @@ them; it is moved to an accumulator's device once and cached.
 from __future__ import annotations
 
 import math
-import threading
 import warnings
 
 import numpy as np
@@ -117,7 +115,7 @@ class TokenGroups:
 
     __slots__ = (
         "ids", "inverse", "counts", "perm", "sorted_inverse", "starts", "first", "presorted", "n",
-        "_moved", "_plans",
+        "_moved",
     )
 
     def __init__(self, token_ids, device=None):
@@ -138,7 +136,6 @@ class TokenGroups:
             self.perm, self.sorted_inverse, self.starts = perm, inverse[perm], starts
             self.first = perm[starts]
         self._moved = {}
-        self._plans = {}
 
     @property
     def device(self) -> torch.device:
@@ -160,77 +157,11 @@ class TokenGroups:
             for name in ("ids", "inverse", "counts", "perm", "sorted_inverse", "starts", "first"):
                 setattr(g, name, getattr(self, name).to(device))
             g._moved = {}
-            g._plans = {}
             self._moved[device] = g
         return g
 
-    def plan(self, rows_per_chunk: int) -> "_Plan":
-        """Cut the id-sorted rows into chunks of `rows_per_chunk` rows (the last one
-        shorter). A chunk holds a contiguous range of types; a type may straddle
-        chunks (its sums simply collect over them). Cached per chunk size."""
-        plan = self._plans.get(rows_per_chunk)
-        if plan is None:
-            plan = _Plan(self, rows_per_chunk)
-            self._plans[rows_per_chunk] = plan
-        return plan
-
     def __repr__(self) -> str:
         return f"TokenGroups(n={self.n}, types={int(self.ids.shape[0])}, device={self.device})"
-
-
-class _Plan:
-    """Fixed-size chunks of the id-sorted rows of one TokenGroups (see
-    ``TokenGroups.plan``): ``chunks`` lists (a, b, t0, t1), sorted rows a:b holding
-    types t0:t1 (a type may straddle two chunks); ``local`` (n,) is the type index of
-    each sorted row relative to its chunk's t0."""
-
-    __slots__ = ("chunks", "local", "rows_per_chunk")
-
-    def __init__(self, g: TokenGroups, rows_per_chunk: int):
-        n, dev = g.n, g.device
-        self.rows_per_chunk = r = int(rows_per_chunk)
-        sinv = g.sorted_inverse.cpu().numpy()
-        a = np.arange(0, n, r, dtype=np.int64)
-        b = np.minimum(a + r, n)
-        t0 = sinv[a]
-        t1 = sinv[b - 1] + 1
-        self.local = g.sorted_inverse - torch.from_numpy(np.repeat(t0, b - a)).to(dev)
-        self.chunks = list(zip(a.tolist(), b.tolist(), t0.tolist(), t1.tolist()))
-
-
-class _Workspace:
-    """Scratch buffers reused from batch to batch (per thread, device, input dtype and
-    width): fresh memory costs page faults, which dominate on some machines. Row
-    buffers hold one chunk; type buffers one batch's distinct types (grown on need)."""
-
-    _local = threading.local()
-
-    @classmethod
-    def get(cls, device, dtype, dim: int, rows: int, types: int) -> "_Workspace":
-        cache = getattr(cls._local, "cache", None)
-        if cache is None:
-            cache = cls._local.cache = {}
-        key = (device, dtype, dim)
-        ws = cache.get(key)
-        if ws is None or ws.rows < rows or ws.types < types:
-            old_rows, old_types = (ws.rows, ws.types) if ws is not None else (0, 0)
-            ws = cache[key] = cls(device, dtype, dim, max(rows, old_rows), max(types, old_types))
-        return ws
-
-    @classmethod
-    def clear(cls) -> None:
-        cls._local.cache = {}
-
-    def __init__(self, device, dtype, dim: int, rows: int, types: int):
-        self.rows, self.types = rows, types
-        kw = dict(dtype=_F64, device=device)
-        self.x = torch.empty(rows, dim, dtype=dtype, device=device)
-        self.y = torch.empty(rows, dim, **kw)
-        self.ref_rows = torch.empty(rows, dim, **kw)
-        self.norm = torch.empty(rows, **kw)
-        self.ref = torch.empty(types, dim, **kw)
-        self.s1 = torch.empty(types, dim, **kw)
-        self.s2 = torch.empty(types, **kw)
 
 
 def _segment_matrix(counts: torch.Tensor, n: int, device) -> torch.Tensor:
@@ -261,8 +192,8 @@ class TokenMoments:
         stored either way.
 
     Memory: ``nbytes`` = (8·d + 16)·capacity + 16·types bytes, capacity ≥ types (at
-    most twice, unless a larger hint was given). Per-batch scratch buffers are shared by
-    all accumulators of a thread and kept for reuse (``clear_workspace`` frees them).
+    most twice, unless a larger hint was given). An update holds one float64 copy of
+    the batch's residuals while it runs.
 
     Usage::
 
@@ -272,13 +203,6 @@ class TokenMoments:
         t.update(batch, g)
         t.table(); t.decomposition(); t.tradeoff()
     """
-
-    #: Rows of a batch go through in chunks of max(min_chunk_rows,
-    #: chunk_bytes // (8·d)) rows, so no float64 copy of a whole batch is made; on
-    #: CPU the float64 residuals of a chunk stay in cache, on CUDA a chunk is large.
-    chunk_bytes_cpu = 1 << 20
-    chunk_bytes_cuda = 1 << 28
-    min_chunk_rows = 256
 
     def __init__(self, dim: int, device=None, capacity: int = 0):
         if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
@@ -304,11 +228,6 @@ class TokenMoments:
         if isinstance(token_ids, TokenGroups):
             return token_ids if device is None else token_ids.to(device)
         return TokenGroups(token_ids, device=device)
-
-    @staticmethod
-    def clear_workspace() -> None:
-        """Free this thread's scratch buffers (they are otherwise kept for reuse)."""
-        _Workspace.clear()
 
     # ------------------------------------------------------------------ state
     @property
