@@ -1,6 +1,9 @@
 """The command line: a real run, and every bad input answered with one line and exit 2."""
+import errno
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,6 +55,11 @@ def bad_inputs(tiny_models, lee_corpus, tmp_path):
     for f in tiny_models["gpt2"].iterdir():
         (corrupt / f.name).write_bytes(f.read_bytes())
     (corrupt / "model.safetensors").write_bytes(b"not really safetensors")
+    no_tok = tmp_path / "no-tokenizer"
+    no_tok.mkdir()
+    for f in tiny_models["gpt2"].iterdir():
+        if f.name in ("config.json", "model.safetensors", "generation_config.json"):
+            (no_tok / f.name).write_bytes(f.read_bytes())
     notgguf = tmp_path / "fake.gguf"
     notgguf.write_bytes(b"PK\x03\x04 this is a zip")
     model, corpus = str(tiny_models["gpt2"]), str(lee_corpus)
@@ -72,13 +80,18 @@ def bad_inputs(tiny_models, lee_corpus, tmp_path):
         "corrupt weights": ([str(corrupt), "--corpus", corpus], "could not load model"),
         "not a gguf": ([str(notgguf), "--corpus", corpus], "not a GGUF file"),
         "bad outlier factor": ([model, "--corpus", corpus, "--outlier-factor", "0.5"], "--outlier-factor"),
+        "missing tokenizer": ([str(no_tok), "--corpus", corpus], "no tokenizer"),
+        "resume without snapshot": ([model, "--corpus", corpus, "--resume"], "no snapshot"),
+        "bad device map": ([model, "--corpus", corpus, "--device-map", "everywhere"], "--device-map"),
+        "negative snapshot interval": ([model, "--corpus", corpus, "--snapshot-every", "-1"], "--snapshot-every"),
     }
 
 
 CASES = ["missing model", "missing corpus", "empty corpus", "invalid utf-8", "missing text field",
          "zero batch size", "negative max tokens", "non-numeric option", "seq-len past limit", "out is a file",
          "cuda without gpu", "unknown dtype", "non-finite hidden states", "corrupt weights", "not a gguf",
-         "bad outlier factor"]
+         "bad outlier factor", "missing tokenizer", "resume without snapshot", "bad device map",
+         "negative snapshot interval"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -110,3 +123,57 @@ def test_module_entry_point_reports_errors_without_traceback(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.startswith("embgeom: error:") and "Traceback" not in proc.stderr
+
+
+def _assert_one_line_exit_2(code, err, needle, out):
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert needle in lines[0], lines[0]
+    assert not (out / "layers.csv").exists()
+
+
+def test_unwritable_output_directory(tiny_models, lee_corpus, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "locked"
+    out.mkdir()
+    out.chmod(0o555)
+    if os.geteuid() == 0:  # root writes anywhere: simulate the refusal the kernel gives others
+        real = Path.write_text
+
+        def refuse(self, *a, **k):
+            if self.parent == out:
+                raise PermissionError(errno.EACCES, "Permission denied", str(self))
+            return real(self, *a, **k)
+
+        monkeypatch.setattr(Path, "write_text", refuse)
+    code, err = run_cli(["run", str(tiny_models["gpt2"]), "--corpus", str(lee_corpus), "--out", str(out),
+                         "--max-tokens", "200", "--seq-len", "64", "--no-progress"], capsys)
+    out.chmod(0o755)
+    _assert_one_line_exit_2(code, err, "cannot write to output directory", out)
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_disk_full_while_writing_results(tiny_models, lee_corpus, tmp_path, capsys, monkeypatch):
+    import pandas as pd
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", _disk_full)
+    out = tmp_path / "full"
+    code, err = run_cli(["run", str(tiny_models["gpt2"]), "--corpus", str(lee_corpus), "--out", str(out),
+                         "--max-tokens", "200", "--seq-len", "64", "--no-progress"], capsys)
+    _assert_one_line_exit_2(code, err, "No space left on device", out)
+    assert "free space" in err
+
+
+def test_disk_full_while_writing_a_snapshot(tiny_models, lee_corpus, tmp_path, capsys, monkeypatch):
+    import embgeom.snapshot
+
+    monkeypatch.setattr(embgeom.snapshot.torch, "save", _disk_full)
+    out = tmp_path / "full"
+    code, err = run_cli(["run", str(tiny_models["gpt2"]), "--corpus", str(lee_corpus), "--out", str(out),
+                         "--max-tokens", "3000", "--seq-len", "64", "--snapshot-every", "0", "--no-progress"],
+                        capsys)
+    _assert_one_line_exit_2(code, err, "the disk is full", out)
+    assert not list((out / "snapshots").glob("*.tmp*"))  # no half-written snapshot left behind

@@ -4,6 +4,7 @@ Bad input (an EmbgeomError) becomes one line on stderr and exit status 2.
 """
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -34,7 +35,8 @@ def run(
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Stop after this many counted tokens."),
     seq_len: int = typer.Option(512, "--seq-len", help="Window length in tokens, special tokens included."),
     batch_size: int = typer.Option(16, "--batch-size", help="Windows per forward pass."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (under torchrun: each rank's own GPU)."),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help="auto: spread a model too large for one device over all devices (accelerate)."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16 (statistics are float64)."),
     id_sample: int = typer.Option(10000, "--id-sample", help="Token positions sampled for intrinsic dimension."),
     token_types: str = typer.Option("id", "--token-types", help="id (vocabulary id) or string (surface form)."),
@@ -45,10 +47,15 @@ def run(
     text_field: Optional[str] = typer.Option(None, "--text-field", help="Text column/field of .jsonl/.csv/.parquet/datasets."),
     encoding_errors: str = typer.Option("strict", "--encoding-errors", help="strict, replace or ignore invalid UTF-8."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where fp32 copies of GGUF models are kept."),
+    snapshot_every: float = typer.Option(300.0, "--snapshot-every", help="Seconds between crash-safe snapshots in OUT/snapshots (0: every batch)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last snapshot (same command otherwise)."),
     figures: bool = typer.Option(True, "--figures/--no-figures", help="Write PNG figures into OUT/figures."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Analyse MODEL(s) over a corpus and write tables, figures and run.json to OUT.
+
+    Under `torchrun --nproc_per_node N -m embgeom run ...` the corpus is shared among
+    N processes and their statistics merged exactly; rank 0 writes OUT.
 
     Several models or revisions, or a training directory of checkpoint-N folders, make
     a sweep: each checkpoint is kept in OUT/checkpoints/ and a rerun skips those
@@ -56,6 +63,7 @@ def run(
     """
     from .pipeline import analyze
     from .results import prepare_out_dir
+    from .snapshot import SNAPSHOT_DIR
     from .sweep import expand_targets, is_sweep, run_sweep
 
     prepare_out_dir(out)
@@ -63,18 +71,24 @@ def run(
         max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, device=device, dtype=dtype,
         id_sample=id_sample, token_types=token_types, seed=seed, exclude_special=exclude_special,
         exclude_positions=tuple(exclude_positions), outlier_factor=outlier_factor, text_field=text_field,
-        encoding_errors=encoding_errors,
+        encoding_errors=encoding_errors, device_map=device_map,
     )
     targets = expand_targets(models, revision, step)
     if is_sweep(targets, models):
         result = run_sweep(targets, corpus, out, progress=progress, figures=figures, cache_dir=cache_dir,
-                           say=_say, **options)
+                           say=_say, snapshot_every=snapshot_every, resume=resume, **options)
+        if result is None:  # not rank 0 of a torchrun job
+            return
         where = f"{out}/layers.csv ({len(result.layers)} rows, {len(targets)} checkpoints in {out}/checkpoints)"
     else:
         t = targets[0]
+        snapshots = out / SNAPSHOT_DIR
         result = analyze(t.spec, corpus, revision=t.revision, step=t.step, progress=progress, cache_dir=cache_dir,
-                         **options)
+                         snapshot_dir=snapshots, snapshot_every=snapshot_every, resume=resume, **options)
+        if result is None:  # not rank 0 of a torchrun job: rank 0 writes
+            return
         result.save(out, figures=figures)
+        shutil.rmtree(snapshots, ignore_errors=True)  # the results are written: nothing left to resume
         where = f"{out}/layers.csv ({len(result.layers)} rows)"
     _say(f"wrote {where}" + (f" and figures in {out}/figures" if figures else ""))
 
@@ -107,10 +121,22 @@ def demo(
     run_demo(out, max_tokens=max_tokens, progress=progress, say=_say)
 
 
+def _leave_process_group() -> None:
+    """Under torchrun, end this process's membership of the process group."""
+    if "torch.distributed" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: EmbgeomError -> one line on stderr, exit status 2."""
     try:
-        app(args=argv, prog_name="embgeom", standalone_mode=False)
+        try:
+            app(args=argv, prog_name="embgeom", standalone_mode=False)
+        finally:
+            _leave_process_group()
     except EmbgeomError as exc:
         _say(f"embgeom: error: {exc}")
         sys.exit(2)

@@ -158,6 +158,12 @@ def gguf_fp32_copy(path: Path, cache_dir=None, progress=None) -> Path:
     return target
 
 
+# Files any Hugging Face tokenizer is loaded from; a model directory without one of
+# them cannot turn text into ids.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
 def load_model(
     spec: str,
     revision: str | None = None,
@@ -184,6 +190,11 @@ def load_model(
             if not (path / "config.json").exists():
                 raise EmbgeomError(f"model directory {path} has no config.json; pass a Hugging Face model directory")
             source, location = "directory", path
+            if not any((path / f).exists() for f in TOKENIZER_FILES):
+                raise EmbgeomError(
+                    f"model {path}: no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+                    "save the tokenizer next to the model (tokenizer.save_pretrained(PATH))"
+                )
         elif path.suffix.lower() == ".gguf":
             source, location = "gguf", gguf_fp32_copy(path, cache_dir, progress)
         else:

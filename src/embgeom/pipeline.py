@@ -15,7 +15,9 @@ import torch
 from . import __version__
 from .errors import EmbgeomError
 from .extract import decoder_inputs, forward_hidden
+from .distributed import Shard
 from .models import LoadedModel, load_model
+from .snapshot import Snapshots, check_interval
 from .progress import token_progress
 from .results import Result, layers_frame
 from .stats.layers import VIEWS, LayerStatistics
@@ -30,6 +32,7 @@ class AnalysisConfig:
     seq_len: int = 512
     batch_size: int = 16
     device: str = "auto"
+    device_map: str | None = None
     dtype: str = "float32"
     id_sample: int = 10000
     token_types: str = "id"
@@ -72,6 +75,8 @@ class AnalysisConfig:
             raise EmbgeomError(f"--outlier-factor must be a number greater than 1, got {self.outlier_factor!r}")
         if self.encoding_errors not in ("strict", "replace", "ignore"):
             raise EmbgeomError(f"--encoding-errors must be strict, replace or ignore, got {self.encoding_errors!r}")
+        if self.device_map not in (None, "auto", "balanced", "balanced_low_0", "sequential"):
+            raise EmbgeomError(f"--device-map must be auto, balanced, balanced_low_0 or sequential, got {self.device_map!r}")
         if self.min_count < 1 or self.max_count < self.min_count:
             raise EmbgeomError(f"--min-count/--max-count must satisfy 1 <= min <= max, got {self.min_count}, {self.max_count}")
 
@@ -135,8 +140,11 @@ def analyze(
     name: str | None = None,
     progress: bool = False,
     cache_dir=None,
+    snapshot_dir=None,
+    snapshot_every: float = 300.0,
+    resume: bool | str = False,
     **options,
-) -> Result:
+) -> Result | None:
     """Measure the geometry of `model`'s hidden states over `corpus`, layer by layer.
 
     Parameters
@@ -149,23 +157,36 @@ def analyze(
     step : training step recorded in the `step` column (parsed from checkpoint names by sweeps).
     name : the `model` column (default: the model directory's or file's name, or the Hub id).
     progress : show a progress bar.
+    snapshot_dir : where to keep crash-safe snapshots of the accumulators (none if None).
+    snapshot_every : seconds between snapshots (0: after every batch).
+    resume : continue from the snapshot in `snapshot_dir` (True: it must exist;
+        "auto": if it exists). A snapshot made with other options, another model or
+        corpus, or another number of processes is refused.
     **options : the fields of `AnalysisConfig` (max_tokens, seq_len, batch_size,
-        device, dtype, id_sample, token_types, seed, exclude_special,
+        device, device_map, dtype, id_sample, token_types, seed, exclude_special,
         exclude_positions, outlier_factor, text_field, encoding_errors, min_count,
         max_count).
+
+    Under torchrun (WORLD_SIZE > 1) the batches are shared among the processes and
+    their accumulators merged exactly; rank 0 returns the Result, the others None.
     """
     cfg = AnalysisConfig.from_options(**options)
+    check_interval(snapshot_every)
+    if resume and snapshot_dir is None:
+        raise EmbgeomError("resume needs snapshot_dir (the command line keeps snapshots in OUT/snapshots)")
     from .models import _quiet_transformers
 
     _quiet_transformers()  # long documents are windowed here, not truncated: no length warnings
     docs = _documents(corpus, cfg)
     t0 = time.perf_counter()
+    shard = Shard.from_environment(cfg.device)
     if isinstance(model, LoadedModel):
         loaded = model
     else:
         if not isinstance(corpus, (list, tuple)) and not Path(corpus).exists():
             raise EmbgeomError(f"corpus {corpus} does not exist; pass a .txt, .jsonl, .csv, .parquet file or a datasets directory")
-        loaded = load_model(model, revision=revision, dtype=cfg.dtype, device=cfg.device, cache_dir=cache_dir)
+        loaded = load_model(model, revision=revision, dtype=cfg.dtype, device=shard.device(cfg.device),
+                            cache_dir=cache_dir, device_map=cfg.device_map)
     t_load = time.perf_counter() - t0
     facts = loaded.facts
     tok = loaded.tokenizer
@@ -199,25 +220,60 @@ def analyze(
     if n_counted == 0:
         raise EmbgeomError("no token is counted: the corpus is empty after tokenization or every position is excluded")
     n_types_expected = len({int(type_of[i]) for i in seen_types}) if type_of is not None else len(seen_types)
+    corpus_record = _corpus_record(corpus)
     t_count = time.perf_counter() - t1
 
     device = loaded.device
     is_ed = facts.kind == "encoder-decoder"
     head = head or n_windows
-    stats = LayerStatistics(facts.n_layers, facts.width, device, outlier_factor=cfg.outlier_factor,
-                            type_capacity=n_types_expected + 1, id_sample=cfg.id_sample, seed=cfg.seed)
+    name = name or loaded.name
+    snaps = None
+    if snapshot_dir is not None:
+        fingerprint = {"embgeom": __version__, "config": asdict(cfg), "model": _model_identity(facts),
+                       "revision": revision, "step": step, "name": name, "corpus": corpus_record,
+                       "processes": shard.world}
+        snaps = Snapshots(snapshot_dir, snapshot_every, shard.rank, shard.world, fingerprint)
+    progress_state = {"next_batch": 0, "n_seen": {stack: 0 for stack in facts.n_layers}, "n_padded": 0,
+                      "tokens_done": 0}
+    stats = None
+    resumed_from = None
+    if resume:
+        have = shard.all_gather(snaps.exists())
+        problem = None
+        state = None
+        if resume is True or any(have):
+            try:
+                state = snaps.load()
+            except EmbgeomError as exc:
+                problem = str(exc)
+        shard.check_all(problem)
+        if state is not None:
+            stats = LayerStatistics.from_state_dict(state["statistics"], device=device,
+                                                    type_capacity=n_types_expected + 1)
+            progress_state = {k: state[k] for k in progress_state}
+            resumed_from = sum(shard.all_gather(int(state["tokens_done"])))
+    if stats is None:
+        stats = LayerStatistics(facts.n_layers, facts.width, device, outlier_factor=cfg.outlier_factor,
+                                type_capacity=n_types_expected + 1, id_sample=cfg.id_sample, seed=cfg.seed)
     type_lut = torch.as_tensor(type_of, device=device) if type_of is not None else None
     pad = pad_token_id(tok)
+    gather = shard.gather_tensors if shard.world > 1 else None
+    n_seen, start = progress_state["n_seen"], progress_state["next_batch"]
     t2 = time.perf_counter()
-    n_seen = {stack: 0 for stack in facts.n_layers}
-    n_padded = 0
-    with token_progress(n_counted, enabled=progress, description=loaded.name) as advance, torch.no_grad():
-        for batch in iter_batches(iter_windows(docs(), tok, plan), cfg.batch_size, pad, head=head):
+    with token_progress(n_counted, enabled=progress and shard.is_main, description=loaded.name) as advance, \
+            torch.no_grad():
+        for index, batch in enumerate(iter_batches(iter_windows(docs(), tok, plan), cfg.batch_size, pad, head=head)):
+            if index < start:  # done before the snapshot this run resumes from
+                advance(batch.n_counted)
+                continue
             if not batch.head:
-                stats.calibrate()
+                stats.calibrate(gather)
+            if not shard.owns(index):
+                advance(batch.n_counted)
+                continue
             b = batch.to(device)
             hidden = forward_hidden(loaded.model, b.input_ids, b.attention_mask, is_ed, single_stack=facts.kind)
-            n_padded += int(b.input_ids.numel())
+            progress_state["n_padded"] += int(b.input_ids.numel())
             B, T = b.input_ids.shape
             positions = torch.arange(T, device=device).expand(B, T)
             windows = b.window_index.to(device)[:, None].expand(B, T)
@@ -233,12 +289,20 @@ def analyze(
                 keys = (windows << POSITION_BITS) | positions
                 stats.update(stack, hs, counted, types, meta, keys=keys)
                 n_seen[stack] += int(counted.sum())
+            progress_state["tokens_done"] += batch.n_counted
+            progress_state["next_batch"] = index + 1
             advance(batch.n_counted)
-    stats.finish()
+            if snaps is not None and stats.calibrated and snaps.due():
+                snaps.save({"statistics": stats.state_dict(), **progress_state})
+    stats.finish(gather)
+    n_padded = progress_state["n_padded"]
+    if shard.world > 1:
+        stats, n_seen, n_padded = _merge_ranks(shard, stats, n_seen, n_padded, device)
+        if stats is None:
+            return None
     t_stream = time.perf_counter() - t2
 
     t3 = time.perf_counter()
-    name = name or loaded.name
     rev = revision or ""
     rows, spectrum_rows, token_frames = [], [], []
     for stack, L in facts.n_layers.items():
@@ -277,7 +341,7 @@ def analyze(
         "versions": _versions(),
         "config": {**asdict(cfg), "model": str(model) if not isinstance(model, LoadedModel) else facts.path,
                    "revision": revision, "step": step},
-        "corpus": _corpus_record(corpus),
+        "corpus": corpus_record,
         "counts": {
             "windows": n_windows,
             "documents": len(docs_used),
@@ -295,11 +359,41 @@ def analyze(
             "count": {s: [int(stats.outliers[s][l].moments.n) for l in range(L + 1)] for s, L in facts.n_layers.items()},
         },
         "accumulator_bytes": int(stats.nbytes),
+        "processes": shard.world,
+        "resumed_from_tokens": resumed_from,
+        "snapshots": {"written": snaps.saved, "seconds": snaps.seconds, "every_s": snaps.every}
+        if snaps is not None else None,
         "timings_s": {"load": t_load, "count": t_count, "stream": t_stream, "metrics": t_metrics,
                       "total": time.perf_counter() - t0},
         "device": str(device),
     }
     return Result(layers=layers, spectrum=spectrum, tokens=tokens, outliers=outliers, run=run)
+
+
+def _merge_ranks(shard: Shard, stats: LayerStatistics, n_seen: dict, n_padded: int, device):
+    """Every rank's statistics and counts merged on rank 0 (None elsewhere)."""
+    parts = shard.gather_to_main({"statistics": stats.state_dict(), "n_seen": n_seen, "n_padded": n_padded})
+    if parts is None:
+        return None, None, None
+    merged = LayerStatistics.from_state_dict(parts[0]["statistics"], device=device)
+    for part in parts[1:]:
+        merged.merge(LayerStatistics.from_state_dict(part["statistics"], device=device))
+    seen = {s: sum(p["n_seen"][s] for p in parts) for s in n_seen}
+    return merged, seen, sum(p["n_padded"] for p in parts)
+
+
+def _model_identity(facts) -> dict:
+    """What a resumed run must share with the snapshot's run about the model: its
+    facts, and for a directory the names, sizes and times of its files."""
+    ident = {k: v for k, v in facts.to_dict().items() if k != "path"}
+    ident["path"] = str(Path(facts.path).resolve()) if Path(facts.path).exists() else facts.path
+    p = Path(facts.path)
+    if p.is_dir():
+        ident["files"] = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in p.iterdir() if f.is_file())
+    elif p.is_file():
+        st = p.stat()
+        ident["files"] = [(p.name, st.st_size, st.st_mtime_ns)]
+    return ident
 
 
 MARKERS = ("##", "Ġ", "▁")

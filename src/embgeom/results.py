@@ -6,6 +6,7 @@ finished run; a run that did not finish leaves none.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,7 +56,7 @@ def prepare_out_dir(out) -> Path:
         raise EmbgeomError(f"--out {out} is a file; name a directory (it is created if missing)")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".embgeom-write-test"
+        probe = out / f".embgeom-write-test-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as exc:

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ CHECKPOINTS_DIR = "checkpoints"
 TARGET_FILE = "sweep-target.json"
 # Options that change how fast an analysis runs, not what it measures: a finished
 # checkpoint is reused when only these differ.
-EXECUTION_OPTIONS = {"device", "batch_size"}
+EXECUTION_OPTIONS = {"device", "device_map", "batch_size"}
 
 _STEP_RE = re.compile(
     r"(?<![a-z])(?:global[_-]?step|step|checkpoint|ckpt|iteration|iter)[_-]?(\d+)(?![a-z0-9])",
@@ -317,6 +318,8 @@ def run_sweep(
     figures: bool = True,
     cache_dir=None,
     say: Callable[[str], None] | None = _stderr,
+    snapshot_every: float = 300.0,
+    resume: bool = False,
     **options,
 ):
     """Analyse every target over `corpus` into one output directory; return the
@@ -327,12 +330,18 @@ def run_sweep(
     already finished there with the same options and corpus is loaded instead of
     analysed again (`device` and `batch_size` may differ). The combined tables and
     the figures (training dynamics among them) are written to `out/`, `layers.csv`
-    last. `options` are those of `embgeom.analyze`.
+    last. `options` are those of `embgeom.analyze`. The target being analysed keeps
+    snapshots in its folder; with `resume` a killed sweep continues from them.
+    Under torchrun every rank analyses together and rank 0 writes; the others
+    return None.
     """
+    from .distributed import Shard
     from .pipeline import analyze
+    from .snapshot import SNAPSHOT_DIR
     from .results import Result, combine, prepare_out_dir
 
-    say = say or (lambda msg: None)
+    shard = Shard.from_environment(options.get("device", "auto"))
+    say = (say or (lambda msg: None)) if shard.is_main else (lambda msg: None)
     targets = [t if isinstance(t, Target) else Target(str(t)) for t in targets]
     if not targets:
         raise EmbgeomError("the sweep has no checkpoint to analyse")
@@ -353,14 +362,22 @@ def run_sweep(
             else:
                 say(f"{where}: analysing")
             res = analyze(t.spec, corpus, revision=t.revision, step=t.step, name=t.name, progress=progress,
-                          cache_dir=cache_dir, **options)
+                          cache_dir=cache_dir, snapshot_dir=folder / SNAPSHOT_DIR, snapshot_every=snapshot_every,
+                          resume="auto" if resume else False, **options)
+            if res is None:  # not rank 0: rank 0 writes
+                continue
             res = _step_int(_relabel(res, t))
             res.run["sweep_target"] = record["target"]
             prepare_out_dir(folder)  # drops a stale layers.csv before the new record goes in
             (folder / TARGET_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
             res.save(folder, figures=False)
+            shutil.rmtree(folder / SNAPSHOT_DIR, ignore_errors=True)
+        if not shard.is_main:
+            continue
         # Read back what was saved, so a first run and a resumed run combine the same tables.
         results.append(_step_int(Result.load(folder)))
+    if not shard.is_main:
+        return None
     combined = combine(results)
     combined.run = dict(combined.run)
     combined.run["sweep"] = {

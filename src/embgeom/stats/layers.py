@@ -82,6 +82,9 @@ class LayerStatistics:
                  with_types: bool = True, type_capacity: int = 0, id_sample: int = 0, seed: int = 0):
         self.n_layers = dict(n_layers)
         self.width = width
+        self.device = torch.device(device) if device is not None else None
+        self.id_sample = int(id_sample)
+        self.seed = int(seed)
         self.outlier_factor = float(outlier_factor)
         self.with_types = with_types
 
@@ -124,7 +127,10 @@ class LayerStatistics:
         metas = {k: v.reshape(-1).index_select(0, idx.to(v.device)) for k, v in (meta or {}).items()}
         xs = []
         for layer, h in enumerate(hidden):
-            xs.append(h.reshape(-1, h.shape[-1]).index_select(0, idx.to(h.device)))
+            x = h.reshape(-1, h.shape[-1]).index_select(0, idx.to(h.device))
+            # With --device-map the layers may live on several devices; the
+            # accumulators live on one.
+            xs.append(x if self.device is None or x.device == self.device else x.to(self.device))
         if self.samples:
             if keys is None:
                 raise EmbgeomError("LayerStatistics.update needs keys when id_sample > 0")
@@ -139,28 +145,45 @@ class LayerStatistics:
             return
         self._accumulate(stack, xs, types, metas)
 
-    def _calibrate(self, stack: str) -> None:
+    def _calibrate(self, stack: str, gather=None) -> None:
         p = self._pending[stack]
-        medians = []
-        for layer in range(self.n_layers[stack] + 1):
-            norms = torch.cat([torch.linalg.vector_norm(b[layer].double(), dim=1) for b in p.xs])
-            medians.append(float(norms.median()) if norms.numel() else math.nan)
+        L = self.n_layers[stack] + 1
+        if p.xs:
+            norms = torch.stack([torch.cat([torch.linalg.vector_norm(b[layer].double(), dim=1).cpu() for b in p.xs])
+                                 for layer in range(L)])
+        else:
+            norms = torch.zeros(L, 0, dtype=torch.float64)
+        if gather is not None:
+            # Every rank holds part of the calibration windows: the median is taken
+            # over all of them, so every rank uses the same threshold.
+            norms = torch.cat(list(gather(norms)), dim=1)
+        medians = [float(norms[layer].median()) if norms.shape[1] else math.nan for layer in range(L)]
         self.median_norm[stack] = medians
-        self.calibrated_on[stack] = p.n
+        self.calibrated_on[stack] = int(norms.shape[1])
         self._pending[stack] = _Pending()
         for xs, types, metas in zip(p.xs, p.types, p.meta):
             self._accumulate(stack, xs, types, metas)
 
-    def calibrate(self) -> None:
+    @property
+    def calibrated(self) -> bool:
+        return all(m is not None for m in self.median_norm.values())
+
+    def calibrate(self, gather=None) -> None:
         """Fix each layer's median norm from the batches held back so far, then
-        accumulate them. Later calls do nothing."""
+        accumulate them. Later calls do nothing.
+
+        gather : optional function taking this process's (layers, n) float64 tensor
+            of calibration norms and returning the list of every process's tensor
+            (an all-gather), so that sharded runs share one threshold. It is called
+            once per stack, on every process alike.
+        """
         for stack in self.n_layers:
             if self.median_norm[stack] is None:
-                self._calibrate(stack)
+                self._calibrate(stack, gather)
 
-    def finish(self) -> None:
+    def finish(self, gather=None) -> None:
         """End of stream: calibrate if that has not happened yet."""
-        self.calibrate()
+        self.calibrate(gather)
 
     def _accumulate(self, stack, xs, types, metas) -> None:
         groups = TokenMoments.group(types) if self.with_types else None
@@ -227,6 +250,80 @@ class LayerStatistics:
         out = intrinsic_dimensions(distances=dist, k=k, discard_fraction=discard_fraction)
         self._id_cache.setdefault(stack, {}).setdefault(layer, {})[view] = out
         return out
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        """Everything needed to rebuild these statistics exactly (plain CPU tensors,
+        lists and numbers; torch.save-able). Only after calibration: the batches held
+        back for it are not part of the state."""
+        if not self.calibrated:
+            raise EmbgeomError("LayerStatistics.state_dict() before calibrate(): the held-back batches have no state")
+
+        def part(p):
+            return {s: [{"moments": a.moments.state_dict(),
+                         "types": a.types.state_dict() if a.types is not None else None} for a in accs]
+                    for s, accs in p.items()}
+
+        return {
+            "kind": "LayerStatistics", "version": 1,
+            "n_layers": dict(self.n_layers), "width": self.width, "outlier_factor": self.outlier_factor,
+            "with_types": self.with_types, "id_sample": self.id_sample, "seed": self.seed,
+            "median_norm": {s: list(m) for s, m in self.median_norm.items()},
+            "calibrated_on": dict(self.calibrated_on),
+            "inliers": part(self.inliers), "outliers": part(self.outliers),
+            "samples": {s: smp.state_dict() for s, smp in self.samples.items()},
+            "outlier_rows": list(self._outlier_rows),
+        }
+
+    @classmethod
+    def from_state_dict(cls, sd: dict, device=None, type_capacity: int = 0) -> "LayerStatistics":
+        """Rebuild statistics from ``state_dict()`` exactly, on `device`."""
+        if not isinstance(sd, dict) or sd.get("kind") != "LayerStatistics":
+            raise EmbgeomError("not a LayerStatistics state_dict (missing kind='LayerStatistics')")
+        stats = cls(sd["n_layers"], sd["width"], device, outlier_factor=sd["outlier_factor"],
+                    with_types=sd["with_types"], id_sample=0, seed=sd["seed"])
+        stats.id_sample = int(sd["id_sample"])
+
+        def part(p, capacity):
+            return {s: [LayerAccumulators(
+                Moments.from_state_dict(a["moments"], device=device),
+                TokenMoments.from_state_dict(a["types"], device=device, capacity=capacity)
+                if a["types"] is not None else None) for a in accs] for s, accs in p.items()}
+
+        stats.inliers = part(sd["inliers"], type_capacity)
+        stats.outliers = part(sd["outliers"], 0)
+        stats.median_norm = {s: list(m) for s, m in sd["median_norm"].items()}
+        stats.calibrated_on = dict(sd["calibrated_on"])
+        stats.samples = {s: PositionSample.from_state_dict(v) for s, v in sd["samples"].items()}
+        stats._outlier_rows = list(sd["outlier_rows"])
+        return stats
+
+    def merge(self, other: "LayerStatistics") -> "LayerStatistics":
+        """Merge another process's statistics into these, exactly; both must be
+        calibrated with the same thresholds. Returns self."""
+        if not isinstance(other, LayerStatistics):
+            raise EmbgeomError(f"can only merge LayerStatistics, got {type(other).__name__}")
+        for name in ("n_layers", "width", "outlier_factor", "with_types", "id_sample", "seed"):
+            if getattr(self, name) != getattr(other, name):
+                raise EmbgeomError(f"cannot merge LayerStatistics with different {name}: "
+                                   f"{getattr(self, name)!r} vs {getattr(other, name)!r}")
+        def same(a, b):
+            return len(a) == len(b) and all(x == y or (math.isnan(x) and math.isnan(y)) for x, y in zip(a, b))
+
+        if not (self.calibrated and other.calibrated) or not all(
+                same(self.median_norm[s], other.median_norm[s]) for s in self.n_layers):
+            raise EmbgeomError("cannot merge LayerStatistics calibrated on different outlier thresholds")
+        for mine, theirs in ((self.inliers, other.inliers), (self.outliers, other.outliers)):
+            for s in self.n_layers:
+                for a, b in zip(mine[s], theirs[s]):
+                    a.moments.merge(b.moments)
+                    if a.types is not None:
+                        a.types.merge(b.types)
+        for s, smp in self.samples.items():
+            smp.merge(other.samples[s])
+        self._outlier_rows.extend(other._outlier_rows)
+        self._id_cache = {}
+        return self
 
     def outlier_records(self) -> list[dict]:
         return self._outlier_rows

@@ -1,0 +1,104 @@
+"""Sharding one analysis across the processes that torchrun starts.
+
+Every process reads the same corpus and forms the same sequence of batches; batch i
+belongs to rank i mod world, so a batch's forward pass is exactly the one a single
+process would run (same windows, same padding, same shape). The outlier threshold
+is calibrated on the norms of the first windows of every rank together, each rank
+accumulates its own batches, and the accumulators' `state_dict`s are gathered to
+rank 0 and merged exactly. With one process nothing here touches torch.distributed.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .errors import EmbgeomError
+
+
+@dataclass
+class Shard:
+    """This process's place in the run: rank `rank` of `world`."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    started_group: bool = False  # whether we initialised the process group (and so end it)
+
+    @classmethod
+    def from_environment(cls, device_hint: str = "auto") -> "Shard":
+        """One process, or the rank torchrun (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR)
+        says this is; joins the process group (nccl on CUDA, gloo on CPU) if needed."""
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if world <= 1:
+            return cls()
+        import torch.distributed as dist
+
+        if not dist.is_available():
+            raise EmbgeomError("WORLD_SIZE > 1 but this torch build has no torch.distributed; run one process")
+        local = int(os.environ.get("LOCAL_RANK", "0") or 0)
+        started = False
+        if not dist.is_initialized():
+            use_cuda = (torch.cuda.is_available() and device_hint == "auto") or str(device_hint).startswith("cuda")
+            backend = "nccl" if use_cuda else "gloo"
+            if use_cuda:
+                torch.cuda.set_device(local)
+            try:
+                dist.init_process_group(backend)
+            except (RuntimeError, ValueError) as exc:
+                raise EmbgeomError(f"could not join the torchrun process group ({backend}): {exc}") from None
+            started = True
+        return cls(dist.get_rank(), dist.get_world_size(), local, started)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def device(self, device: str) -> str:
+        """The device this rank computes on: with several ranks, `auto`/`cuda` mean
+        this rank's own GPU (cuda:LOCAL_RANK)."""
+        if self.world > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
+            return f"cuda:{self.local_rank}"
+        return device
+
+    def owns(self, batch_index: int) -> bool:
+        return batch_index % self.world == self.rank
+
+    # Collectives: with one process each is the identity.
+    def all_gather(self, obj) -> list:
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def gather_to_main(self, obj) -> list | None:
+        """Every rank's `obj` on rank 0 (in rank order); None on the others."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world if self.is_main else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
+    def gather_tensors(self, t: torch.Tensor) -> list:
+        """All ranks' CPU tensors (any length along their last axis), in rank order."""
+        return [torch.as_tensor(x) for x in self.all_gather(t.cpu())]
+
+    def check_all(self, problem: str | None) -> None:
+        """Raise on every rank if any rank found a problem (so none waits forever)."""
+        problems = [p for p in self.all_gather(problem) if p]
+        if problems:
+            raise EmbgeomError(problems[0])
+
+    def close(self) -> None:
+        if self.started_group:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            self.started_group = False

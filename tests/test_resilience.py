@@ -1,0 +1,265 @@
+"""Scale and resilience: exact state round trips and merges of LayerStatistics,
+torchrun sharding equal to one process, SIGKILL + --resume equal to an uninterrupted
+run, refusals to resume, --device-map and reduced-precision forward passes."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from embgeom import EmbgeomError, analyze
+from embgeom.stats.layers import LayerStatistics
+from embgeom.models import load_model
+from reference import hidden_vectors, two_pass, windows_of
+
+# ---------------------------------------------------------------- LayerStatistics state
+
+
+def _stream(rng, n_batches=8, B=4, T=40, d=12, L=2):
+    for b in range(n_batches):
+        h = rng.normal(size=(L + 1, B, T, d)) + 3.0
+        h[:, :, 0, :] *= 400.0  # a massive first token in every window
+        counted = np.ones((B, T), dtype=bool)
+        counted[-1, -5:] = False
+        types = rng.zipf(1.5, size=(B, T)) % 50
+        windows = np.arange(b * B, (b + 1) * B)[:, None].repeat(T, 1)
+        positions = np.arange(T)[None, :].repeat(B, 0)
+        yield [torch.from_numpy(x).float() for x in h], counted, types, windows, positions
+
+
+def _feed(stats, batches, calibrate_after=2, gather=None):
+    for i, (hidden, counted, types, windows, positions) in enumerate(batches):
+        if i == calibrate_after:
+            stats.calibrate(gather)
+        w, p = torch.from_numpy(windows), torch.from_numpy(positions)
+        meta = {"token_id": torch.from_numpy(types), "window": w, "position": p}
+        stats.update("decoder", hidden, torch.from_numpy(counted), torch.from_numpy(types), meta, keys=(w << 20) | p)
+    stats.finish(gather)
+    return stats
+
+
+def _new_stats():
+    return LayerStatistics({"decoder": 2}, 12, outlier_factor=10.0, id_sample=60, seed=3)
+
+
+def _assert_same_statistics(a: LayerStatistics, b: LayerStatistics, rel=1e-12):
+    for view in ("all", "inliers"):
+        for layer in range(3):
+            x, y = a.view(view, "decoder", layer), b.view(view, "decoder", layer)
+            assert x.moments.n == y.moments.n
+            mx, my = x.moments.metrics(), y.moments.metrics()
+            for key in mx:
+                assert mx[key] == pytest.approx(my[key], rel=rel, abs=1e-12), (view, layer, key)
+            tx, ty = x.types.table(), y.types.table()
+            assert (tx["token_id"].to_numpy() == ty["token_id"].to_numpy()).all()
+            assert (tx["n"].to_numpy() == ty["n"].to_numpy()).all()
+            for col in ("Q", "M", "V"):
+                np.testing.assert_allclose(tx[col], ty[col], rtol=rel)
+    sa, sb = a.samples["decoder"], b.samples["decoder"]
+    assert (sa.keys == sb.keys).all()
+    np.testing.assert_array_equal(sa.layer(1), sb.layer(1))
+    assert a.median_norm == b.median_norm
+
+
+def test_layer_statistics_state_round_trip_is_exact():
+    stats = _feed(_new_stats(), _stream(np.random.default_rng(0)))
+    assert sum(a.moments.n for a in stats.outliers["decoder"]) > 0  # the view split is exercised
+    back = LayerStatistics.from_state_dict(stats.state_dict())
+    _assert_same_statistics(stats, back, rel=0)
+    assert len(back.outlier_records()) == len(stats.outlier_records())
+
+
+def test_layer_statistics_of_two_shards_merge_to_one_pass():
+    """Two 'ranks' take alternate batches and calibrate on all calibration norms
+    together (the gather a process group would do); their merge equals one pass."""
+    batches = list(_stream(np.random.default_rng(1)))
+    one = _feed(_new_stats(), batches, calibrate_after=2)
+
+    shards = [_new_stats(), _new_stats()]
+    held = {0: [], 1: []}
+    # Both shards hold back their part of the first two batches; the gather gives
+    # each the other's norms (what Shard.gather_tensors does across processes).
+    for i, b in enumerate(batches[:2]):
+        held[i % 2].append(b)
+    for r in (0, 1):
+        for hidden, counted, types, windows, positions in held[r]:
+            w, p = torch.from_numpy(windows), torch.from_numpy(positions)
+            shards[r].update("decoder", hidden, torch.from_numpy(counted), torch.from_numpy(types),
+                             {"token_id": torch.from_numpy(types), "window": w, "position": p}, keys=(w << 20) | p)
+    norms = [None, None]
+
+    def local(r):
+        p = shards[r]._pending["decoder"]
+        return torch.stack([torch.cat([torch.linalg.vector_norm(x[layer].double(), dim=1) for x in p.xs])
+                            for layer in range(3)])
+
+    norms = [local(0), local(1)]
+    for r in (0, 1):
+        shards[r].calibrate(gather=lambda t: norms)
+    for i, (hidden, counted, types, windows, positions) in enumerate(batches[2:], start=2):
+        s = shards[i % 2]
+        w, p = torch.from_numpy(windows), torch.from_numpy(positions)
+        s.update("decoder", hidden, torch.from_numpy(counted), torch.from_numpy(types),
+                 {"token_id": torch.from_numpy(types), "window": w, "position": p}, keys=(w << 20) | p)
+    merged = LayerStatistics.from_state_dict(shards[0].state_dict()).merge(
+        LayerStatistics.from_state_dict(shards[1].state_dict()))
+    assert merged.calibrated_on == one.calibrated_on
+    _assert_same_statistics(one, merged, rel=1e-12)
+    assert len(merged.outlier_records()) == len(one.outlier_records())
+
+
+def test_merge_refuses_different_thresholds():
+    a = _feed(_new_stats(), _stream(np.random.default_rng(2)), calibrate_after=1)
+    b = _feed(_new_stats(), _stream(np.random.default_rng(3)), calibrate_after=1)
+    with pytest.raises(EmbgeomError, match="outlier thresholds"):
+        a.merge(b)
+    with pytest.raises(EmbgeomError, match="before calibrate"):
+        _new_stats().state_dict()
+
+
+# ---------------------------------------------------------------- command-line runs
+
+RUN_ARGS = ["--seq-len", "32", "--batch-size", "4", "--max-tokens", "12000", "--id-sample", "400",
+            "--outlier-factor", "1.15", "--no-progress", "--no-figures"]
+
+
+def _env():
+    env = dict(os.environ)
+    # Same thread count in every process, so a batch's forward pass is the same
+    # computation whichever process runs it.
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _cli(model, corpus, out, *extra, torchrun: int = 0, timeout=300):
+    base = [sys.executable, "-m"]
+    if torchrun:
+        base += ["torch.distributed.run", "--standalone", "--nproc_per_node", str(torchrun), "-m"]
+    cmd = base + ["embgeom", "run", str(model), "--corpus", str(corpus), "--out", str(out), *RUN_ARGS, *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def single_run(tiny_models, lee_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single") / "out"
+    _cli(tiny_models["gpt2"], lee_corpus, out)
+    return out
+
+
+def _assert_same_tables(a, b, rel=1e-9):
+    la = pd.read_parquet(a / "layers.parquet").sort_values(["stack", "layer", "view"], ignore_index=True)
+    lb = pd.read_parquet(b / "layers.parquet").sort_values(["stack", "layer", "view"], ignore_index=True)
+    assert list(la.columns) == list(lb.columns)
+    for col in la.columns:
+        if pd.api.types.is_float_dtype(la[col]):
+            np.testing.assert_allclose(lb[col].to_numpy(), la[col].to_numpy(), rtol=rel, atol=1e-12, err_msg=col)
+        else:
+            assert la[col].astype(str).tolist() == lb[col].astype(str).tolist(), col
+    ta, tb = (pd.read_parquet(d / "tokens.parquet") for d in (a, b))
+    keys = ["stack", "layer", "view", "token_id"]
+    ta, tb = ta.sort_values(keys, ignore_index=True), tb.sort_values(keys, ignore_index=True)
+    assert (ta["n"].to_numpy() == tb["n"].to_numpy()).all()
+    for col in ("Q", "M", "V"):
+        np.testing.assert_allclose(tb[col].to_numpy(), ta[col].to_numpy(), rtol=rel)
+    sa, sb = (pd.read_parquet(d / "spectrum.parquet") for d in (a, b))
+    np.testing.assert_allclose(sb["eigenvalue"].to_numpy(), sa["eigenvalue"].to_numpy(), rtol=rel, atol=1e-12)
+    oa, ob = (pd.read_csv(d / "outliers.csv") for d in (a, b))
+    assert len(oa) == len(ob) > 0
+    assert (oa[["layer", "window", "position"]].to_numpy() == ob[["layer", "window", "position"]].to_numpy()).all()
+
+
+def test_two_ranks_equal_one(single_run, tiny_models, lee_corpus, tmp_path):
+    out = tmp_path / "two"
+    _cli(tiny_models["gpt2"], lee_corpus, out, torchrun=2)
+    run = json.loads((out / "run.json").read_text())
+    assert run["processes"] == 2
+    one = json.loads((single_run / "run.json").read_text())
+    assert run["counts"] == one["counts"]
+    assert run["outliers"]["median_norm"] == one["outliers"]["median_norm"]
+    _assert_same_tables(single_run, out)
+    assert not (out / "snapshots").exists()
+
+
+def test_sigkill_then_resume_equals_uninterrupted(single_run, tiny_models, lee_corpus, tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "embgeom", "run", str(tiny_models["gpt2"]), "--corpus", str(lee_corpus),
+           "--out", str(out), *RUN_ARGS, "--snapshot-every", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env())
+    snap = out / "snapshots" / "rank0-of-1.pt"
+    deadline = time.monotonic() + 240
+    while not snap.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()[-2000:]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "layers.csv").exists()
+    _cli(tiny_models["gpt2"], lee_corpus, out, "--resume")
+    run = json.loads((out / "run.json").read_text())
+    assert 0 < run["resumed_from_tokens"] < run["counts"]["tokens_counted"]
+    _assert_same_tables(single_run, out)
+    assert not (out / "snapshots").exists()  # finished: nothing left to resume
+
+
+def test_resume_refuses_another_configuration(tiny_models, lee_corpus, tmp_path):
+    texts = lee_corpus.read_text().splitlines()[:8]
+    snaps = tmp_path / "snaps"
+    first = analyze(str(tiny_models["gpt2"]), texts, seq_len=32, batch_size=4, device="cpu", id_sample=50,
+                    snapshot_dir=snaps, snapshot_every=0)
+    assert (snaps / "rank0-of-1.pt").exists()
+    # Resuming after the last batch adds nothing and reproduces the result exactly.
+    again = analyze(str(tiny_models["gpt2"]), texts, seq_len=32, batch_size=4, device="cpu", id_sample=50,
+                    snapshot_dir=snaps, resume=True)
+    pd.testing.assert_frame_equal(first.layers, again.layers, check_exact=False, rtol=1e-12)
+    with pytest.raises(EmbgeomError, match=r"different run \(config.seed: 0 -> 1"):
+        analyze(str(tiny_models["gpt2"]), texts, seq_len=32, batch_size=4, device="cpu", id_sample=50, seed=1,
+                snapshot_dir=snaps, resume=True)
+    with pytest.raises(EmbgeomError, match="different run"):
+        analyze(str(tiny_models["gpt2"]), texts[:7], seq_len=32, batch_size=4, device="cpu", id_sample=50,
+                snapshot_dir=snaps, resume=True)
+    with pytest.raises(EmbgeomError, match="no snapshot"):
+        analyze(str(tiny_models["gpt2"]), texts, seq_len=32, device="cpu", snapshot_dir=tmp_path / "none",
+                resume=True)
+
+
+# ---------------------------------------------------------------- big-model options
+
+
+def test_device_map_auto_gives_the_same_result(tiny_models, lee_corpus):
+    texts = lee_corpus.read_text().splitlines()[:6]
+    plain = analyze(str(tiny_models["llama"]), texts, seq_len=40, batch_size=3, device="cpu", id_sample=0)
+    mapped = analyze(str(tiny_models["llama"]), texts, seq_len=40, batch_size=3, device_map="auto", id_sample=0)
+    assert mapped.run["config"]["device_map"] == "auto"
+    pd.testing.assert_frame_equal(plain.layers, mapped.layers, check_exact=False, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_reduced_precision_forward_is_accumulated_in_float64(tiny_models, lee_corpus, dtype):
+    """With one window per batch the forward pass is the reference's own computation,
+    so the float64 statistics of the half-precision states match a float64 two-pass
+    reference to 1e-9."""
+    texts = lee_corpus.read_text().splitlines()[:4]
+    res = analyze(str(tiny_models["gpt2"]), texts, seq_len=48, batch_size=1, device="cpu", dtype=dtype,
+                  id_sample=0)
+    lm = load_model(str(tiny_models["gpt2"]), device="cpu", dtype=dtype)
+    windows = windows_of(texts, lm.tokenizer, 48, lm.facts.special_prefix, lm.facts.special_suffix)
+    ref = hidden_vectors(lm.model, windows)["main"]
+    rows = res.layers[res.layers["view"] == "all"].sort_values("layer")
+    assert res.run["model"]["dtype"] == dtype
+    for (_, row), X in zip(rows.iterrows(), ref):
+        want = two_pass(X)
+        assert row["n_tokens"] == want["n_tokens"]
+        for key in ("Q", "M", "V", "anisotropy", "mean_cosine"):
+            assert row[key] == pytest.approx(want[key], rel=1e-9), (row["layer"], key)
