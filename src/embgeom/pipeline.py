@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -296,10 +297,16 @@ def analyze(
                 snaps.save({"statistics": stats.state_dict(), **progress_state})
     stats.finish(gather)
     n_padded = progress_state["n_padded"]
+    threads = None
     if shard.world > 1:
         stats, n_seen, n_padded = _merge_ranks(shard, stats, n_seen, n_padded, device)
         if stats is None:
             return None
+        # The other ranks on this machine are done: the end-of-run metrics may use
+        # their CPU threads too (torchrun gives each worker one by default).
+        threads = torch.get_num_threads()
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+        torch.set_num_threads(max(threads, min(os.cpu_count() or 1, threads * local)))
     t_stream = time.perf_counter() - t2
 
     t3 = time.perf_counter()
@@ -307,6 +314,7 @@ def analyze(
     rows, spectrum_rows, token_frames = [], [], []
     for stack, L in facts.n_layers.items():
         for layer in range(L + 1):
+            done = None  # (accumulators, metrics, spectrum, table) of the previous view
             for view in VIEWS:
                 acc = stats.view(view, stack, layer)
                 ident = dict(model=name, revision=rev, step=step, stack=stack, layer=layer)
@@ -314,17 +322,24 @@ def analyze(
                 if acc.moments.n == 0:
                     rows.append(row)
                     continue
-                lam: list = []
-                row.update(acc.moments.metrics(eigenvalues_out=lam))
-                dec = acc.types.decomposition()
-                row.update(V_within=dec["V_within"], V_between=dec["V_between"])
-                row.update(acc.types.tradeoff(min_count=cfg.min_count, max_count=cfg.max_count))
+                if done is not None and done[0] is acc:
+                    # No outliers at this layer: both views are the same accumulators.
+                    values, lam, table = done[1], done[2], done[3].copy()
+                else:
+                    lam_out: list = []
+                    values = acc.moments.metrics(eigenvalues_out=lam_out)
+                    lam = lam_out[0]
+                    dec = acc.types.decomposition()
+                    values.update(V_within=dec["V_within"], V_between=dec["V_between"])
+                    values.update(acc.types.tradeoff(min_count=cfg.min_count, max_count=cfg.max_count))
+                    table = acc.types.table()
+                    done = (acc, values, lam, table.copy())
+                row.update(values)
                 if cfg.id_sample > 0:
                     row.update(stats.intrinsic_dimension(stack, layer, view))
                 rows.append(row)
-                spectrum_rows.append(pd.DataFrame(dict(ident, view=view, rank=np.arange(1, len(lam[0]) + 1),
-                                                       eigenvalue=lam[0])))
-                table = acc.types.table()
+                spectrum_rows.append(pd.DataFrame(dict(ident, view=view, rank=np.arange(1, len(lam) + 1),
+                                                       eigenvalue=lam)))
                 table.insert(0, "view", view)
                 table.insert(0, "layer", layer)
                 table.insert(0, "stack", stack)
@@ -336,6 +351,8 @@ def analyze(
     for col, value in (("step", step), ("revision", rev), ("model", name)):
         tokens.insert(0, col, value)
     outliers = outlier_table(stats.outlier_records(), tok, name, rev)
+    if threads is not None:
+        torch.set_num_threads(threads)
     t_metrics = time.perf_counter() - t3
     run = {
         "versions": _versions(),

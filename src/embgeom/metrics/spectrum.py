@@ -30,6 +30,30 @@ def eigenvalues(matrix) -> np.ndarray:
     return np.clip(lam, 0.0, None)
 
 
+def top_eigenvalue(matrix) -> float:
+    """Largest eigenvalue of a symmetric positive semi-definite matrix (float64).
+
+    Implicitly restarted Lanczos (ARPACK through scipy) to machine precision
+    (tol=0): a few hundred matrix-vector products instead of a full decomposition,
+    ~100× cheaper at d = 576. Falls back to the full decomposition if ARPACK does
+    not converge.
+    """
+    a = np.asarray(matrix.cpu().numpy() if isinstance(matrix, torch.Tensor) else matrix, dtype=np.float64)
+    if a.ndim != 2 or a.shape[0] != a.shape[1]:
+        raise EmbgeomError(f"expected a square matrix, got shape {a.shape}")
+    a = (a + a.T) / 2.0
+    if a.shape[0] > 2:
+        from scipy.sparse.linalg import ArpackNoConvergence, eigsh
+
+        # A fixed start vector: the same matrix always gives the same bits.
+        v0 = np.random.default_rng(0).standard_normal(a.shape[0])
+        try:
+            return max(0.0, float(eigsh(a, k=1, which="LA", tol=0, v0=v0, return_eigenvectors=False)[0]))
+        except ArpackNoConvergence:
+            pass
+    return float(eigenvalues(a)[0])
+
+
 def anisotropy_from_eigenvalues(lam: np.ndarray) -> float:
     """Share of variance on the top principal axis: λ₁ / Σ λ_i.
 

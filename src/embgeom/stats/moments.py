@@ -15,7 +15,7 @@ import torch
 
 from .._validate import as_float_matrix
 from ..errors import EmbgeomError
-from ..metrics.spectrum import eigenvalues, spectrum_metrics
+from ..metrics.spectrum import eigenvalues, spectrum_metrics, top_eigenvalue
 
 
 class NonFiniteInput(EmbgeomError):
@@ -199,14 +199,15 @@ class Moments:
         if eigenvalues_out is not None:
             eigenvalues_out.append(lam)
         spec = spectrum_metrics(lam)
-        lam_unc = eigenvalues(self.second_moment)
-        total_unc = float(lam_unc.sum())
+        # Only the top eigenvalue of the second moment is needed; its trace is Q.
+        top_unc = top_eigenvalue(self.second_moment)
+        total_unc = self.Q
         return {
             "Q": self.Q,
             "M": self.M,
             "V": self.V,
             "anisotropy": spec["anisotropy"],
-            "anisotropy_uncentered": float(lam_unc[0] / total_unc) if total_unc > 0 else math.nan,
+            "anisotropy_uncentered": float(top_unc / total_unc) if total_unc > 0 else math.nan,
             "mean_cosine": self.mean_cosine,
             "isoscore": spec["isoscore"],
             "effective_rank": spec["effective_rank"],
