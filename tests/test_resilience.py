@@ -263,3 +263,21 @@ def test_reduced_precision_forward_is_accumulated_in_float64(tiny_models, lee_co
         assert row["n_tokens"] == want["n_tokens"]
         for key in ("Q", "M", "V", "anisotropy", "mean_cosine"):
             assert row[key] == pytest.approx(want[key], rel=1e-9), (row["layer"], key)
+
+
+def test_snapshot_refusals_name_the_problem(tmp_path):
+    from embgeom.snapshot import Snapshots
+
+    fp = {"config": {"seq_len": 64}, "processes": 2}
+    two = Snapshots(tmp_path, 0, rank=0, world=2, fingerprint=fp)
+    two.save({"next_batch": 3})
+    assert Snapshots(tmp_path, 0, 0, 2, fp).load() == {"next_batch": 3}
+    with pytest.raises(EmbgeomError, match="another number of processes"):
+        Snapshots(tmp_path, 0, rank=0, world=1, fingerprint=fp).load()
+    with pytest.raises(EmbgeomError, match=r"config.seq_len: 64 -> 128"):
+        Snapshots(tmp_path, 0, 0, 2, {"config": {"seq_len": 128}, "processes": 2}).load()
+    (tmp_path / "rank0-of-2.pt").write_bytes(b"\x00 torn write")
+    with pytest.raises(EmbgeomError, match="cannot be read"):
+        Snapshots(tmp_path, 0, 0, 2, fp).load()
+    with pytest.raises(EmbgeomError, match="--snapshot-every"):
+        Snapshots(tmp_path, -1, 0, 1, fp)
