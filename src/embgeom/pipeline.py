@@ -111,22 +111,10 @@ def _versions() -> dict:
 
 
 def _counted_decoder(plan: WindowPlan, model, batch) -> torch.Tensor:
-    """The decoder stack's counted mask: its own input ids (shifted right)."""
+    """The decoder stack's counted mask: the plan applied to its own input ids (the
+    document shifted right); with --exclude-special its start token is not counted."""
     ids = decoder_inputs(model, batch.input_ids)
-    mask = batch.attention_mask.bool().clone()
-    if plan.exclude_special and plan.special_ids:
-        mask &= ~torch.isin(ids, torch.tensor(sorted(plan.special_ids), device=ids.device))
-    lengths = batch.attention_mask.sum(1)
-    for p in plan.exclude_positions:
-        if p >= 0:
-            if p < mask.shape[1]:
-                mask[:, p] = False
-        else:
-            rows = torch.arange(mask.shape[0], device=mask.device)
-            q = lengths + p
-            ok = q >= 0
-            mask[rows[ok], q[ok]] = False
-    # The start token is the decoder's own special token.
+    mask = plan.counted_in_batch(ids, batch.attention_mask.sum(1))
     if plan.exclude_special:
         mask[:, 0] = False
     return mask

@@ -40,14 +40,22 @@ class WindowPlan:
 
     def counted_mask(self, ids: Sequence[int]) -> np.ndarray:
         """Which positions of one window (ids with specials, no padding) are counted."""
-        n = len(ids)
-        keep = np.ones(n, dtype=bool)
+        ids_t = torch.as_tensor(np.asarray(ids, dtype=np.int64)).reshape(1, -1)
+        return self.counted_in_batch(ids_t, torch.tensor([len(ids)]))[0].numpy()
+
+    def counted_in_batch(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(B, T) bool: the counted positions of padded rows `ids` whose first
+        `lengths` positions are real (special tokens and excluded positions off;
+        negative positions count from each row's end)."""
+        B, T = ids.shape
+        lengths = lengths.to(ids.device)
+        pos = torch.arange(T, device=ids.device).expand(B, T)
+        keep = pos < lengths[:, None]
         if self.exclude_special and self.special_ids:
-            keep &= ~np.isin(np.asarray(ids), np.fromiter(self.special_ids, dtype=np.int64))
+            keep &= ~torch.isin(ids, torch.tensor(sorted(self.special_ids), dtype=ids.dtype, device=ids.device))
         for p in self.exclude_positions:
-            q = p if p >= 0 else n + p
-            if 0 <= q < n:
-                keep[q] = False
+            q = torch.full_like(lengths, p) if p >= 0 else lengths + p
+            keep &= pos != q[:, None]
         return keep
 
 
