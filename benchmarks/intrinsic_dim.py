@@ -6,9 +6,13 @@
 For each n it times ``embgeom.metrics.intrinsic_dim.twonn`` against
 ``skdim.id.TwoNN()`` and ``mle_id`` against ``skdim.id.MLE(K=20)`` on the same
 float64 data, prints the ratio of the times and the relative difference of the
-estimates, and reports this machine's float32 matrix-multiply throughput (torch.mm of
-4096², the ceiling) next to the throughput the k-NN achieves. Prints only; asserts
-nothing.
+estimates, and reports this machine's float32 and bfloat16 matrix-multiply throughput
+(torch.mm of 4096², the ceilings) next to the throughput the k-NN achieves. It also
+checks the k-NN itself: the bf16 candidate path against the float32 one (both exact:
+the difference must be 0), how many rows the bf16 bound could not certify (those take
+the float64 fallback), and skdim's TwoNN given embgeom's exact distances. With
+``faiss-cpu`` installed it times faiss's exact float32 ``IndexFlatL2`` as well (float32
+distances, not exact; shown for speed only). Prints only; asserts nothing.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import warnings
 import numpy as np
 import torch
 
+from embgeom.metrics import neighbors as nbmod
 from embgeom.metrics.intrinsic_dim import intrinsic_dimensions, mle_id, twonn
 from embgeom.metrics.neighbors import knn_distances
 
@@ -34,9 +39,9 @@ def _best(fn, repeat):
     return best, out
 
 
-def matmul_gflops(size=4096, repeat=5):
-    a = torch.randn(size, size)
-    b = torch.randn(size, size)
+def matmul_gflops(size=4096, repeat=5, dtype=torch.float32):
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
     torch.mm(a, b)
     t, _ = _best(lambda: torch.mm(a, b), repeat)
     return 2 * size**3 / t / 1e9
@@ -101,7 +106,13 @@ def main(argv=None):
           f"load average {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"  scikit-dimension: {getattr(skdim, '__version__', 'not installed')}")
     ceiling = matmul_gflops()
-    print(f"  float32 matmul ceiling (torch.mm 4096x4096): {ceiling:.0f} GFLOP/s")
+    ceiling16 = matmul_gflops(dtype=torch.bfloat16)
+    print(f"  matmul ceilings (torch.mm 4096x4096): float32 {ceiling:.0f} GFLOP/s, bfloat16 {ceiling16:.0f} GFLOP/s")
+    try:
+        import faiss
+    except ImportError:
+        faiss = None
+    print(f"  faiss: {getattr(faiss, '__version__', 'not installed')}")
 
     if args.npy:
         data = np.load(args.npy, mmap_mode="r")
@@ -143,22 +154,49 @@ def main(argv=None):
                   f"{est:>10.5f} {ref if ref is not None else float('nan'):>10.5f} {rel:>9.1e}")
             rows.append((n, name, t_ours, t_sk, rel))
         # the k-NN alone, and the pipeline path (one k = 20 k-NN for every estimate)
-        t2, _ = _best(lambda: knn_distances(Xt, 2), args.repeat)
+        t2, dist2 = _best(lambda: knn_distances(Xt, 2), args.repeat)
+        info2 = dict(nbmod._LAST)
         t20, dist = _best(lambda: knn_distances(Xt, 20), args.repeat)
+        info20 = dict(nbmod._LAST)
         tb, res = _best(lambda: intrinsic_dimensions(distances=dist), args.repeat)
         fl = knn_flops(n, d)
-        print(f"{'':>6} {'':>4} | k-NN k=2: {t2:.3f}s = {fl / t2 / 1e9:.0f} GFLOP/s, k=20: {t20:.3f}s = "
-              f"{fl / t20 / 1e9:.0f} GFLOP/s ({100 * fl / t20 / 1e9 / ceiling:.0f}% of the ceiling; "
-              f"{fl / 1e9:.1f} GFLOP in the symmetric tiles, {2 * n * n * d / 1e9:.1f} in a full product)")
+        ceil = ceiling16 if info20.get("precision") == "bf16" else ceiling
+        print(f"{'':>6} {'':>4} | k-NN ({info20.get('precision')} candidates) k=2: {t2:.3f}s = {fl / t2 / 1e9:.0f} GFLOP/s, "
+              f"k=20: {t20:.3f}s = {fl / t20 / 1e9:.0f} GFLOP/s ({100 * fl / t20 / 1e9 / ceil:.0f}% of the "
+              f"{info20.get('precision')} ceiling; {fl / 1e9:.1f} GFLOP in the symmetric tiles, "
+              f"{2 * n * n * d / 1e9:.1f} in a full product)")
+        t32, d32 = _best(lambda: knn_distances(Xt, 20, precision="fp32"), 1)
+        print(f"{'':>6} {'':>4} | exactness: rows the bound could not certify (float64 fallback) k=2: "
+              f"{info2.get('fallback_rows')}, k=20: {info20.get('fallback_rows')}; max |bf16 path - fp32 path| "
+              f"= {float((d32 - dist).abs().max()):.1e} (fp32 path {t32:.3f}s)")
+        if skdim is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ref = skdim.id.TwoNN(dist=True).fit(dist2.numpy()).dimension_
+            ours = twonn(Xt)
+            print(f"{'':>6} {'':>4} | skdim TwoNN(dist=True) on embgeom's exact distances: {ref:.10f}, "
+                  f"embgeom {ours:.10f}, rel. diff {abs(ours - ref) / abs(ref):.1e}")
+        if faiss is not None:
+            X32 = np.ascontiguousarray(X, dtype=np.float32)
+
+            def flat(kk):
+                index = faiss.IndexFlatL2(d)
+                index.add(X32)
+                return index.search(X32, kk + 1)
+
+            tf2, _ = _best(lambda: flat(2), args.repeat)
+            tf20, _ = _best(lambda: flat(20), args.repeat)
+            print(f"{'':>6} {'':>4} | faiss IndexFlatL2 (float32, not exact): k=2 {tf2:.3f}s, k=20 {tf20:.3f}s")
         print(f"{'':>6} {'':>4} | pipeline (one k=20 k-NN + all id_* columns): {t20 + tb:.3f}s -> "
               f"twonn {res['id_twonn']:.4f}, twonn_ml {res['id_twonn_ml']:.4f} "
               f"[{res['id_twonn_ml_low']:.4f}, {res['id_twonn_ml_high']:.4f}], mle {res['id_mle']:.4f}, n {res['id_n']}")
     print()
     if skdim is not None and rows:
-        worst = min(r[3] / r[2] for r in rows)
-        agree = max(r[4] for r in rows)
-        print(f"smallest speed-up {worst:.1f}x (target 10x); largest relative difference of the estimates {agree:.1e} "
-              f"(required 1e-6)")
+        for est in ("TwoNN", "MLE k=20"):
+            sel = [r for r in rows if r[1] == est]
+            if sel:
+                print(f"{est}: speed-ups " + ", ".join(f"n={r[0]} {r[3] / r[2]:.1f}x" for r in sel)
+                      + f" (target 10x); largest relative difference of the estimates {max(r[4] for r in sel):.1e}")
 
 
 if __name__ == "__main__":

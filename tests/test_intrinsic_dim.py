@@ -298,3 +298,114 @@ def test_errors():
         twonn_from_distances(dist[:, 0])
     with pytest.raises(EmbgeomError, match="exactly one"):
         intrinsic_dimensions(X, distances=dist)
+
+
+# ---------------------------------------------------------------------------
+# the bfloat16 candidate search (issue 4): exact, with a proven bound and a fallback
+# ---------------------------------------------------------------------------
+from embgeom.metrics import neighbors as _nb  # noqa: E402
+
+BF16 = _nb._bf16_usable(torch.device("cpu"), 8)
+
+
+def _check_precision(X, k, precision, **kw):
+    _check_knn(X, k, precision=precision, **kw)
+    if precision == "bf16" and BF16:
+        assert _nb._LAST["precision"] == "bf16"
+    return dict(_nb._LAST)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+@pytest.mark.parametrize("k", [1, 2, 20])
+def test_knn_precisions_match_brute_force(precision, k):
+    rng = np.random.default_rng(20 + k)
+    _check_precision(rng.standard_normal((900, 48)), k, precision, block_size=256)  # random, centred
+    far = rng.standard_normal((700, 40)) * 0.5 + 1e4 * rng.standard_normal(40)  # far from the origin
+    _check_precision(far, k, precision, block_size=128)
+    # a few coordinates with massive activations, as in real hidden states
+    hs = rng.standard_normal((800, 64))
+    hs[:, :3] *= 40.0
+    hs[::97, 5] += 3e3
+    _check_precision(hs, k, precision, block_size=128)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_knn_precisions_duplicates_and_near_ties(precision):
+    rng = np.random.default_rng(21)
+    X = rng.standard_normal((500, 16)) * 3.0 + 50.0
+    X[:60] = X[100:160]  # exact duplicates
+    X[200:230] = X[5]  # a point repeated 31 times
+    X[300] = X[301] * (1 + 1e-15)  # a near-duplicate
+    # near ties: 25 points at equal distance (to 1e-12) from point 350
+    ang = np.linspace(0, 2 * np.pi, 25, endpoint=False)
+    X[360:385] = X[350]
+    X[360:385, 0] += np.cos(ang)
+    X[360:385, 1] += np.sin(ang) * (1 + 1e-12 * np.arange(25))
+    for k in (1, 2, 20):
+        _check_precision(X, k, precision, block_size=64)
+    # exact ties everywhere (integer lattice)
+    _check_precision(rng.integers(0, 4, (400, 5)).astype(float) + 1e3, 20, precision, block_size=64)
+
+
+@pytest.mark.skipif(not BF16, reason="no bf16 matrix products that keep the bound here")
+def test_bf16_fallback_rows_are_exact():
+    rng = np.random.default_rng(22)
+    # tight clusters far from the centre: the bf16 bound (relative to the norms) cannot
+    # separate their points, so every row of them takes the float64 fallback
+    c = rng.standard_normal((2, 24)) * 1e3
+    tight = np.vstack([c[0] + 1e-3 * rng.standard_normal((200, 24)), c[1] + 1e-3 * rng.standard_normal((200, 24))])
+    info = _check_precision(tight, 5, "bf16", block_size=64)
+    assert info["fallback_rows"] == len(tight)
+    # mixed: a spread cloud certified by bf16, plus a tight clump that falls back
+    X = np.vstack([rng.standard_normal((600, 24)) * 10.0, 40.0 + 1e-4 * rng.standard_normal((30, 24))])
+    info = _check_precision(X, 3, "bf16", block_size=128)
+    assert 30 <= info["fallback_rows"] < len(X) // 2
+    # a small margin: rows that need more than k candidates evaluated exactly, and rows
+    # whose kept candidates do not suffice (fallback)
+    info = _check_precision(rng.standard_normal((700, 6)), 20, "bf16", margin=4, block_size=128)
+    assert info["evaluated_beyond_k"] > 0 and 0 < info["fallback_rows"] < 100
+    info = _check_precision(rng.standard_normal((700, 6)), 20, "bf16", margin=0, block_size=128)
+    assert info["fallback_rows"] == 700  # p = k: nothing certifies, everything falls back
+
+
+@pytest.mark.skipif(not BF16, reason="no bf16 matrix products that keep the bound here")
+def test_bf16_key_bound_holds():
+    """The proven bound lower(r) ≤ ‖x_i − x_j‖²/2 ≤ upper(r) on every pair, for data
+    built to stress it: near-duplicates, far from the origin, outlier coordinates."""
+    rng = np.random.default_rng(23)
+    for X in (
+        rng.standard_normal((300, 96)) * 1e-3 + rng.standard_normal(96) * 1e3,
+        np.vstack([rng.standard_normal((150, 96))] * 2) + 1e-6 * rng.standard_normal((300, 96)),
+        rng.standard_normal((300, 96)) * np.r_[np.full(4, 300.0), np.ones(92)],
+    ):
+        X64 = torch.from_numpy(X)
+        n, d = X64.shape
+        mean = X64.mean(0)
+        x32, nhat, eps_n = _nb._centred32(X64, mean, 1.0, n)
+        tile, dt, b = _nb._bf16_operands(x32, nhat, eps_n, n, d, X64.device)
+        r = tile(0, n, 0, n, torch.empty((n, n), dtype=dt)).double()
+        xc = X64 - mean
+        D = 0.5 * ((xc[:, None, :] - xc[None, :, :]) ** 2).sum(-1)
+        idx = torch.arange(n)
+        assert bool((b.lower(r) <= D).all())
+        assert bool((D <= b.upper(r, idx, idx)).all())
+
+
+def test_knn_precision_argument():
+    X = np.random.default_rng(24).standard_normal((50, 4))
+    with pytest.raises(EmbgeomError, match="precision"):
+        knn(X, 2, precision="fp16")
+    a = knn_distances(X, 3, precision="fp32")
+    b = knn_distances(X, 3, precision="bf16")
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_knn_cuda_matches_cpu():
+    rng = np.random.default_rng(25)
+    X = rng.standard_normal((3000, 64)) + 5.0
+    ref = knn_distances(X, 20)
+    for precision in ("auto", "bf16", "fp32"):
+        got = knn_distances(torch.from_numpy(X).cuda(), 20, precision=precision)
+        assert got.is_cuda
+        np.testing.assert_allclose(got.cpu().numpy(), ref.numpy(), rtol=1e-12, atol=0)

@@ -3,46 +3,57 @@
 The intrinsic-dimension estimators need, for every point, the distances to its ``k``
 nearest *other* points, exactly as a float64 brute force gives them. A float64
 brute force costs ``2 n² d`` float64 flops plus an ``n × n`` partial sort; this
-module returns the same numbers from float32 matrix products:
+module returns the same numbers from low-precision matrix products that only *propose*
+candidates, with a proven error bound deciding what must be checked in float64:
 
 1. **Duplicates.** Exactly equal rows are grouped first (a hash proposes, a
    comparison confirms); the k-NN is computed on the distinct points and expanded
    (a copy's other copies are neighbours at distance 0). Self-matches are excluded
    by index, never by distance.
-2. **Candidates (float32, blocked, symmetric).** The points are centred (distances
-   do not change) and scaled by a power of two (exact). For blocks ``I ≤ J`` of
-   ``block_size`` points one float32 product gives the tile of keys
-   ``s_ij = (1 − c)(‖x_i‖² + ‖x_j‖²)/2 − x_i·x_j``; a tile serves the rows of ``I``
-   and, transposed, the rows of ``J``, which halves the flops. With
-   ``c = 2(2u + γ_{d+2} + 8u)``, ``u = 2⁻²⁴`` and ``γ_m = m u/(1 − m u)`` (the
-   worst-case error of a float32 dot product of length ``m`` in any summation order),
-   every key is a proven *lower* bound of ``‖x_i − x_j‖²/2``, and key + ``1.5 c (‖x_i‖²
-   + ‖x_j‖²)/2`` an upper bound. Diagonal tiles go first: each point's ``p = k +
-   margin`` smallest keys within its own block give an upper bound ``τ_i`` of its
-   k-th neighbour's distance; in every other tile a strided group minimum screens
-   the entries, only those with a key ≤ ``τ_i`` are looked at, and ``τ_i``
-   tightens as candidates accumulate. A point skipped by the screen is provably
-   farther than the k-th neighbour. Memory: one ``block_size²`` float32 tile plus
-   ``n × p`` candidates; never an ``n × n`` matrix (unless ``n ≤ block_size``).
-3. **Exact distances (float64).** The ``k`` candidates with the smallest keys (all
-   ``p`` for rows that need them) are recomputed from the original float64
-   coordinates as sums of squared differences, and sorted.
-4. **Certificate.** A row is exact when the smallest key among the points not
-   evaluated exactly is at least half its k-th exact squared distance (with the
-   centring rounding accounted for). Rows that fail (near ties that float32 cannot
-   separate, tight clusters far from the centre) are redone with float64 keys:
-   every point whose float64 key is at most the k-th exact distance found so far is
-   evaluated exactly, which is complete by construction.
+2. **Candidates (bfloat16 or float32, blocked, symmetric).** The points are centred
+   (distances do not change; it shrinks the norms, to which the error bound is
+   proportional). For blocks ``I ≤ J`` of ``block_size`` points one matrix product
+   gives the tile of *keys* ``r_ij ≈ D_ij = ‖x_i − x_j‖²/2``; a tile serves the rows of
+   ``I`` and, transposed, the rows of ``J``, which halves the flops. Every key comes
+   with a proven interval ``lower(r) ≤ D_ij ≤ upper(r)`` (:class:`_Bounds`):
+
+   * **bfloat16** (default on CPUs whose bf16 products pass a check: AMX / AVX512-BF16
+     run them 2–4× faster than float32): rows ``[a_i, H_i, L_i, 1, 1]`` times columns
+     ``[−a_j, 1, 1, H_j, L_j]``, ``a = bf16(x)``, ``H + L`` a lowered half norm, so the
+     bf16 output rounding is relative to the key. The bound, derived in
+     :func:`_bf16_operands`, uses the bf16 unit roundoff ``u = 2⁻⁸`` (8 significant
+     bits) through the *measured* residual norms ``‖x − a‖`` (Cauchy–Schwarz), float32
+     accumulation inside the matmul (``γ_{d+4}``), and the output rounding; its width
+     is about ``0.35 %`` of ``‖x_i‖² + ‖x_j‖²`` on real hidden states.
+   * **float32** (CUDA, or where the bf16 check fails; :func:`_fp32_operands`): keys
+     ``(1 − c)(n_i + n_j)/2 − x_i·x_j`` with ``c = 2(2u + γ_{d+2} + …)``, ``u = 2⁻²⁴``.
+
+   Diagonal tiles go first: each point's ``p = k + margin`` smallest keys within its
+   own block give an upper bound ``τ_i`` of its k-th neighbour's distance; in every
+   other tile a strided group minimum screens the entries, only those whose lower
+   bound is ≤ ``τ_i`` are looked at, and ``τ_i`` tightens as candidates accumulate. A
+   point skipped by the screen is provably farther than the k-th neighbour. Memory:
+   one ``block_size²`` tile plus ``n × p`` candidates; never an ``n × n`` matrix.
+3. **Exact distances (float64).** The ``k`` candidates with the smallest keys are
+   recomputed from the original float64 coordinates as sums of squared differences;
+   then, per row, every further kept candidate whose lower bound does not exclude it.
+4. **Certificate.** A row is exact when every point not evaluated exactly is provably
+   no closer than its k-th exact neighbour (with the centring rounding accounted
+   for). Rows that fail (near ties the keys cannot separate, tight clusters far from
+   the centre, more than ``p`` candidates within the bound) are redone with float64
+   keys: every point whose float64 key is at most the k-th exact distance found so
+   far is evaluated exactly, which is complete by construction.
 
 The result is the float64 brute-force answer (sums of squared differences, then the
 square root), whatever the data: exact duplicates, ties, clusters far from the
 origin. Data with extreme magnitudes (coordinates beyond 2⁴⁰⁰ or all below 2⁻⁴⁰⁰)
 are rescaled by a power of two so that squared distances do not overflow.
 
-Everything is torch: on a CUDA tensor the whole computation runs on the GPU. Float32
-products are forced to IEEE precision for the duration of the call (TF32/bf16
-"fast fp32" modes are switched off and restored afterwards; if one cannot be
-switched off, the bound ``c`` is widened to bf16 input rounding instead).
+Everything is torch: on a CUDA tensor the whole computation runs on the GPU, with
+float32 candidates by default (``precision="bf16"`` opts in to bf16 there, subject to
+the same check). Float32 products are forced to IEEE precision for the duration of the
+call (TF32/bf16 "fast fp32" modes are switched off and restored afterwards; if one
+cannot be switched off, the bound ``c`` is widened to bf16 input rounding instead).
 """
 from __future__ import annotations
 
@@ -128,44 +139,246 @@ def _fp32_input_roundoff(device) -> float:
 
 
 # ---------------------------------------------------------------------------
-# candidate pass: blocked float32 keys, filtered top-p per row
+# key bounds
+# ---------------------------------------------------------------------------
+class _Bounds:
+    """What a candidate key ``r`` proves about the (scaled, centred) half squared
+    distance ``D_ij = ‖x_i − x_j‖²/2``:
+
+        r − u_o|r| − σ  ≤  D_ij  ≤  r + u_o|r| + σ + G_i + G_j.
+
+    ``u_o`` is the relative rounding of the stored key (bf16 output; 0 for float32),
+    ``σ`` an absolute slack for underflow, ``G`` (n_pad,) float64 a per-point widening.
+    See :func:`_bf16_operands` and :func:`_fp32_operands` for the derivations.
+    """
+
+    def __init__(self, u_o: float, sigma: float, G: torch.Tensor):
+        self.u_o, self.sigma, self.G = u_o, sigma, G
+
+    def lower(self, r: torch.Tensor) -> torch.Tensor:
+        r = r.double()  # r (1 − u_o sign r) = r − u_o|r|, and +inf stays +inf
+        return r * (1.0 - self.u_o * torch.sign(r)) - self.sigma
+
+    def upper(self, r: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        r = r.double()
+        return r * (1.0 + self.u_o * torch.sign(r)) + self.sigma + self.G[rows][:, None] + self.G[cols]
+
+    def key_threshold(self, t: torch.Tensor) -> torch.Tensor:
+        """Smallest float32 value ``T`` such that every key ``r`` with ``lower(r) ≤ t``
+        has ``r ≤ T`` (``t`` float64)."""
+        t = t + self.sigma
+        x = torch.where(t >= 0, t / (1.0 - self.u_o), t / (1.0 + self.u_o))
+        x = x + x.abs() * 2.0 ** -40 + 2.0 ** -1000  # fp64 rounding of the two lines above
+        x32 = x.float()
+        return torch.where(x32.double() < x, torch.nextafter(x32, torch.full_like(x32, math.inf)), x32)
+
+
+def _round_up_to(t32: torch.Tensor, dtype) -> torch.Tensor:
+    """``t32`` in ``dtype``, rounded up (so that ``r ≤ t32`` implies ``r ≤ result``)."""
+    if dtype == torch.float32:
+        return t32
+    t = t32.to(dtype)
+    return torch.where(t.float() < t32, torch.nextafter(t, torch.full_like(t, math.inf)), t)
+
+
+def _fp32_operands(x32, nhat, eps_n, n_pad, d, dev):
+    """float32 keys ``(1 − c) n̂_i/2 + (1 − c) n̂_j/2 − x_i·x_j``: one ``addmm`` per tile.
+
+    ``x32`` (n_pad, d) is the float32 rounding of the centred coordinates ``x`` (zero
+    padding rows), ``n̂`` their squared norms with ``|n̂ − ‖x‖²| ≤ eps_n n̂``. The inputs
+    are rounded to float32 (``u_in``), the products and sums are float32 (``γ_{d+2}``
+    for the length-d dot product plus the two additions of the half norms), the half
+    norms carry a few float32 roundings (``8 u32``) and ``eps_n``. The total error is
+    at most ``c (n̂_i + n̂_j)/4`` with ``c = 2(2u_in + u_in² + γ_{d+2} + eps_n + 8u32)``,
+    so the key is a lower bound of ``D_ij`` (``σ`` covers float32 underflow) and
+    ``key + c (n̂_i + n̂_j)`` an upper bound.
+    """
+    n = nhat.shape[0]
+    u_in = _fp32_input_roundoff(dev)
+    c = 2.0 * (2.0 * u_in + u_in * u_in + _gamma(d + 2, _U32) + eps_n + 8 * _U32)
+    sigma = (d + 8) * 2.0 ** -120
+    half = torch.full((n_pad,), math.inf, dtype=torch.float32, device=dev)
+    half[:n] = ((1.0 - c) * 0.5 * nhat).to(torch.float32)
+    G = torch.zeros(n_pad, dtype=torch.float64, device=dev)
+    G[:n] = c * nhat
+
+    def tile(i0, i1, j0, j1, out):
+        torch.add(half[i0:i1, None], half[None, j0:j1], out=out)
+        out.addmm_(x32[i0:i1], x32[j0:j1].T, alpha=-1.0)
+        return out
+
+    return tile, torch.float32, _Bounds(0.0, sigma, G)
+
+
+_U16 = 2.0 ** -8  # bfloat16 unit roundoff (8 significant bits: 7 stored + 1 implicit)
+_PAD_KEY = 2.0 ** 100
+
+
+def _bf16_operands(x32, nhat, eps_n, n_pad, d, dev):
+    """bfloat16 keys, ``K = d + 4`` columns, one bf16 matrix product per tile.
+
+    Rows are ``A_i = [a_i, H_i, L_i, 1, 1]`` and columns ``B_j = [−a_j, 1, 1, H_j, L_j]``
+    with ``a = bf16(x32)`` and ``H + L`` a two-term bf16 split of a lowered half norm
+    ``h``, so the product is the key ``r ≈ h_i + h_j − a_i·a_j`` and its bf16 output
+    rounding is relative to the *key* (about ``D``), not to the norms.
+
+    Bound (all quantities exact reals; ``x`` = the float64 centred coordinates, ``x32``
+    their float32 rounding, ``|x32 − x| ≤ u32|x|`` per coordinate, ``n = ‖x‖²``,
+    ``|n̂ − n| ≤ eps_n n̂``):
+
+    * input rounding: ``a = bf16(x32)`` (round to nearest, unit roundoff ``u = 2⁻⁸``);
+      ``e = x − a``. ``x32 − a`` is exact in float32, so ``‖e‖ ≤ ‖x32 − a‖ + u32‖x‖``
+      is computed rigorously (sums rounded up). Then
+      ``x_i·x_j − a_i·a_j = a_i·e_j + e_i·a_j + e_i·e_j`` and, by Cauchy–Schwarz and
+      ``ab ≤ (t a² + b²/t)/2`` for any ``t > 0``, ``|x_i·x_j − a_i·a_j| ≤ g_i + g_j``,
+      ``g = (t‖a‖² + ‖e‖²/t + ‖e‖²)/2``. With the measured residuals ``‖e‖ ≈ 0.4 u‖x‖``
+      this is 2–3× tighter than the worst case ``2u‖x_i‖‖x_j‖``; ``t`` = median of
+      ``‖e‖/‖a‖``, ``‖a‖ ≤ ‖x‖ + ‖e‖``.
+    * float32 accumulation inside the matmul (any order): the K products are exact in
+      float32 (8 × 8 significant bits), the sum errs by at most
+      ``γ_K Σ|terms| ≤ w_i + w_j``, ``w = γ_K (|H| + |L| + ‖a‖²/2)``,
+      ``γ_K = K u32/(1 − K u32)``.
+    * the split: ``|H + L − h| ≤ 1.01 u²|h| + 2⁻¹²⁵ =: v``.
+    * ``h = (1 − eps_n) n̂/2 − g − w − v``; then the float32 sum ``ŝ`` satisfies
+      ``ŝ ≤ D_ij`` and ``ŝ ≥ D_ij − (G_i + G_j)``, ``G = eps_n n̂ + 2(g + w + v)``
+      (both widened a little for the float64 rounding of these formulas).
+    * output rounding to bf16 (round to nearest): ``|r − ŝ| ≤ u_o|r|``,
+      ``u_o = u/(1 − u)``.
+    * underflow (denormals are flushed by AMX/oneDNN on input, product, sum and
+      output): at most ``2⁻¹²⁶`` per term and step, ``σ = (4K + 8) 2⁻¹²⁶``.
+
+    Hence ``r − u_o|r| − σ ≤ D_ij ≤ r + u_o|r| + σ + G_i + G_j``. Float32 accumulation
+    with a single final rounding is the one assumption about the hardware (it is how
+    AMX ``TDPBF16PS``, AVX512-BF16 ``VDPBF16PS`` and oneDNN's bf16 GEMM work);
+    :func:`_bf16_usable` checks the bound on a hard case before the path is used.
+    """
+    n = nhat.shape[0]
+    K = d + 4
+    A = torch.empty((n_pad, K), dtype=torch.bfloat16, device=dev)
+    B = torch.empty((n_pad, K), dtype=torch.bfloat16, device=dev)
+    A[n:] = 0.0
+    B[n:] = 0.0
+    a = A[:n, :d]
+    a.copy_(x32[:n])
+    gd = _gamma(d, _U32)
+    up = 1.0 + gd + 4 * _U32  # rounds a float32 sum of d squares up
+    ne = torch.linalg.vector_norm(torch.sub(x32[:n], a), dim=1).double() * up
+    # ‖e‖ ≤ ‖x32 − a‖ (rounded up; + √d 2⁻⁶³ for squares lost to underflow) + u32‖x‖
+    ne = (ne + math.sqrt(d) * 2.0 ** -63 + _U32 * (1 + _U32) * torch.sqrt(nhat * (1 + eps_n))) ** 2
+    nx = torch.sqrt(nhat * (1 + eps_n))
+    na = (nx + torch.sqrt(ne)) ** 2  # ‖a‖² ≤ (‖x‖ + ‖e‖)²
+    pos = nx > 0
+    t = float(torch.sqrt(ne[pos] / na[pos]).median()) if bool(pos.any()) else 1.0
+    t = t if t > 0 else 1.0
+    g = (t * na + ne / t + ne) * 0.5 * (1 + 2.0 ** -40)
+    gK = _gamma(K, _U32)
+    w = gK * (1.02 * (0.5 * nhat + g) + 0.5 * na)
+    v = 1.02 * _U16 * _U16 * (0.5 * nhat + g + w) + 2.0 ** -125
+    # (the terms 2⁻⁴⁸ n̂ and 2⁻⁴⁰ cover the float64 rounding of these lines)
+    h = (1.0 - eps_n) * 0.5 * nhat - g - w - v - nhat * 2.0 ** -48
+    H = h.to(torch.bfloat16)
+    L = (h - H.double()).to(torch.bfloat16)
+    G = torch.zeros(n_pad, dtype=torch.float64, device=dev)
+    G[:n] = (eps_n * nhat + 2.0 * (g + w + v) + nhat * 2.0 ** -46) * (1 + 2.0 ** -40) + 2.0 ** -1000
+    torch.neg(a, out=B[:n, :d])
+    A[:n, d] = H
+    A[:n, d + 1] = L
+    A[n:, d] = _PAD_KEY  # padding rows and columns get keys of about 2^100
+    A[:, d + 2] = 1.0
+    A[:, d + 3] = 1.0
+    B[:, d] = 1.0
+    B[:, d + 1] = 1.0
+    B[:n, d + 2] = H
+    B[:n, d + 3] = L
+    B[n:, d + 2] = _PAD_KEY
+
+    def tile(i0, i1, j0, j1, out):
+        return torch.mm(A[i0:i1], B[j0:j1].T, out=out)
+
+    u_o = _U16 / (1.0 - _U16)
+    sigma = (5 * K + 16) * 2.0 ** -126  # underflow here, and in n̂ (≤ (d + 8) 2⁻¹²⁶)
+    return tile, torch.bfloat16, _Bounds(u_o, sigma, G)
+
+
+def _centred32(X64, mean, scale, n_pad):
+    """float32 rounding of the centred (and scaled) coordinates, zero padding rows, and
+    their squared norms ``n̂`` (float64) with the relative error bound ``eps_n``."""
+    n, d = X64.shape
+    x32 = torch.empty((n_pad, d), dtype=torch.float32, device=X64.device)
+    x32[n:] = 0.0
+    xc = torch.sub(X64, mean)  # float64, then rounded once to float32 (faster than out=)
+    if scale != 1.0:
+        xc.mul_(scale)
+    x32[:n] = xc
+    del xc
+    nhat = torch.linalg.vector_norm(x32[:n], dim=1).double() ** 2
+    # float32 sum of squares (γ_d), the sqrt and square (a few u32), and x32 vs x
+    # (≤ 3u32); squares lost to underflow (≤ (d + 8) 2⁻¹²⁶ absolute) are in the σ of
+    # the key bounds
+    eps_n = _gamma(d, _U32) + 8 * _U32
+    return x32, nhat, eps_n
+
+
+_BF16_OK: dict = {}
+
+
+def _bf16_usable(dev, d: int) -> bool:
+    """Whether bf16 products here keep the bound of :func:`_bf16_operands`: checked
+    once per (device, width) on near-duplicate pairs far from the origin, where any
+    accumulation in reduced precision would break it."""
+    key = (str(dev), d)
+    if key not in _BF16_OK:
+        ok = False
+        try:
+            g = torch.Generator(device="cpu").manual_seed(2024)
+            m = 96
+            base = torch.randn(m, d, generator=g, dtype=torch.float64) * 50
+            pts = torch.cat([base, base + 1e-2 * torch.randn(m, d, generator=g, dtype=torch.float64),
+                             torch.randn(m, d, generator=g, dtype=torch.float64) * 1e-2])
+            n = pts.shape[0]
+            n_pad = -(-n // _GROUP) * _GROUP
+            x32, nhat, eps_n = _centred32(pts.to(dev), torch.zeros(d, dtype=torch.float64, device=dev), 1.0, n_pad)
+            tile, dt, b = _bf16_operands(x32, nhat, eps_n, n_pad, d, dev)
+            r = tile(0, n, 0, n, torch.empty((n, n), dtype=dt, device=dev)).double().cpu()
+            D = 0.5 * ((pts[:, None, :] - pts[None, :, :]) ** 2).sum(-1)
+            idx = torch.arange(n)
+            bc = _Bounds(b.u_o, b.sigma, b.G.cpu())
+            ok = bool((bc.lower(r) <= D).all()) and bool((D <= bc.upper(r, idx, idx)).all())
+        except Exception:  # pragma: no cover - no bf16 matmul on this device
+            ok = False
+        _BF16_OK[key] = ok
+    return _BF16_OK[key]
+
+
+# ---------------------------------------------------------------------------
+# candidate pass: blocked keys, filtered top-p per row
 # ---------------------------------------------------------------------------
 class _Running:
     """The ``p`` smallest keys seen so far for every row, and a filter threshold.
 
-    ``tau[i]`` is a proven upper bound of the (scaled) half squared distance from
-    point ``i`` to its ``k``-th nearest neighbour, so any point whose key (a lower
-    bound of its half squared distance) exceeds ``tau[i]`` can never be among the
-    ``k`` nearest and is not even looked at. It comes from the diagonal tiles and
-    tightens as candidates accumulate.
+    ``tau[i]`` (in key units, float32) is such that any point whose key exceeds it is
+    provably farther from point ``i`` than its ``k``-th nearest neighbour, so it is not
+    even looked at. It comes from the diagonal tiles and tightens as candidates
+    accumulate.
     """
 
-    def __init__(self, n_pad, p, k, half_sq, c, slack, delta, dev):
+    def __init__(self, n_pad, p, k, bounds, delta, dev):
         self.keys = torch.full((n_pad, p), math.inf, dtype=torch.float32, device=dev)
         self.idx = torch.zeros((n_pad, p), dtype=torch.int64, device=dev)
         self.tau = torch.full((n_pad,), math.inf, dtype=torch.float32, device=dev)
-        self.p, self.k, self.half_sq, self.c = p, k, half_sq, c
-        self.slack, self.delta = slack, delta
-
-    def upper(self, keys, rows, cols):
-        """Upper bound (float64) of the half squared distance, from a float32 key.
-
-        A key is within ``c (‖x_i‖² + ‖x_j‖²)/4`` of ``(1 − c)(‖x_i‖² + ‖x_j‖²)/2 − x_i·x_j``,
-        so the half squared distance is at most key + ``1.5 c (‖x_i‖² + ‖x_j‖²)/2``.
-        """
-        return keys.double() + 2.0 * self.c * (self.half_sq[rows][:, None] + self.half_sq[cols]) + self.slack
+        self.p, self.k, self.b, self.delta = p, k, bounds, delta
 
     def threshold(self, ub):
-        """Filter threshold (float32, rounded up) from an upper bound of the k-th
-        neighbour's half squared distance, widened by the centring error ``delta``."""
-        t = (torch.sqrt(2.0 * ub) + 2.0 * self.delta) ** 2 * 0.5
-        t32 = t.float()
-        return torch.where(t32.double() < t, torch.nextafter(t32, torch.full_like(t32, math.inf)), t32)
+        """Key threshold from an upper bound ``ub`` (float64) of the k-th neighbour's
+        half squared distance, widened by the centring error ``delta``: a point beyond
+        it is farther (in exact arithmetic on the original data) than that neighbour."""
+        t = (torch.sqrt(2.0 * ub.clamp_min(0.0)) + 2.0 * self.delta) ** 2 * 0.5
+        return self.b.key_threshold(t)
 
     def tighten(self, rows):
         """tau = bound from the k-th smallest upper bound among the current candidates."""
         keys = self.keys[rows]
-        ub = self.upper(keys, rows, self.idx[rows])
+        ub = self.b.upper(keys, rows, self.idx[rows])
         ub[~torch.isfinite(keys)] = math.inf
         kth = torch.kthvalue(ub, self.k, dim=1).values
         self.tau[rows] = torch.minimum(self.tau[rows], self.threshold(kth))
@@ -185,7 +398,7 @@ class _Running:
         flat = slot[r] * m + (torch.arange(r.numel(), device=dev) - first[r])
         pad_v = torch.full((nt * m,), math.inf, dtype=torch.float32, device=dev)
         pad_i = torch.zeros((nt * m,), dtype=torch.int64, device=dev)
-        pad_v.index_copy_(0, flat, val)
+        pad_v.index_copy_(0, flat, val.float())
         pad_i.index_copy_(0, flat, col)
         g = rows[touched]
         v = torch.cat([self.keys.index_select(0, g), pad_v.view(nt, m)], dim=1)
@@ -254,28 +467,25 @@ def _filter(t, flat_t, stride, tau, along_rows: bool):
     return owner, other, v.reshape(-1).index_select(0, keep)
 
 
-def _candidates(Xf, half, n, p, k, half_sq, c, slack, delta, block):
-    """All-pairs candidate pass over the padded float32 matrix ``Xf`` (n_pad rows).
+def _candidates(tile_fn, tile_dtype, bounds, n, n_pad, p, k, delta, block, dev):
+    """All-pairs candidate pass over ``n_pad`` (padded) points.
 
-    ``half`` (n_pad,) float32 holds ``(1 − c)‖x‖²/2`` (``+inf`` for padding rows), so
-    the key ``half_i + half_j − x_i·x_j`` is a lower bound of ``‖x_i − x_j‖²/2``.
-    Each tile of ``block × block`` keys is symmetric and serves both its row block
-    and its column block. Returns keys (n, p) float32 and indices (n, p) int64: the
-    ``p`` smallest keys among the points that pass the filter (see :class:`_Running`).
+    ``tile_fn(i0, i1, j0, j1, out)`` writes the keys of rows ``i0:i1`` against columns
+    ``j0:j1`` into ``out`` (see :class:`_Bounds` for what a key proves). Each tile of
+    ``block × block`` keys is symmetric and serves both its row block and its column
+    block. Returns keys (n, p) float32 and indices (n, p) int64: the ``p`` smallest keys
+    among the points that pass the filter (see :class:`_Running`); empty slots have key
+    ``+inf``.
     """
-    n_pad = Xf.shape[0]
-    dev = Xf.device
-    run = _Running(n_pad, p, k, half_sq, c, slack, delta, dev)
+    run = _Running(n_pad, p, k, bounds, delta, dev)
     run.tau[n:] = -math.inf  # padding rows take no candidates
-    buf = torch.empty((min(block, n_pad), min(block, n_pad)), dtype=torch.float32, device=dev)
-    flat_buf, stride = buf.view(-1), buf.shape[1]
+    bs = min(block, n_pad)
+    buf = torch.empty(bs * bs, dtype=tile_dtype, device=dev)
     starts = list(range(0, n_pad, block))
 
     def tile(i0, i1, j0, j1):
-        t = buf[: i1 - i0, : j1 - j0]
-        torch.add(half[i0:i1, None], half[None, j0:j1], out=t)
-        t.addmm_(Xf[i0:i1], Xf[j0:j1].T, alpha=-1.0)
-        return t
+        out = buf[: (i1 - i0) * (j1 - j0)].view(i1 - i0, j1 - j0)
+        return tile_fn(i0, i1, j0, j1, out)
 
     # Diagonal tiles first: the exact top-p of each row within its own block seeds the
     # candidates and the filter thresholds, so that the other tiles pass few entries.
@@ -284,7 +494,7 @@ def _candidates(Xf, half, n, p, k, half_sq, c, slack, delta, block):
         t = tile(i0, i1, i0, i1)
         t.fill_diagonal_(math.inf)
         v, c_ = _topp_rows(t, min(p, i1 - i0))
-        run.keys[i0:i1, : v.shape[1]] = v
+        run.keys[i0:i1, : v.shape[1]] = v.float()
         run.idx[i0:i1, : v.shape[1]] = c_ + i0
         run.tighten(torch.arange(i0, i1, device=dev))
     for a, i0 in enumerate(starts):
@@ -293,15 +503,18 @@ def _candidates(Xf, half, n, p, k, half_sq, c, slack, delta, block):
         for j0 in starts[a + 1 :]:
             j1 = min(j0 + block, n_pad)
             t = tile(i0, i1, j0, j1)
-            got = _filter(t, flat_buf, stride, run.tau[i0:i1], True)
+            flat = buf[: t.numel()]
+            got = _filter(t, flat, t.shape[1], _round_up_to(run.tau[i0:i1], tile_dtype), True)
             if got is not None:
                 r, cc, v = got
                 run.add(rows_i, r, cc + j0, v)
-            got = _filter(t, flat_buf, stride, run.tau[j0:j1], False)
+            got = _filter(t, flat, t.shape[1], _round_up_to(run.tau[j0:j1], tile_dtype), False)
             if got is not None:
                 cc, r, v = got
                 run.add(torch.arange(j0, j1, device=dev), cc, r + i0, v)
-    return run.keys[:n], run.idx[:n]
+    keys, idx = run.keys[:n], run.idx[:n]
+    keys.masked_fill_(idx >= n, math.inf)  # padding points are no candidates
+    return keys, idx
 
 
 def _exact_sq(X64: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, chunk_elems: int = 1 << 19):
@@ -330,48 +543,64 @@ def _exact_sq_pairs(X64: torch.Tensor, a: torch.Tensor, b: torch.Tensor, chunk_e
     return _exact_sq(X64, a, b[:, None], chunk_elems)[:, 0]
 
 
-def _resolve(X64, keys, idx, k, to_scaled, slack, delta):
+def _resolve(X64, keys, idx, k, to_scaled, bounds, delta):
     """Exact distances of the candidates, and the certificate.
 
-    ``keys``/``idx`` (n, p): candidate keys (any order) of every point; a key is a lower
-    bound of ``‖xs_i − xs_j‖²/2`` in the centred, scaled coordinates ``xs``, which differ
-    from the exact ones by at most ``delta`` in distance. Returns (sq (n, k) float64
-    ascending, nb (n, k) int64, ok (n,) bool): a row is certified when every point not
-    evaluated exactly is provably no closer than its k-th exact neighbour.
+    ``keys``/``idx`` (n, p): candidate keys (any order) of every point (see
+    :class:`_Bounds`); the centred, scaled coordinates differ from the exact ones by at
+    most ``delta`` in distance. Returns (sq (n, k) float64 ascending, nb (n, k) int64,
+    ok (n,) bool): a row is certified when every point not evaluated exactly is
+    provably no closer than its k-th exact neighbour.
+
+    Points that never passed the filter are provably farther than the k-th neighbour.
+    The others are evaluated in order of their keys, the first ``k`` for every row, then
+    for each row exactly those whose key's lower bound does not exclude them (a prefix
+    of the sorted candidates, usually empty); points pushed out of the ``p`` kept ones
+    have keys ≥ the ``p``-th kept key. Empty slots (key +inf) are no points.
     """
     n, p = keys.shape
     dev = X64.device
-    order = torch.argsort(keys, dim=1)
-    keys = torch.gather(keys, 1, order).double()
+    keys, order = torch.sort(keys, dim=1)
     idx = torch.gather(idx, 1, order)
     rows = torch.arange(n, device=dev)
-    out_sq = torch.empty((n, k), dtype=torch.float64, device=dev)
-    out_nb = torch.empty((n, k), dtype=torch.int64, device=dev)
-    ok = torch.empty(n, dtype=torch.bool, device=dev)
-
-    def take(sel, sqs, nbs, bound_key):
-        s, j = torch.sort(sqs, dim=1, stable=True)
-        s, j = s[:, :k], j[:, :k]
-        out_sq[sel] = s
-        out_nb[sel] = torch.gather(nbs, 1, j)
-        # smallest possible distance (scaled) of any point not evaluated exactly
-        lower = torch.sqrt(2.0 * (bound_key - slack).clamp_min(0.0)) - delta
-        ok[sel] = (lower >= torch.sqrt(s[:, -1] * to_scaled)) & torch.isfinite(s[:, -1])
-
-    # Points that never passed the filter are provably farther than the k-th neighbour.
-    # Among the others, the (q+1)-th smallest candidate key bounds every point not
-    # evaluated exactly: candidates beyond q, and points pushed out of the p kept ones
-    # (their keys are ≥ the p-th kept key). Empty slots (key +inf) are no points.
-    def exact(sel, cols, ks):
-        sq = _exact_sq(X64, sel, cols)
-        return sq.masked_fill_(torch.isinf(ks), math.inf)
-
     q = min(p, k)
-    take(rows, exact(rows, idx[:, :q], keys[:, :q]), idx[:, :q], keys[:, min(q, p - 1)])
-    if q < p:
-        bad = torch.nonzero(~ok).squeeze(1)
-        if bad.numel():
-            take(bad, exact(bad, idx[bad], keys[bad]), idx[bad], keys[bad, p - 1])
+
+    def low_dist(kk):  # smallest possible distance (scaled) of a point with key kk
+        return torch.sqrt(2.0 * bounds.lower(kk).clamp_min(0.0)) - delta
+
+    sq = _exact_sq(X64, rows, idx[:, :q])
+    sq.masked_fill_(torch.isinf(keys[:, :q]), math.inf)
+    sq, j = torch.sort(sq, dim=1, stable=True)
+    out_sq = sq[:, :k].contiguous()
+    out_nb = torch.gather(idx[:, :q], 1, j)[:, :k].contiguous()
+    kth = torch.sqrt(out_sq[:, -1] * to_scaled)
+    # m = number of candidates that may be closer than the k-th found so far
+    m = (low_dist(keys) < kth[:, None]).sum(dim=1)
+    ok = torch.isfinite(out_sq[:, -1]) & (m <= q)
+    _LAST.update(evaluated_beyond_k=int((m - q).clamp_min(0).sum()), most_needed=int(m.max()))
+    if q == p:
+        ok &= low_dist(keys[:, p - 1]) >= kth
+        return out_sq, out_nb, ok
+    more = torch.nonzero(~ok & (m > q)).squeeze(1)
+    if more.numel():
+        mm = m[more]
+        width = int(mm.max()) - q
+        cols = idx[more, q : q + width]
+        valid = torch.arange(q, q + width, device=dev)[None, :] < mm[:, None]
+        r_, c_ = torch.nonzero(valid, as_tuple=True)
+        s = torch.full((more.numel(), width), math.inf, dtype=torch.float64, device=dev)
+        s[r_, c_] = _exact_sq_pairs(X64, more[r_], cols[r_, c_])
+        s_all = torch.cat([out_sq[more], s], dim=1)
+        i_all = torch.cat([out_nb[more], cols], dim=1)
+        s_all, jj = torch.sort(s_all, dim=1, stable=True)
+        out_sq[more] = s_all[:, :k]
+        out_nb[more] = torch.gather(i_all, 1, jj[:, :k])
+        new_kth = torch.sqrt(out_sq[more, -1] * to_scaled)
+        # a row with m < p is complete (the k-th only got closer); with m = p the
+        # points pushed out of its list are bounded by the p-th kept key
+        full = mm >= p
+        bound_ok = low_dist(keys[more, p - 1]) >= new_kth
+        ok[more] = torch.isfinite(out_sq[more, -1]) & (~full | bound_ok)
     return out_sq, out_nb, ok
 
 
@@ -417,12 +646,14 @@ def _threshold_rows(X64, Xs, half64, rows, tau, k, block):
     return out_sq, out_nb
 
 
-def _knn_core(X64: torch.Tensor, k: int, block: int, margin: int, abs_max: float):
+_LAST: dict = {}  # what the last call did (candidate precision, rows that fell back); for tests and benchmarks
+
+
+def _knn_core(X64: torch.Tensor, k: int, block: int, margin, abs_max: float, precision: str):
     """Exact k-NN (squared distances, indices) of the rows of ``X64``, ``n ≥ k + 1``;
     ``abs_max`` is an upper bound of ``max |X64|``."""
     n, d = X64.shape
     dev = X64.device
-    p = min(k + margin, n - 1)
     # Centre, then scale by a power of two so that every coordinate is below 1 in
     # magnitude (neither changes the neighbours; the scaling is exact).
     mean = X64.mean(dim=0)
@@ -430,31 +661,37 @@ def _knn_core(X64: torch.Tensor, k: int, block: int, margin: int, abs_max: float
     if amax == 0.0:  # all points are the origin
         nb = (torch.arange(n, device=dev)[:, None] + torch.arange(1, k + 1, device=dev)[None, :]) % n
         return torch.zeros((n, k), dtype=torch.float64, device=dev), nb
-    e = math.frexp(amax)[1]
-    Xs = torch.sub(X64, mean).mul_(2.0 ** -e)
+    # Scale by a power of two (exact) only when the coordinates are far from 1 in
+    # magnitude, so that float32/bf16 neither overflow nor lose everything to underflow.
+    e = 0 if 2.0 ** -20 <= amax <= 2.0 ** 20 else math.frexp(amax)[1]
+    scale = 2.0 ** -e
     to_scaled = 2.0 ** (-2 * e)  # scaled squared distance = to_scaled × true squared distance
-    sq_norm = (Xs * Xs).sum(dim=1)
     # |‖xs_i − xs_j‖ − ‖x_i − x_j‖·2⁻ᵉ| ≤ delta: rounding of the centring
-    delta = 2.1 * math.sqrt(d) * _U64
+    delta = 2.1 * math.sqrt(d) * _U64 * amax * scale
 
+    if precision == "auto":
+        precision = "bf16" if dev.type == "cpu" and _bf16_usable(dev, d) else "fp32"
+    elif precision == "bf16" and not _bf16_usable(dev, d):
+        precision = "fp32"  # pragma: no cover - the bound does not hold for bf16 products here
+    if margin is None:
+        margin = max(8, k) if precision == "bf16" else 8
+    p = min(k + margin, n - 1)
+    n_pad = -(-n // _GROUP) * _GROUP
+    x32, nhat, eps_n = _centred32(X64, mean, scale, n_pad)
     with _ieee_fp32_matmul():
-        u_in = _fp32_input_roundoff(dev)
-        c32 = 2.0 * (2.0 * u_in + u_in * u_in + _gamma(d + 2, _U32) + 8 * _U32)
-        slack32 = (d + 8) * 2.0 ** -120  # float32 underflow
-        n_pad = -(-n // _GROUP) * _GROUP
-        Xf = torch.empty((n_pad, d), dtype=torch.float32, device=dev)
-        Xf[:n] = Xs
-        Xf[n:] = 0.0
-        half = torch.full((n_pad,), math.inf, dtype=torch.float32, device=dev)
-        half[:n] = ((1.0 - c32) * 0.5 * sq_norm).to(torch.float32)
-        sqp = torch.zeros(n_pad, dtype=torch.float64, device=dev)
-        sqp[:n] = 0.5 * sq_norm
-        keys, idx = _candidates(Xf, half, n, p, k, sqp, c32, slack32, delta, block)
-        del Xf, half
+        make = _bf16_operands if precision == "bf16" else _fp32_operands
+        tile_fn, tile_dtype, bounds = make(x32, nhat, eps_n, n_pad, d, dev)
+        keys, idx = _candidates(tile_fn, tile_dtype, bounds, n, n_pad, p, k, delta, block, dev)
+        del tile_fn, x32
 
-    out_sq, out_nb, ok = _resolve(X64, keys, idx, k, to_scaled, slack32, delta)
+    out_sq, out_nb, ok = _resolve(X64, keys, idx, k, to_scaled, bounds, delta)
     bad = torch.nonzero(~ok).squeeze(1)
+    _LAST.update(precision=precision, n=n, k=k, p=p, fallback_rows=int(bad.numel()))
     if bad.numel():
+        Xs = torch.sub(X64, mean)
+        if scale != 1.0:
+            Xs.mul_(scale)
+        sq_norm = (Xs * Xs).sum(dim=1)
         c64 = 2.0 * (_gamma(d + 2, _U64) + 8 * _U64)
         half64 = (1.0 - c64) * 0.5 * sq_norm
         tau = (torch.sqrt(out_sq[bad, -1] * to_scaled) + delta) ** 2 * (0.5 * (1 + 1e-12)) + 2.0 ** -1000
@@ -546,7 +783,7 @@ def _check_k(k, n: int) -> int:
     return k
 
 
-def knn(X, k: int, *, block_size: int = 2048, margin: int = 8, name: str = "X"):
+def knn(X, k: int, *, block_size: int = 2048, margin: int | None = None, name: str = "X", precision: str = "auto"):
     """Exact Euclidean ``k``-nearest-neighbour distances and indices of every point.
 
     Parameters
@@ -554,11 +791,18 @@ def knn(X, k: int, *, block_size: int = 2048, margin: int = 8, name: str = "X"):
     X : (n, d) numpy array or torch tensor, any real dtype; CPU or CUDA.
     k : number of neighbours, ``1 ≤ k ≤ n − 1``. The point itself is never its own
         neighbour (excluded by index); exact duplicates are neighbours at distance 0.
-    block_size : rows (and columns) per float32 tile. Memory: one ``block_size²``
-        float32 tile (plus screening buffers of a fraction of it), ``n · (k + margin)
-        · 12`` bytes of candidates, and copies of X (two float64, one float32).
-    margin : extra float32 candidates per point beyond ``k``; only speed depends on it,
-        the result is exact in any case (see the module docstring).
+    block_size : rows (and columns) per tile. Memory: one ``block_size²`` tile
+        (bf16 or float32, plus screening buffers of a fraction of it), ``n · (k +
+        margin) · 12`` bytes of candidates, and copies of X (one float64 centred
+        copy while it is rounded, one float32, and with bf16 two bf16 operands).
+    margin : extra candidates kept per point beyond ``k`` (default ``max(8, k)``
+        with bf16 candidates, 8 with float32); only speed depends on it, the result
+        is exact in any case (see the module docstring).
+    precision : precision of the candidate search: ``"auto"`` (bfloat16 on a CPU
+        whose bf16 products pass the accuracy check, float32 otherwise and on CUDA),
+        ``"bf16"`` (also on CUDA; float32 where the check fails) or ``"fp32"``. Only
+        speed depends on it; the result is the float64 brute-force answer in every
+        case.
 
     Returns
     -------
@@ -571,8 +815,10 @@ def knn(X, k: int, *, block_size: int = 2048, margin: int = 8, name: str = "X"):
     k = _check_k(k, n)
     if not isinstance(block_size, int) or block_size < _GROUP:
         raise EmbgeomError(f"block_size must be an integer ≥ {_GROUP}, got {block_size!r}")
-    if not isinstance(margin, int) or margin < 0:
+    if margin is not None and (not isinstance(margin, int) or isinstance(margin, bool) or margin < 0):
         raise EmbgeomError(f"margin must be a non-negative integer, got {margin!r}")
+    if precision not in ("auto", "bf16", "fp32"):
+        raise EmbgeomError(f"precision must be 'auto', 'bf16' or 'fp32', got {precision!r}")
     X64 = X.to(torch.float64)
     block = max(_GROUP, (block_size // _GROUP) * _GROUP)
     groups = _dedupe(X64, name)
@@ -586,7 +832,7 @@ def knn(X, k: int, *, block_size: int = 2048, margin: int = 8, name: str = "X"):
         X64 = X64 * (2.0 ** (-e0 // 2)) * (2.0 ** (-e0 - (-e0 // 2)))
         amax = amax * (2.0 ** (-e0 // 2)) * (2.0 ** (-e0 - (-e0 // 2)))
     if groups is None:
-        sq, nb = _knn_core(X64, k, block, margin, amax)
+        sq, nb = _knn_core(X64, k, block, margin, amax, precision)
     else:
         reps, group = groups
         nu = reps.shape[0]
@@ -596,7 +842,7 @@ def knn(X, k: int, *, block_size: int = 2048, margin: int = 8, name: str = "X"):
             sq_u = torch.zeros((1, 1), dtype=torch.float64, device=X64.device)
             nb_u = torch.zeros((1, 1), dtype=torch.int64, device=X64.device)
         else:
-            sq_u, nb_u = _knn_core(X64[reps], ku, block, margin, amax)
+            sq_u, nb_u = _knn_core(X64[reps], ku, block, margin, amax, precision)
         sq, nb = _expand(sq_u, nb_u, group, counts, k)
     dist = sq.sqrt_()
     if e0:
@@ -604,7 +850,8 @@ def knn(X, k: int, *, block_size: int = 2048, margin: int = 8, name: str = "X"):
     return dist, nb
 
 
-def knn_distances(X, k: int, *, block_size: int = 2048, margin: int = 8, name: str = "X") -> torch.Tensor:
+def knn_distances(X, k: int, *, block_size: int = 2048, margin: int | None = None, name: str = "X",
+                  precision: str = "auto") -> torch.Tensor:
     """Exact distances to the ``k`` nearest other points: (n, k) float64 torch tensor,
     ascending per row, on ``X``'s device. See :func:`knn`."""
-    return knn(X, k, block_size=block_size, margin=margin, name=name)[0]
+    return knn(X, k, block_size=block_size, margin=margin, name=name, precision=precision)[0]
