@@ -451,3 +451,126 @@ def test_cuda_matches_cpu():
     assert_tables_close(gpu.table(), cpu.table(), 1e-10)
     back = TokenMoments.from_state_dict(gpu.state_dict())
     assert_tables_close(back.table(), cpu.table(), 1e-10)
+
+
+# ------------------------------------------------------- blocked CPU residual path
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks of 8 rows (types with ≥ 4 rows in a batch get blocks of their own, up
+    to 16 rows), so that the test data exercise both block kinds and many blocks."""
+    import embgeom.stats.token_moments as tm
+
+    monkeypatch.setattr(tm, "_BLOCK_ELEMS", 8 * D)
+    return tm
+
+
+@pytest.mark.parametrize("kind", ["far", "normal"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("presorted", [False, True])
+def test_small_blocks_match_reference_and_default_blocks(small_blocks, kind, dtype, presorted):
+    x, ids = make_data(kind, n=3000, seed=21, dtype=dtype)
+    want, want_dec = reference(x, ids)
+    acc = TokenMoments(D)
+    for a in range(0, len(ids), 700):
+        xb, ib = x[a : a + 700], ids[a : a + 700]
+        if presorted:
+            order = np.argsort(ib, kind="stable")
+            xb, ib = xb[order], ib[order]
+        g = TokenMoments.group(ib)
+        plan = g._plan(8)
+        own = [t for _, _, t in plan.blocks if t >= 0]
+        assert own and len(own) < len(plan.blocks)  # both kinds of block occur
+        acc.update(xb, g)
+    assert_tables_close(acc.table(), want, 1e-7)
+    assert_dec_close(acc.decomposition(), want_dec, 1e-7)
+    # the same stream in one batch with the default (large) blocks
+    small_blocks._BLOCK_ELEMS = 1 << 30
+    one = TokenMoments(D)
+    one.update(x, ids)
+    # float64 vectors 1e4 from the origin: the stored float64 mean itself rounds by
+    # ~1e-12, which moves a later batch's between-term by ~1e-10 of V (the same with
+    # any split, whatever the blocks); float32 vectors agree to 1e-10.
+    tol = 1e-9 if kind == "far" and dtype == np.float64 else 1e-10
+    assert_tables_close(acc.table(), one.table(), tol)
+    assert_dec_close(acc.decomposition(), one.decomposition(), tol)
+
+
+def test_block_plan_partitions_rows(small_blocks):
+    rng = np.random.default_rng(22)
+    ids = zipf_ids(rng, 2000, vocab=60)
+    for ib in (ids, np.sort(ids)):
+        g = TokenGroups(ib)
+        plan = g._plan(8)
+        order = g.perm if plan.order is None else plan.order
+        # every row exactly once, each type's rows contiguous, types as given
+        assert sorted(order.tolist()) == list(range(len(ib)))
+        np.testing.assert_array_equal(g.ids[plan.sinv].numpy(), ib[order.numpy()])
+        runs = plan.sinv[1:] != plan.sinv[:-1]
+        assert int(runs.sum()) == len(g.ids) - 1
+        ends = [b for _, b, _ in plan.blocks]
+        assert [a for a, _, _ in plan.blocks] == [0] + ends[:-1] and ends[-1] == len(ib)
+        own = []
+        for a, b, t in plan.blocks:
+            if t >= 0:
+                assert b - a <= 16 and set(plan.sinv[a:b].tolist()) == {t}
+                own.append(t)
+            else:
+                assert b - a <= 8
+        assert own == plan.own_types.tolist()
+        assert set(own) == set(np.flatnonzero(g.counts.numpy() >= 4).tolist())
+
+
+@pytest.mark.parametrize("where", ["frequent", "rare"])
+def test_nan_in_either_block_kind_adds_nothing(small_blocks, where):
+    x, ids = make_data("far", n=1200, seed=23, dtype=np.float32)
+    acc = TokenMoments(D)
+    acc.update(x[:600], ids[:600])
+    before = acc.table()
+    u, c = np.unique(ids[600:], return_counts=True)
+    t = u[np.argmax(c)] if where == "frequent" else u[np.argmin(c)]
+    bad = x[600:].copy()
+    bad[np.flatnonzero(ids[600:] == t)[-1], 3] = np.inf if where == "rare" else np.nan
+    with pytest.raises(EmbgeomError, match="NaN or infinite"):
+        acc.update(bad, ids[600:])
+    assert acc.n == 600
+    pd.testing.assert_frame_equal(acc.table(), before, check_exact=True)
+    acc.update(x[600:], ids[600:])
+    want, _ = reference(x, ids)
+    assert_tables_close(acc.table(), want, 1e-7)
+
+
+@pytest.mark.parametrize("presorted", [False, True])
+def test_one_block_path_as_on_accelerators(monkeypatch, presorted):
+    """Off the CPU the batch is one mixed block; that path, run here on the CPU, gives
+    the numbers of the blocked path."""
+    import embgeom.stats.token_moments as tm
+
+    x, ids = make_data("far", n=2400, seed=24, dtype=np.float32)
+    want, want_dec = reference(x, ids)
+    blocked = TokenMoments(D)
+    batches = []
+    for a in range(0, len(ids), 600):
+        xb, ib = x[a : a + 600], ids[a : a + 600]
+        if presorted:
+            order = np.argsort(ib, kind="stable")
+            xb, ib = xb[order], ib[order]
+        batches.append((xb, ib))
+        blocked.update(xb, ib)
+    monkeypatch.setattr(tm, "_blocked", lambda device: False)
+    whole = TokenMoments(D)
+    for xb, ib in batches:
+        whole.update(xb, ib)
+    assert_tables_close(whole.table(), want, 1e-7)
+    assert_dec_close(whole.decomposition(), want_dec, 1e-7)
+    assert_tables_close(whole.table(), blocked.table(), 1e-10)
+
+
+def test_large_state_with_huge_page_hint_is_exact():
+    """A capacity hint large enough for the means to be marked for huge pages (Linux)
+    changes nothing in the numbers."""
+    x, ids = make_data("normal", n=1500, seed=25, dtype=np.float32)
+    plain = feed(TokenMoments(D), x, ids, 500)
+    big = feed(TokenMoments(D, capacity=40_000), x, ids, 500)  # 7.7 MB of means
+    assert big.capacity == 40_000
+    pd.testing.assert_frame_equal(big.table(), plain.table(), check_exact=True)
+    assert big.decomposition() == plain.decomposition()

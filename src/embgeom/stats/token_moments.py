@@ -17,12 +17,18 @@ catastrophically when M ≫ V (vectors far from the origin). Here V is never a
 difference of raw sums. Per batch, fully vectorised (no Python loop over tokens or
 types):
 
-* the ids are grouped once (``torch.unique``; rows sorted by type, see TokenGroups);
+* the ids are grouped once (one stable sort; rows sorted by type, see TokenGroups);
 * every vector x of type t is shifted by a reference point r_t of its type: the
   type's stored mean, or, for a type new to the accumulator, its first vector in the
   batch. The residual y = x − r_t is formed in float64 (exact conversion, a single
-  rounding of a small number) and the per-type sums Σ y and Σ ‖y‖² are segment sums
-  over the id-sorted rows: one sparse (types × rows) matrix product in float64;
+  rounding of a small number; no float32 arithmetic anywhere) and summed per type,
+  Σ y and Σ ‖y‖², in float64;
+* on CPU the batch is walked in cache-sized blocks of type-contiguous rows (see
+  _BlockPlan), so it is read from memory once and no float64 copy of it is made: a
+  frequent type's block subtracts its one reference row by broadcasting and sums by
+  a matrix-vector product and a dot product; a block of rare types gathers one
+  reference row per vector and sums with index_add_. Off the CPU the batch is one
+  such block;
 * the batch's per-type mean and centred sum of squares follow without cancellation:
   μ_b = r + ȳ, S_b = Σ ‖y‖² − n_b ‖ȳ‖² with ȳ = Σ y / n_b small;
 * it is merged into the running state per type, vectorised over types, with the
@@ -49,8 +55,9 @@ them; it is moved to an accumulator's device once and cached.
 """
 from __future__ import annotations
 
+import ctypes
 import math
-import warnings
+import sys
 
 import numpy as np
 import pandas as pd
@@ -65,6 +72,49 @@ __all__ = ["TokenMoments", "TokenGroups"]
 _I64 = torch.int64
 _F64 = torch.float64
 _INT64_MAX = np.iinfo(np.int64).max
+# Values per block of rows in TokenMoments updates on CPU (a block of float64
+# residuals, its reference rows and the gathered input stay in L2 cache).
+_BLOCK_ELEMS = 128 * 384
+
+
+_MADV_HUGEPAGE = 14
+_HUGE = 1 << 21
+_madvise = None
+
+
+def _empty_rows(rows: int, dim: int, device) -> torch.Tensor:
+    """An uninitialised (rows, dim) float64 tensor for the per-type means.
+
+    On Linux CPU, a large one is marked for transparent huge pages (madvise; a hint,
+    skipped wherever it is not available): the state is first touched row by row as
+    types appear, and with 4 KiB pages those first touches (one page fault every
+    ~1.3 rows at width 384) cost as much as the arithmetic of an update."""
+    global _madvise
+    t = torch.empty(rows, dim, dtype=_F64, device=device)
+    nbytes = t.numel() * 8
+    if t.device.type != "cpu" or nbytes < 2 * _HUGE or not sys.platform.startswith("linux"):
+        return t
+    if _madvise is None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fn = libc.madvise
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            fn.restype = ctypes.c_int
+            _madvise = fn
+        except (OSError, AttributeError):
+            _madvise = False
+    if _madvise:
+        start = (t.data_ptr() + _HUGE - 1) & ~(_HUGE - 1)
+        end = (t.data_ptr() + nbytes) & ~(_HUGE - 1)
+        if end > start:
+            _madvise(start, end - start, _MADV_HUGEPAGE)  # a hint: the result is not needed
+    return t
+
+
+def _blocked(device: torch.device) -> bool:
+    """Whether updates walk the batch in cache-sized blocks (CPU), or take it as one
+    block (accelerators, where one launch per operation is what counts)."""
+    return device.type == "cpu"
 
 
 def _as_id_vector(token_ids, name: str = "token_ids") -> torch.Tensor:
@@ -115,27 +165,40 @@ class TokenGroups:
 
     __slots__ = (
         "ids", "inverse", "counts", "perm", "sorted_inverse", "starts", "first", "presorted", "n",
-        "_moved",
+        "_moved", "_plans",
     )
 
     def __init__(self, token_ids, device=None):
         t = _as_id_vector(token_ids)
         if device is not None:
             t = t.to(device)
-        self.n = int(t.shape[0])
+        self.n = n = int(t.shape[0])
         self.presorted = True
-        if self.n == 0:
+        if n == 0:
             e = torch.empty(0, dtype=_I64, device=t.device)
             self.ids = self.inverse = self.counts = self.perm = self.sorted_inverse = self.starts = self.first = e
         else:
+            # One stable sort gives everything: the order, the distinct ids (where
+            # the sorted values change), their counts and each row's type.
             self.presorted = bool((t[1:] >= t[:-1]).all())
-            ids, inverse, counts = torch.unique(t, sorted=True, return_inverse=True, return_counts=True)
-            perm = torch.sort(inverse, stable=True).indices
-            starts = torch.cumsum(counts, 0) - counts
-            self.ids, self.inverse, self.counts = ids, inverse, counts
-            self.perm, self.sorted_inverse, self.starts = perm, inverse[perm], starts
-            self.first = perm[starts]
+            if self.presorted:
+                vals, perm = t, torch.arange(n, dtype=_I64, device=t.device)
+            else:
+                vals, perm = torch.sort(t, stable=True)
+            head = torch.ones(n, dtype=torch.bool, device=t.device)
+            torch.ne(vals[1:], vals[:-1], out=head[1:])
+            sorted_inverse = torch.cumsum(head, 0) - 1
+            starts = head.nonzero().squeeze(1)
+            counts = torch.diff(starts, append=torch.tensor([n], dtype=_I64, device=t.device))
+            self.ids, self.counts, self.starts = vals.index_select(0, starts), counts, starts
+            self.perm, self.sorted_inverse = perm, sorted_inverse
+            if self.presorted:
+                self.inverse = sorted_inverse
+            else:
+                self.inverse = torch.empty_like(sorted_inverse).index_copy_(0, perm, sorted_inverse)
+            self.first = perm.index_select(0, starts)
         self._moved = {}
+        self._plans = {}
 
     @property
     def device(self) -> torch.device:
@@ -157,23 +220,82 @@ class TokenGroups:
             for name in ("ids", "inverse", "counts", "perm", "sorted_inverse", "starts", "first"):
                 setattr(g, name, getattr(self, name).to(device))
             g._moved = {}
+            g._plans = {}
             self._moved[device] = g
         return g
+
+    def _plan(self, step: int) -> "_BlockPlan":
+        """The block plan for rows of `step` values per block (cached)."""
+        plan = self._plans.get(step)
+        if plan is None:
+            plan = self._plans[step] = _BlockPlan(self, step)
+        return plan
 
     def __repr__(self) -> str:
         return f"TokenGroups(n={self.n}, types={int(self.ids.shape[0])}, device={self.device})"
 
 
-def _segment_matrix(counts: torch.Tensor, n: int, device) -> torch.Tensor:
-    """Sparse CSR (types × rows) matrix of ones whose product with rows sorted by type
-    gives per-type sums (each row belongs to the segment its type's count spans)."""
-    crow = torch.zeros(counts.shape[0] + 1, dtype=_I64, device=device)
-    torch.cumsum(counts, 0, out=crow[1:])
-    cols = torch.arange(n, dtype=_I64, device=device)
-    ones = torch.ones(n, dtype=_F64, device=device)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return torch.sparse_csr_tensor(crow, cols, ones, size=(counts.shape[0], n), check_invariants=False)
+class _BlockPlan:
+    """How ``TokenMoments.update`` walks a batch on CPU, in blocks that fit in cache.
+
+    Types with at least `step` // 2 rows ("frequent") get blocks of their own, up to
+    2·`step` rows each: there the reference is one row, subtracted by broadcasting,
+    and the block's Σ y and Σ ‖y‖² are a matrix-vector product and a dot product. The rows of the
+    other types go together in "mixed" blocks of up to `step` rows, with one reference
+    row per vector and per-type sums by index_add_. Rows come in type-contiguous order:
+    when the ids were not presorted, frequent types first (any order of the types is
+    as good as id order, as long as each type's rows are contiguous), so that the
+    mixed rows form one run; when presorted, in the given order (no gather).
+
+    Attributes: ``order`` (n,) rows of the batch in plan order, or None for the
+    identity; ``sinv`` (n,) type of each row in plan order; ``blocks`` host list of
+    (start, end, type) with type -1 for a mixed block; ``sizes`` their lengths;
+    ``own_types`` (h,) int64, the type of each own-type block, in block order;
+    ``order_parts`` / ``sinv_parts``: ``order`` / ``sinv`` split into the blocks."""
+
+    __slots__ = ("order", "sinv", "blocks", "sizes", "own_types", "order_parts", "sinv_parts")
+
+    def __init__(self, g: TokenGroups, step: int):
+        n, dev = g.n, g.device
+        counts = g.counts.cpu().numpy()
+        m = counts.shape[0]
+        frequent = counts >= max(2, step // 2)
+        if g.presorted or not frequent.any():
+            type_order = np.arange(m)
+            self.order = None if g.presorted else g.perm
+            self.sinv = g.sorted_inverse
+        else:
+            type_order = np.concatenate([np.flatnonzero(frequent), np.flatnonzero(~frequent)])
+            # Row of each id-sorted row in the new order: its type's new start plus
+            # its rank within the type.
+            new_start = np.empty(m, dtype=np.int64)
+            c = counts[type_order]
+            new_start[type_order] = np.cumsum(c) - c
+            shift = torch.from_numpy(new_start - g.starts.cpu().numpy()).to(dev)
+            dest = torch.arange(n, dtype=_I64, device=dev) + shift.index_select(0, g.sorted_inverse)
+            self.order = torch.empty_like(g.perm).index_copy_(0, dest, g.perm)
+            self.sinv = torch.empty_like(g.sorted_inverse).index_copy_(0, dest, g.sorted_inverse)
+        c = counts[type_order]
+        seg_end = np.cumsum(c)
+        seg_start = seg_end - c
+        f = frequent[type_order]
+        # Intervals: each frequent type's rows, and the maximal runs of other types.
+        bounds = np.unique(np.concatenate([[0, n], seg_start[f], seg_end[f]]))
+        lo, hi = bounds[:-1], bounds[1:]
+        pos = np.searchsorted(seg_start, lo)  # lo is a segment start: the type there
+        own = f[pos]
+        width = np.where(own, 2 * step, step)
+        nblk = -(-(hi - lo) // width)
+        which = np.repeat(np.arange(lo.shape[0]), nblk)
+        k = np.arange(which.shape[0]) - np.repeat(np.cumsum(nblk) - nblk, nblk)
+        b_lo = lo[which] + k * width[which]
+        b_hi = np.minimum(b_lo + width[which], hi[which])
+        b_type = np.where(own[which], type_order[pos[which]], -1)
+        self.blocks = list(zip(b_lo.tolist(), b_hi.tolist(), b_type.tolist()))
+        self.sizes = (b_hi - b_lo).tolist()
+        self.own_types = torch.from_numpy(b_type[b_type >= 0].astype(np.int64)).to(dev)
+        self.order_parts = None if self.order is None else self.order.split(self.sizes)
+        self.sinv_parts = self.sinv.split(self.sizes)
 
 
 class TokenMoments:
@@ -192,8 +314,9 @@ class TokenMoments:
         stored either way.
 
     Memory: ``nbytes`` = (8·d + 16)·capacity + 16·types bytes, capacity ≥ types (at
-    most twice, unless a larger hint was given). An update holds one float64 copy of
-    the batch's residuals while it runs.
+    most twice, unless a larger hint was given). While it runs, an update holds the
+    batch's per-type sums, (types in the batch) × d float64, and on CPU blocks of
+    about 128 × 384 values (off the CPU: float64 residuals of the whole batch).
 
     Usage::
 
@@ -259,7 +382,7 @@ class TokenMoments:
         self._counts = torch.zeros(cap, dtype=_I64, device=dev)
         # Means of unused rows are never read (a new row's mean is written before
         # use), so they stay uninitialised: no page is touched before it is needed.
-        self._mean = torch.empty(cap, self.dim, dtype=_F64, device=dev)
+        self._mean = _empty_rows(cap, self.dim, dev)
         self._m2 = torch.zeros(cap, dtype=_F64, device=dev)
         self._sorted_ids = torch.zeros(0, dtype=_I64, device=dev)
         self._sorted_rows = torch.zeros(0, dtype=_I64, device=dev)
@@ -271,14 +394,13 @@ class TokenMoments:
         new_cap = max(need, 2 * cap, 64)
         k, dev = self._k, self._device
 
-        def grow(old, shape, dtype, fill=torch.zeros):
-            new = fill(shape, dtype=dtype, device=dev)
+        def grow(old, new):
             new[:k] = old[:k]
             return new
 
-        self._counts = grow(self._counts, (new_cap,), _I64)
-        self._mean = grow(self._mean, (new_cap, self.dim), _F64, torch.empty)
-        self._m2 = grow(self._m2, (new_cap,), _F64)
+        self._counts = grow(self._counts, torch.zeros(new_cap, dtype=_I64, device=dev))
+        self._mean = grow(self._mean, _empty_rows(new_cap, self.dim, dev))
+        self._m2 = grow(self._m2, torch.zeros(new_cap, dtype=_F64, device=dev))
 
     def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows of `ids` (any order), -1 where the type is not stored. Read-only."""
@@ -289,36 +411,52 @@ class TokenMoments:
         found = self._sorted_ids[pos] == ids
         return torch.where(found, self._sorted_rows[pos], torch.full_like(ids, -1))
 
-    def _insert_missing(self, ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Give new rows (count 0, S 0; mean unset) to the ids with row -1. `ids` must
-        be ascending and distinct. Returns the full row vector."""
+    def _provisional_rows(self, ids: torch.Tensor, rows: torch.Tensor):
+        """Rows for the ids with row -1 (not stored), taken from the free rows k, k+1, …
+        in ascending id order, without storing anything: until ``_commit_rows`` they
+        stay free (count 0, S 0; their means may be written as scratch). Returns
+        (rows with the new ones filled in, positions of the new ids in `ids`)."""
         missing = rows < 0
-        p = int(missing.sum())
+        new_pos = missing.nonzero().squeeze(1)
+        p = int(new_pos.shape[0])
         if p == 0:
-            return rows
+            return rows, new_pos
         k = self._k
         self._reserve(k + p)
-        new_ids = ids[missing]  # ascending
-        new_rows = torch.arange(k, k + p, dtype=_I64, device=self._device)
-        # Merge new_ids into the sorted index in O(k + p), without a full sort.
+        rows = rows.clone()
+        rows.index_copy_(0, new_pos, torch.arange(k, k + p, dtype=_I64, device=self._device))
+        return rows, new_pos
+
+    def _commit_rows(self, new_ids: torch.Tensor) -> None:
+        """Make rows k..k+p-1 (from ``_provisional_rows``) the rows of `new_ids`
+        (ascending, distinct, not stored yet): merge them into the sorted index in
+        O(k + p), without a full sort."""
+        p = int(new_ids.shape[0])
+        if p == 0:
+            return
+        k, dev = self._k, self._device
+        new_rows = torch.arange(k, k + p, dtype=_I64, device=dev)
         if k == 0:
             self._sorted_ids, self._sorted_rows = new_ids.clone(), new_rows
         else:
             old_ids, old_rows = self._sorted_ids, self._sorted_rows
-            ar_p = torch.arange(p, dtype=_I64, device=self._device)
-            ar_k = torch.arange(k, dtype=_I64, device=self._device)
-            dest_new = torch.searchsorted(old_ids, new_ids) + ar_p
-            dest_old = torch.searchsorted(new_ids, old_ids) + ar_k
-            merged_ids = torch.empty(k + p, dtype=_I64, device=self._device)
-            merged_rows = torch.empty(k + p, dtype=_I64, device=self._device)
+            dest_new = torch.searchsorted(old_ids, new_ids) + torch.arange(p, dtype=_I64, device=dev)
+            dest_old = torch.searchsorted(new_ids, old_ids) + torch.arange(k, dtype=_I64, device=dev)
+            merged_ids = torch.empty(k + p, dtype=_I64, device=dev)
+            merged_rows = torch.empty(k + p, dtype=_I64, device=dev)
             merged_ids[dest_old] = old_ids
             merged_ids[dest_new] = new_ids
             merged_rows[dest_old] = old_rows
             merged_rows[dest_new] = new_rows
             self._sorted_ids, self._sorted_rows = merged_ids, merged_rows
         self._k = k + p
-        slot = torch.cumsum(missing.to(_I64), 0) - 1
-        return torch.where(missing, k + slot, rows)
+
+    def _insert_missing(self, ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Give new rows (count 0, S 0; mean unset) to the ids with row -1. `ids` must
+        be ascending and distinct. Returns the full row vector."""
+        rows, new_pos = self._provisional_rows(ids, rows)
+        self._commit_rows(ids.index_select(0, new_pos))
+        return rows
 
     def _gather_means(self, rows, found) -> torch.Tensor:
         """Stored means of `rows`, zero where the type is not stored (row -1)."""
@@ -370,27 +508,20 @@ class TokenMoments:
         m = int(ids.shape[0])
 
         # Reference point per type: its stored mean, or for a type new to this
-        # accumulator its first vector here. Nothing is stored until the end.
-        rows = self._lookup(ids)
-        found = rows >= 0
-        ref = torch.zeros(m, self.dim, dtype=_F64, device=dev)
-        if self._k:
-            torch.index_select(self._mean, 0, rows.clamp(min=0), out=ref)
-        new = (~found).nonzero().squeeze(1)
-        if new.numel():
-            ref.index_copy_(0, new, x.index_select(0, g.first.index_select(0, new)).to(_F64))
+        # accumulator its first vector here, written (exactly, in float64) into the
+        # free row it will get. Nothing is committed until the batch is summed and
+        # found finite: free rows keep count 0 and S 0, and are not in the index.
+        rows, new_pos = self._provisional_rows(ids, self._lookup(ids))
+        p = int(new_pos.shape[0])
+        if p:  # the new rows are k, k+1, … in id order
+            k = self._k
+            self._mean[k : k + p].copy_(x.index_select(0, g.first.index_select(0, new_pos)))
 
-        # Σ y and Σ ‖y‖² per type, y = x − ref, in float64 (exact conversion, one
-        # rounding of the small residual). Rows are taken in type order, so the
-        # per-type sums are segment sums: one sparse (types × rows) matrix product,
-        # far faster than index_add_ on CPU.
-        xs = x if g.presorted else x.index_select(0, g.perm)
-        y = xs.to(_F64, copy=True)
-        y.sub_(ref.index_select(0, g.sorted_inverse))
-        seg = _segment_matrix(counts, nb, dev)
-        s1 = seg @ y
-        s2 = (seg @ torch.linalg.vector_norm(y, dim=1).square_()[:, None]).squeeze(1)
-        del y
+        # Σ y and Σ ‖y‖² per type, y = x − ref in float64 (the conversion is exact;
+        # one rounding of the small residual), in cache-sized blocks of id-sorted rows.
+        s1 = torch.zeros(m, self.dim, dtype=_F64, device=dev)
+        s2 = torch.zeros(m, dtype=_F64, device=dev)
+        self._residual_sums(x, g, rows, s1, s2)
         # A NaN or inf anywhere makes its row's ‖y‖², hence s2, non-finite.
         if not bool(torch.isfinite(s2.sum())):
             raise EmbgeomError(
@@ -401,7 +532,6 @@ class TokenMoments:
         #   μ_b = ref + ȳ,  S_b = Σ‖y‖² − ‖Σy‖²/n_b,  n = n_a + n_b,
         #   μ = μ_a + (μ_b − μ_a) n_b/n = ref + Σy/n   (ref = μ_a, or n_a = 0),
         #   S = S_a + S_b + ‖μ_b − μ_a‖² n_a n_b/n = S_a + S_b + (‖Σy‖²/n_b) n_a/n.
-        rows = self._insert_missing(ids, rows)  # new rows: count 0, S 0
         n_a = self._counts.index_select(0, rows)
         n_tot = n_a + counts
         inv_n = n_tot.to(_F64).reciprocal_()
@@ -409,11 +539,82 @@ class TokenMoments:
         m2 = s2.sub_(qc).clamp_(min=0.0)
         m2 += qc.mul_(n_a.to(_F64)).mul_(inv_n)
         m2 += self._m2.index_select(0, rows)
-        self._mean.index_copy_(0, rows, ref.addcmul_(s1, inv_n[:, None]))
+        self._mean.index_add_(0, rows, s1.mul_(inv_n[:, None]))
         self._m2.index_copy_(0, rows, m2)
         self._counts.index_copy_(0, rows, n_tot)
+        self._commit_rows(ids.index_select(0, new_pos))
         self.n += nb
         return self
+
+    def _residual_sums(self, x, g: TokenGroups, rows, s1, s2) -> None:
+        """Add Σ y into `s1` (m, d) and Σ ‖y‖² into `s2` (m,) per type, where
+        y = x − ref in float64 (exact conversion, one rounding of the residual) and
+        ref is the type's current mean row ``rows[type]`` in the state.
+
+        On CPU the batch is read once, in blocks of rows whose float64 residuals,
+        gathered input and reference rows stay in cache (see _BlockPlan). On other
+        devices the whole batch is one mixed block."""
+        n, d = x.shape
+        dev = x.device
+        mean = self._mean
+        same = x.dtype == _F64
+        if _blocked(dev):
+            plan = g._plan(max(8, _BLOCK_ELEMS // d))
+            blocks, sizes, sinv = plan.blocks, plan.sizes, plan.sinv
+            order_parts, sinv_parts, own_types = plan.order_parts, plan.sinv_parts, plan.own_types
+        else:
+            blocks, sizes, sinv = [(0, n, -1)], [n], g.sorted_inverse
+            order_parts, sinv_parts, own_types = (None if g.presorted else (g.perm,)), (sinv,), None
+        width = max(sizes)
+        h = 0 if own_types is None else int(own_types.shape[0])
+        Y = torch.empty(width * d, dtype=_F64, device=dev)
+        R = torch.empty(width, d, dtype=_F64, device=dev)
+        X = torch.empty(width, d, dtype=x.dtype, device=dev) if order_parts is not None and not same else None
+        ones = torch.ones(width if h else 0, dtype=_F64, device=dev)
+        views = {}  # block length -> (y 2-d, y flat, r, x buffer, ones): made once per length
+        sq = torch.zeros(n, dtype=_F64, device=dev)  # ‖y‖² of the rows of mixed blocks
+        sq_parts = sq.split(sizes)
+        x_parts = x.split(sizes) if order_parts is None else None
+        ref_parts = rows.index_select(0, sinv).split(sizes)
+        if h:
+            own_ref = mean.index_select(0, rows.index_select(0, own_types)).unbind(0)
+            hs1 = torch.empty(h, d, dtype=_F64, device=dev)
+            hs2 = torch.empty(h, dtype=_F64, device=dev)
+            hs1_rows, hs2_rows = hs1.unbind(0), hs2.unbind(0)
+        j = 0
+        for i, (a, b, t) in enumerate(blocks):
+            v = views.get(b - a)
+            if v is None:
+                yf = Y[: (b - a) * d]
+                v = views[b - a] = (yf.view(b - a, d), yf, R[: b - a], None if X is None else X[: b - a],
+                                    ones[: b - a])
+            y, yf, r, xbuf, one = v
+            own = t >= 0
+            # y = x rows, as float64
+            if order_parts is None:
+                if own or not same:
+                    y.copy_(x_parts[i])
+            elif same:
+                torch.index_select(x, 0, order_parts[i], out=y)
+            else:
+                y.copy_(torch.index_select(x, 0, order_parts[i], out=xbuf))
+            if own:  # one type: one reference row; sums over the whole block
+                y.sub_(own_ref[j])
+                torch.mv(y.t(), one, out=hs1_rows[j])
+                torch.dot(yf, yf, out=hs2_rows[j])
+                j += 1
+            else:
+                torch.index_select(mean, 0, ref_parts[i], out=r)
+                if order_parts is None and same:
+                    torch.sub(x_parts[i], r, out=y)
+                else:
+                    y.sub_(r)
+                s1.index_add_(0, sinv_parts[i], y)
+                torch.linalg.vector_norm(y, dim=1, out=sq_parts[i])
+        s2.index_add_(0, sinv, sq.square_())
+        if h:
+            s1.index_add_(0, own_types, hs1)
+            s2.index_add_(0, own_types, hs2)
 
     def merge(self, other: "TokenMoments") -> "TokenMoments":
         """Merge another accumulator into this one, in place and exactly (Chan et al.,
