@@ -302,26 +302,31 @@ def analyze(
     rows, spectrum_rows, token_frames = [], [], []
     for stack, L in facts.n_layers.items():
         for layer in range(L + 1):
-            done = None  # (accumulators, metrics, spectrum, table) of the previous view
-            for view in VIEWS:
-                acc = stats.view(view, stack, layer)
-                ident = dict(model=name, revision=rev, step=step, stack=stack, layer=layer)
-                row = dict(ident, n_layers=L, depth=layer / L, view=view, n_tokens=acc.moments.n)
-                if acc.moments.n == 0:
-                    rows.append(row)
-                    continue
-                if done is not None and done[0] is acc:
-                    # No outliers at this layer: both views are the same accumulators.
-                    values, lam, table = done[1], done[2], done[3].copy()
+            # Inliers first: then 'all' merges the few outliers into the inliers'
+            # own accumulators (no copy of the per-type table), and a layer
+            # without outliers computes everything once for both views.
+            per_view, done = {}, None
+            for view in ("inliers", "all"):
+                acc = stats.view(view, stack, layer, in_place=True)
+                n = acc.moments.n
+                if n == 0:
+                    per_view[view] = (n, None, None, None)
+                elif done is not None and n == done[0]:
+                    per_view[view] = (n, done[1], done[2], done[3].copy())
                 else:
                     lam_out: list = []
                     values = acc.moments.metrics(eigenvalues_out=lam_out)
-                    lam = lam_out[0]
                     dec = acc.types.decomposition()
                     values.update(V_within=dec["V_within"], V_between=dec["V_between"])
                     values.update(acc.types.tradeoff(min_count=cfg.min_count, max_count=cfg.max_count))
-                    table = acc.types.table()
-                    done = (acc, values, lam, table.copy())
+                    done = per_view[view] = (n, values, lam_out[0], acc.types.table())
+            for view in VIEWS:
+                n, values, lam, table = per_view[view]
+                ident = dict(model=name, revision=rev, step=step, stack=stack, layer=layer)
+                row = dict(ident, n_layers=L, depth=layer / L, view=view, n_tokens=n)
+                if n == 0:
+                    rows.append(row)
+                    continue
                 row.update(values)
                 if cfg.id_sample > 0:
                     row.update(stats.intrinsic_dimension(stack, layer, view))

@@ -100,6 +100,7 @@ class LayerStatistics:
         self._pending = {s: _Pending() for s in self.n_layers}
         self._outlier_rows: list = []
         self._id_cache: dict = {}
+        self._consumed: set = set()  # (stack, layer) whose outliers were merged into the inliers
         self.samples = {s: PositionSample(id_sample, n + 1, width, seed=seed) for s, n in self.n_layers.items()} \
             if id_sample > 0 else {}
 
@@ -214,14 +215,29 @@ class LayerStatistics:
         self._outlier_rows.append(row)
 
     # ----------------------------------------------------------------- results
-    def view(self, name: str, stack: str, layer: int) -> LayerAccumulators:
-        """The accumulators of one view ('all' merges inliers and outliers exactly)."""
-        inl = self.inliers[stack][layer]
+    def view(self, name: str, stack: str, layer: int, in_place: bool = False) -> LayerAccumulators:
+        """The accumulators of one view ('all' merges inliers and outliers exactly).
+
+        in_place : build 'all' by merging the outliers into the inliers' own
+            accumulators instead of a copy (no second per-type table in memory);
+            afterwards that layer's 'inliers' view is gone, so read it first.
+        """
+        key = (stack, layer)
         if name == "inliers":
-            return inl
+            if key in self._consumed:
+                raise EmbgeomError(f"the inliers view of {stack} layer {layer} was merged into 'all' in place")
+            return self.inliers[stack][layer]
         if name == "all":
-            out = self.outliers[stack][layer]
-            return inl if out.moments.n == 0 else inl.merged_with(out)
+            inl, out = self.inliers[stack][layer], self.outliers[stack][layer]
+            if out.moments.n == 0 or key in self._consumed:
+                return inl
+            if not in_place:
+                return inl.merged_with(out)
+            inl.moments.merge(out.moments)
+            if inl.types is not None:
+                inl.types.merge(out.types)
+            self._consumed.add(key)
+            return inl
         raise EmbgeomError(f"unknown view {name!r}; use one of {VIEWS}")
 
     def intrinsic_dimension(self, stack: str, layer: int, view: str, k: int = 20,
@@ -242,13 +258,16 @@ class LayerStatistics:
             keep = torch.linalg.vector_norm(X, dim=1) <= limit
             if not bool(keep.all()):
                 X = X[keep]
-            elif "all" in self._id_cache.get(stack, {}).get(layer, {}):
-                return self._id_cache[stack][layer]["all"]
+        # The inliers are a subset of all points: the same count means the same
+        # points, whichever view came first.
+        cache = self._id_cache.setdefault((stack, layer), {})
+        if X.shape[0] in cache:
+            return cache[X.shape[0]]
         if X.shape[0] < 3:
             return empty
         dist = knn_distances(X, min(k, X.shape[0] - 1))
         out = intrinsic_dimensions(distances=dist, k=k, discard_fraction=discard_fraction)
-        self._id_cache.setdefault(stack, {}).setdefault(layer, {})[view] = out
+        cache[X.shape[0]] = out
         return out
 
     # ----------------------------------------------------------------- state
