@@ -12,13 +12,21 @@ checks the k-NN itself: the bf16 candidate path against the float32 one (both ex
 the difference must be 0), how many rows the bf16 bound could not certify (those take
 the float64 fallback), and skdim's TwoNN given embgeom's exact distances. With
 ``faiss-cpu`` installed it times faiss's exact float32 ``IndexFlatL2`` as well (float32
-distances, not exact; shown for speed only). Prints only; asserts nothing.
+distances, not exact; shown for speed only). For the k = 20 k-NN it prints the peak
+memory as well: the largest resident set beyond the data's own float64 copy, measured in
+a fresh child process per n (so that nothing the parent did earlier shows up in it).
+Prints only; asserts nothing.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import subprocess
+import sys
+import tempfile
+import threading
 import time
 import warnings
 
@@ -61,6 +69,68 @@ def knn_flops(n, d, block=2048):
     return total
 
 
+def _status_mib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+def _peak_child(path, k, threads):
+    """Child process: load the (n, d) float64 array, then run the k-NN once and report
+    the peak resident set beyond what was resident before the call. The peak is the
+    kernel's high-water mark (VmHWM, reset first through /proc/self/clear_refs), or,
+    where that cannot be reset, the maximum of VmRSS sampled every 0.2 ms."""
+    if threads:
+        torch.set_num_threads(threads)
+    X = torch.from_numpy(np.load(path))
+    before = _status_mib("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        hwm = _status_mib("VmHWM") <= before + 1
+    except OSError:
+        hwm = False
+    peak, stop = [before], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _status_mib("VmRSS"))
+            time.sleep(0.0002)
+
+    th = None if hwm else threading.Thread(target=sample, daemon=True)
+    if th:
+        th.start()
+    t = time.perf_counter()
+    knn_distances(X, k)
+    elapsed = time.perf_counter() - t
+    if th:
+        stop.set()
+        th.join()
+    top = _status_mib("VmHWM") if hwm else peak[0]
+    print(json.dumps(dict(transient_mib=top - before, x_mib=X.numel() * 8 / 2**20, seconds=elapsed,
+                          method="VmHWM" if hwm else "VmRSS sampling")))
+
+
+def knn_peak_memory(X, k, threads=0):
+    """Peak memory of one ``knn_distances(X, k)`` call (float64 X) in a fresh process:
+    a dict with ``transient_mib`` (beyond X itself), ``x_mib``, ``seconds``, ``method``;
+    None where it cannot be measured (no /proc)."""
+    if not os.path.exists("/proc/self/status"):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "x.npy")
+        np.save(path, np.ascontiguousarray(X, dtype=np.float64))
+        res = subprocess.run([sys.executable, os.path.abspath(__file__), "--peak-child", path,
+                              "--peak-k", str(k), "--threads", str(threads)],
+                             capture_output=True, text=True)
+    if res.returncode != 0:
+        print(f"  (peak-memory child failed: {res.stderr.strip().splitlines()[-1:]})")
+        return None
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 def synthetic(n, d=576, intrinsic=12, seed=0):
     """A curved 12-dimensional manifold in R^576 that looks a little like hidden states:
     a smooth nonlinear map of a 12-d Gaussian, an offset mean far from the origin, a few
@@ -85,7 +155,11 @@ def main(argv=None):
                     help="time scikit-dimension once when one run takes longer than this many seconds")
     ap.add_argument("--threads", type=int, default=0,
                     help="threads for torch and for numpy's BLAS (scikit-dimension) alike (default: the libraries' choice)")
+    ap.add_argument("--peak-child", help=argparse.SUPPRESS)  # internal: one peak-memory measurement
+    ap.add_argument("--peak-k", type=int, default=20, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.peak_child:
+        return _peak_child(args.peak_child, args.peak_k, args.threads)
     if args.threads:
         torch.set_num_threads(args.threads)
         try:
@@ -165,6 +239,11 @@ def main(argv=None):
               f"k=20: {t20:.3f}s = {fl / t20 / 1e9:.0f} GFLOP/s ({100 * fl / t20 / 1e9 / ceil:.0f}% of the "
               f"{info20.get('precision')} ceiling; {fl / 1e9:.1f} GFLOP in the symmetric tiles, "
               f"{2 * n * n * d / 1e9:.1f} in a full product)")
+        mem = knn_peak_memory(X, 20, args.threads)
+        if mem is not None:
+            print(f"{'':>6} {'':>4} | k-NN k=20 peak memory (fresh process, {mem['method']}): "
+                  f"{mem['transient_mib']:.0f} MiB beyond X's own float64 copy ({mem['x_mib']:.0f} MiB); "
+                  f"that run took {mem['seconds']:.3f}s, first call in the process included")
         t32, d32 = _best(lambda: knn_distances(Xt, 20, precision="fp32"), 1)
         print(f"{'':>6} {'':>4} | exactness: rows the bound could not certify (float64 fallback) k=2: "
               f"{info2.get('fallback_rows')}, k=20: {info20.get('fallback_rows')}; max |bf16 path - fp32 path| "

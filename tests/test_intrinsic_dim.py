@@ -347,6 +347,41 @@ def test_knn_precisions_duplicates_and_near_ties(precision):
     _check_precision(rng.integers(0, 4, (400, 5)).astype(float) + 1e3, 20, precision, block_size=64)
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_knn_duplicates_float32_input_compacted_in_place(precision):
+    """float32 input with duplicates: the distinct rows are moved to the front of the
+    call's own float64 copy (no second copy); same answer, the caller's array untouched."""
+    rng = np.random.default_rng(25)
+    X = (rng.standard_normal((700, 12)) * 2.0 + 7.0).astype(np.float32)
+    X[::7] = X[1::7][: len(X[::7])]  # every 7th row repeats its successor
+    X[600:640] = X[3]
+    keep = X.copy()
+    Xt = torch.from_numpy(X)
+    for k in (1, 20):
+        for inp in (X, Xt):
+            dist, idx = knn(inp, k, precision=precision, block_size=64)
+            ref = _brute(X.astype(np.float64), k)
+            np.testing.assert_allclose(dist.numpy(), ref.numpy(), rtol=1e-12, atol=0)
+            assert not (idx == torch.arange(len(X))[:, None]).any()
+            ref64 = knn(X.astype(np.float64), k, precision=precision, block_size=64)
+            assert torch.equal(dist, ref64[0]) and torch.equal(idx, ref64[1])
+    np.testing.assert_array_equal(X, keep)
+
+
+def test_filter_slices_match_one_pass(monkeypatch):
+    """_filter expands the passing groups a slice at a time: any slice size gives the
+    same entries in the same order."""
+    rng = np.random.default_rng(26)
+    X = rng.standard_normal((1050, 10))  # a last block of 32 columns: the ungrouped screen too
+    want = knn(X, 20, block_size=512)
+    info = dict(_nb._LAST)
+    for elems in (16, 48, 1000):
+        monkeypatch.setattr(_nb, "_FILTER_ELEMS", elems)
+        got = knn(X, 20, block_size=512)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert _nb._LAST == info
+
+
 @pytest.mark.skipif(not BF16, reason="no bf16 matrix products that keep the bound here")
 def test_bf16_fallback_rows_are_exact():
     rng = np.random.default_rng(22)

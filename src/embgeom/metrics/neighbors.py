@@ -33,7 +33,10 @@ candidates, with a proven error bound deciding what must be checked in float64:
    other tile a strided group minimum screens the entries, only those whose lower
    bound is ≤ ``τ_i`` are looked at, and ``τ_i`` tightens as candidates accumulate. A
    point skipped by the screen is provably farther than the k-th neighbour. Memory:
-   one ``block_size²`` tile plus ``n × p`` candidates; never an ``n × n`` matrix.
+   one ``block_size²`` tile plus ``n × p`` candidates and the two bf16 operands (or
+   one float32 copy); never an ``n × n`` matrix, and no n × d float64 temporary (the
+   centring, rounding and the fallback's keys work on chunks of rows; the screen
+   expands the groups that pass a slice at a time).
 3. **Exact distances (float64).** The ``k`` candidates with the smallest keys are
    recomputed from the original float64 coordinates as sums of squared differences;
    then, per row, every further kept candidate whose lower bound does not exclude it.
@@ -68,6 +71,7 @@ from ..errors import EmbgeomError
 __all__ = ["knn", "knn_distances"]
 
 _GROUP = 16  # columns per group in the two-level top-p selection
+_FILTER_ELEMS = 1 << 17  # tile entries re-read per slice in _filter (bounds its index arrays)
 
 _U32 = 2.0 ** -24
 _U64 = 2.0 ** -53
@@ -252,17 +256,28 @@ def _bf16_operands(x32, nhat, eps_n, n_pad, d, dev):
     AMX ``TDPBF16PS``, AVX512-BF16 ``VDPBF16PS`` and oneDNN's bf16 GEMM work);
     :func:`_bf16_usable` checks the bound on a hard case before the path is used.
     """
-    n = nhat.shape[0]
+    if isinstance(x32, torch.Tensor):
+        n = nhat.shape[0]
+        pieces = ((s, e, x32[s:e]) for s, e in _row_chunks(n, d))
+    else:  # (start, end, float32 rows) pieces from _centred_pieces; n̂ is computed here
+        n, pieces = x32
+        nhat = torch.empty(n, dtype=torch.float64, device=dev)
+        eps_n = _EPS_N(d)
     K = d + 4
     A = torch.empty((n_pad, K), dtype=torch.bfloat16, device=dev)
     B = torch.empty((n_pad, K), dtype=torch.bfloat16, device=dev)
     A[n:] = 0.0
     B[n:] = 0.0
     a = A[:n, :d]
-    a.copy_(x32[:n])
     gd = _gamma(d, _U32)
     up = 1.0 + gd + 4 * _U32  # rounds a float32 sum of d squares up
-    ne = torch.linalg.vector_norm(torch.sub(x32[:n], a), dim=1).double() * up
+    ne = torch.empty(n, dtype=torch.float32, device=dev)
+    for s, e, xs in pieces:  # a chunk of rows at a time: no n × d temporaries
+        a[s:e] = xs
+        if not isinstance(x32, torch.Tensor):
+            nhat[s:e] = torch.linalg.vector_norm(xs, dim=1).double() ** 2  # as in _centred32
+        torch.linalg.vector_norm(torch.sub(xs, a[s:e]), dim=1, out=ne[s:e])  # ‖x32 − a‖
+    ne = ne.double() * up
     # ‖e‖ ≤ ‖x32 − a‖ (rounded up; + √d 2⁻⁶³ for squares lost to underflow) + u32‖x‖
     ne = (ne + math.sqrt(d) * 2.0 ** -63 + _U32 * (1 + _U32) * torch.sqrt(nhat * (1 + eps_n))) ** 2
     nx = torch.sqrt(nhat * (1 + eps_n))
@@ -300,23 +315,50 @@ def _bf16_operands(x32, nhat, eps_n, n_pad, d, dev):
     return tile, torch.bfloat16, _Bounds(u_o, sigma, G)
 
 
+_CHUNK_ELEMS = 1 << 17  # elements per row chunk of the n × d elementwise passes (1 MiB of float64)
+
+
+def _row_chunks(n: int, d: int, elems: int = _CHUNK_ELEMS):
+    """``(start, end)`` row ranges covering ``0:n`` for passes over an ``n × d`` matrix
+    in cache-sized pieces of about ``elems`` elements (the last piece absorbs a short
+    remainder). Row-wise results (elementwise ops, reductions along a row) are the
+    same bits as on the whole matrix."""
+    step = max(1, elems // max(1, d))
+    starts = list(range(0, n, step))
+    if len(starts) > 1 and n - starts[-1] < step // 2:
+        starts.pop()
+    return [(s, starts[i + 1] if i + 1 < len(starts) else n) for i, s in enumerate(starts)]
+
+
+def _EPS_N(d: int) -> float:
+    """Relative error bound of the float32 squared norms ``n̂``: the float32 sum of
+    squares (γ_d), the sqrt and square (a few u32), and x32 vs x (≤ 3u32); squares lost
+    to underflow (≤ (d + 8) 2⁻¹²⁶ absolute) are in the σ of the key bounds."""
+    return _gamma(d, _U32) + 8 * _U32
+
+
+def _centred_pieces(X64, mean, scale):
+    """``(start, end, rows)``: the float32 rounding of the centred (and scaled)
+    coordinates, a cache-sized chunk of rows at a time (float64 centring, then one
+    rounding), so that no n × d float64 temporary is made."""
+    n, d = X64.shape
+    for s, e in _row_chunks(n, d):
+        xc = torch.sub(X64[s:e], mean)
+        if scale != 1.0:
+            xc.mul_(scale)
+        yield s, e, xc.to(torch.float32)
+
+
 def _centred32(X64, mean, scale, n_pad):
     """float32 rounding of the centred (and scaled) coordinates, zero padding rows, and
     their squared norms ``n̂`` (float64) with the relative error bound ``eps_n``."""
     n, d = X64.shape
     x32 = torch.empty((n_pad, d), dtype=torch.float32, device=X64.device)
     x32[n:] = 0.0
-    xc = torch.sub(X64, mean)  # float64, then rounded once to float32 (faster than out=)
-    if scale != 1.0:
-        xc.mul_(scale)
-    x32[:n] = xc
-    del xc
+    for s, e, xs in _centred_pieces(X64, mean, scale):
+        x32[s:e] = xs
     nhat = torch.linalg.vector_norm(x32[:n], dim=1).double() ** 2
-    # float32 sum of squares (γ_d), the sqrt and square (a few u32), and x32 vs x
-    # (≤ 3u32); squares lost to underflow (≤ (d + 8) 2⁻¹²⁶ absolute) are in the σ of
-    # the key bounds
-    eps_n = _gamma(d, _U32) + 8 * _U32
-    return x32, nhat, eps_n
+    return x32, nhat, _EPS_N(d)
 
 
 _BF16_OK: dict = {}
@@ -340,8 +382,9 @@ def _bf16_usable(dev, d: int) -> bool:
             x32, nhat, eps_n = _centred32(pts.to(dev), torch.zeros(d, dtype=torch.float64, device=dev), 1.0, n_pad)
             tile, dt, b = _bf16_operands(x32, nhat, eps_n, n_pad, d, dev)
             r = tile(0, n, 0, n, torch.empty((n, n), dtype=dt, device=dev)).double().cpu()
-            D = 0.5 * ((pts[:, None, :] - pts[None, :, :]) ** 2).sum(-1)
             idx = torch.arange(n)
+            # exact half squared distances, in chunks (not an n × n × d array)
+            D = 0.5 * _exact_sq(pts, idx, idx.expand(n, n))
             bc = _Bounds(b.u_o, b.sigma, b.G.cpu())
             ok = bool((bc.lower(r) <= D).all()) and bool((D <= bc.upper(r, idx, idx)).all())
         except Exception:  # pragma: no cover - no bf16 matmul on this device
@@ -450,21 +493,32 @@ def _filter(t, flat_t, stride, tau, along_rows: bool):
         og = torch.nonzero(mins <= tau[:, None])
         if og.numel() == 0:
             return None
-        owner = og[:, 0:1]
-        other = og[:, 1:2] + torch.arange(_GROUP, device=dev) * w  # (P, G)
+        offs = torch.arange(_GROUP, device=dev) * w
     else:
         tt = t if along_rows else t.T
-        oo = torch.nonzero(tt <= tau[:, None])
-        if oo.numel() == 0:
+        og = torch.nonzero(tt <= tau[:, None])
+        if og.numel() == 0:
             return None
-        owner, other = oo[:, 0:1], oo[:, 1:2]
-    flat = owner * stride + other if along_rows else other * stride + owner
-    v = flat_t.index_select(0, flat.reshape(-1)).view(flat.shape)
-    lim = tau.index_select(0, owner.reshape(-1)).view(-1, 1)
-    keep = torch.nonzero((v <= lim).reshape(-1)).squeeze(1)
-    owner = owner.expand(flat.shape).reshape(-1).index_select(0, keep)
-    other = other.expand(flat.shape).reshape(-1).index_select(0, keep)
-    return owner, other, v.reshape(-1).index_select(0, keep)
+        offs = None
+    # The passing groups are expanded to their members a slice at a time: with a loose
+    # threshold most groups of a tile pass, and (P, _GROUP) int64 index arrays for all
+    # of them at once would take several times the tile's own memory.
+    out_o, out_x, out_v = [], [], []
+    step = max(1, _FILTER_ELEMS // _GROUP) if offs is not None else _FILTER_ELEMS
+    for s in range(0, og.shape[0], step):
+        part = og[s : s + step]
+        owner = part[:, 0:1]
+        other = part[:, 1:2] + offs if offs is not None else part[:, 1:2]  # (P, G) or (P, 1)
+        flat = owner * stride + other if along_rows else other * stride + owner
+        v = flat_t.index_select(0, flat.reshape(-1)).view(flat.shape)
+        lim = tau.index_select(0, owner.reshape(-1)).view(-1, 1)
+        keep = torch.nonzero((v <= lim).reshape(-1)).squeeze(1)
+        out_o.append(owner.expand(flat.shape).reshape(-1).index_select(0, keep))
+        out_x.append(other.expand(flat.shape).reshape(-1).index_select(0, keep))
+        out_v.append(v.reshape(-1).index_select(0, keep))
+    if len(out_o) == 1:
+        return out_o[0], out_x[0], out_v[0]
+    return torch.cat(out_o), torch.cat(out_x), torch.cat(out_v)
 
 
 def _candidates(tile_fn, tile_dtype, bounds, n, n_pad, p, k, delta, block, dev):
@@ -604,24 +658,34 @@ def _resolve(X64, keys, idx, k, to_scaled, bounds, delta):
     return out_sq, out_nb, ok
 
 
-def _threshold_rows(X64, Xs, half64, rows, tau, k, block):
+def _threshold_rows(X64, mean, scale, half64, rows, tau, k, block):
     """Exact k-NN of the points ``rows`` by collecting *every* point whose float64 key is
     at most ``tau`` (a key is a lower bound of the scaled half squared distance, and
-    ``tau`` an upper bound of the k-th neighbour's), then evaluating those exactly."""
+    ``tau`` an upper bound of the k-th neighbour's), then evaluating those exactly.
+
+    The centred, scaled coordinates ``(X64 − mean)·scale`` are formed a block of
+    columns at a time (and, per block, for the rows' own chunk), never as a whole
+    n × d copy; ``half64`` are the lowered half squared norms of all of them."""
     m = rows.shape[0]
-    n = Xs.shape[0]
+    n = X64.shape[0]
     dev = X64.device
     out_sq = torch.empty((m, k), dtype=torch.float64, device=dev)
     out_nb = torch.empty((m, k), dtype=torch.int64, device=dev)
+
+    def centred(x):
+        x = torch.sub(x, mean)
+        return x.mul_(scale) if scale != 1.0 else x
+
     rb = max(1, min(256, m))
-    for i0 in range(0, m, rb):
-        i1 = min(i0 + rb, m)
-        ri = rows[i0:i1]
-        pr, pc = [], []
-        for j0 in range(0, n, block):
-            j1 = min(j0 + block, n)
+    chunks = [(i0, min(i0 + rb, m)) for i0 in range(0, m, rb)]
+    found = [([], []) for _ in chunks]
+    for j0 in range(0, n, block):
+        j1 = min(j0 + block, n)
+        xj = centred(X64[j0:j1])
+        for (i0, i1), (pr, pc) in zip(chunks, found):
+            ri = rows[i0:i1]
             t = half64[ri, None] + half64[None, j0:j1]
-            t.addmm_(Xs[ri], Xs[j0:j1].T, alpha=-1.0)
+            t.addmm_(centred(X64[ri]), xj.T, alpha=-1.0)
             inside = (ri >= j0) & (ri < j1)
             if bool(inside.any()):
                 r = torch.nonzero(inside).squeeze(1)
@@ -629,6 +693,10 @@ def _threshold_rows(X64, Xs, half64, rows, tau, k, block):
             nz = torch.nonzero(t <= tau[i0:i1, None])
             pr.append(nz[:, 0])
             pc.append(nz[:, 1] + j0)
+            del t
+        del xj
+    for (i0, i1), (pr, pc) in zip(chunks, found):
+        ri = rows[i0:i1]
         pr = torch.cat(pr)
         pc = torch.cat(pc)
         s = _exact_sq_pairs(X64, ri[pr], pc)
@@ -677,25 +745,32 @@ def _knn_core(X64: torch.Tensor, k: int, block: int, margin, abs_max: float, pre
         margin = max(8, k) if precision == "bf16" else 8
     p = min(k + margin, n - 1)
     n_pad = -(-n // _GROUP) * _GROUP
-    x32, nhat, eps_n = _centred32(X64, mean, scale, n_pad)
     with _ieee_fp32_matmul():
-        make = _bf16_operands if precision == "bf16" else _fp32_operands
-        tile_fn, tile_dtype, bounds = make(x32, nhat, eps_n, n_pad, d, dev)
+        if precision == "bf16":  # built from chunks: no float32 copy of all points
+            pieces = (n, _centred_pieces(X64, mean, scale))
+            tile_fn, tile_dtype, bounds = _bf16_operands(pieces, None, None, n_pad, d, dev)
+        else:
+            x32, nhat, eps_n = _centred32(X64, mean, scale, n_pad)
+            tile_fn, tile_dtype, bounds = _fp32_operands(x32, nhat, eps_n, n_pad, d, dev)
+            del x32
         keys, idx = _candidates(tile_fn, tile_dtype, bounds, n, n_pad, p, k, delta, block, dev)
-        del tile_fn, x32
+        del tile_fn
 
     out_sq, out_nb, ok = _resolve(X64, keys, idx, k, to_scaled, bounds, delta)
     bad = torch.nonzero(~ok).squeeze(1)
     _LAST.update(precision=precision, n=n, k=k, p=p, fallback_rows=int(bad.numel()))
     if bad.numel():
-        Xs = torch.sub(X64, mean)
-        if scale != 1.0:
-            Xs.mul_(scale)
-        sq_norm = (Xs * Xs).sum(dim=1)
+        sq_norm = torch.empty(n, dtype=torch.float64, device=dev)
+        for s, e in _row_chunks(n, d):  # squared norms of the centred, scaled points
+            xs = torch.sub(X64[s:e], mean)
+            if scale != 1.0:
+                xs.mul_(scale)
+            torch.sum(xs.mul_(xs), dim=1, out=sq_norm[s:e])
+        del xs
         c64 = 2.0 * (_gamma(d + 2, _U64) + 8 * _U64)
         half64 = (1.0 - c64) * 0.5 * sq_norm
         tau = (torch.sqrt(out_sq[bad, -1] * to_scaled) + delta) ** 2 * (0.5 * (1 + 1e-12)) + 2.0 ** -1000
-        sq2, nb2 = _threshold_rows(X64, Xs, half64, bad, tau, k, block)
+        sq2, nb2 = _threshold_rows(X64, mean, scale, half64, bad, tau, k, block)
         out_sq[bad] = sq2
         out_nb[bad] = nb2
     return out_sq, out_nb
@@ -731,6 +806,20 @@ def _dedupe(X64: torch.Tensor, name: str = "X"):
     if reps.numel() == n:
         return None
     return reps, group
+
+
+def _take_rows(X64: torch.Tensor, reps: torch.Tensor, in_place: bool) -> torch.Tensor:
+    """``X64[reps]`` for ascending ``reps``. With ``in_place`` (``X64`` is this call's own
+    copy) the rows are moved to the front of ``X64`` a chunk at a time, and the leading
+    rows returned: the same values, without a second n × d float64 copy."""
+    if not in_place:
+        return X64[reps]
+    u, d = reps.shape[0], X64.shape[1]
+    for s, e in _row_chunks(u, d):
+        # rows move only towards the front (reps[i] ≥ i) and a chunk is gathered before
+        # it is written, so no row is overwritten before it has been read
+        X64[s:e] = X64.index_select(0, reps[s:e])
+    return X64[:u]
 
 
 def _expand(sq_u, nb_u, group, counts, k):
@@ -793,8 +882,13 @@ def knn(X, k: int, *, block_size: int = 2048, margin: int | None = None, name: s
         neighbour (excluded by index); exact duplicates are neighbours at distance 0.
     block_size : rows (and columns) per tile. Memory: one ``block_size²`` tile
         (bf16 or float32, plus screening buffers of a fraction of it), ``n · (k +
-        margin) · 12`` bytes of candidates, and copies of X (one float64 centred
-        copy while it is rounded, one float32, and with bf16 two bf16 operands).
+        margin) · 12`` bytes of candidates, and the operands: with bf16 two bf16
+        copies of X (``2 n (d + 4) · 2`` bytes), with float32 one float32 copy. X is
+        converted to float64 once (no copy when it already is float64); with exact
+        duplicates the distinct rows are gathered into a float64 copy, or, when the
+        float64 array is already this call's own conversion, moved to its front in
+        place. The centring, rounding and the float64 fallback work on cache-sized
+        chunks of rows, never on n × d temporaries.
     margin : extra candidates kept per point beyond ``k`` (default ``max(8, k)``
         with bf16 candidates, 8 with float32); only speed depends on it, the result
         is exact in any case (see the module docstring).
@@ -842,7 +936,7 @@ def knn(X, k: int, *, block_size: int = 2048, margin: int | None = None, name: s
             sq_u = torch.zeros((1, 1), dtype=torch.float64, device=X64.device)
             nb_u = torch.zeros((1, 1), dtype=torch.int64, device=X64.device)
         else:
-            sq_u, nb_u = _knn_core(X64[reps], ku, block, margin, amax, precision)
+            sq_u, nb_u = _knn_core(_take_rows(X64, reps, in_place=X64 is not X), ku, block, margin, amax, precision)
         sq, nb = _expand(sq_u, nb_u, group, counts, k)
     dist = sq.sqrt_()
     if e0:
