@@ -75,15 +75,23 @@ class Shard:
         dist.all_gather_object(out, obj)
         return out
 
-    def gather_to_main(self, obj) -> list | None:
-        """Every rank's `obj` on rank 0 (in rank order); None on the others."""
+    def fold_to_main(self, obj, fold):
+        """fold(acc, obj_r) over every rank's `obj` in rank order, on rank 0, receiving
+        one rank's object at a time (so rank 0 never holds all of them at once);
+        returns the folded value on rank 0 and None on the others."""
         if self.world == 1:
-            return [obj]
+            return obj
         import torch.distributed as dist
 
-        out = [None] * self.world if self.is_main else None
-        dist.gather_object(obj, out, dst=0)
-        return out
+        if not self.is_main:
+            dist.send_object_list([obj], dst=0)
+            return None
+        acc = obj
+        for src in range(1, self.world):
+            box = [None]
+            dist.recv_object_list(box, src=src)
+            acc = fold(acc, box[0])
+        return acc
 
     def gather_tensors(self, t: torch.Tensor) -> list:
         """All ranks' CPU tensors (any length along their last axis), in rank order."""

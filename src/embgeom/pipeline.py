@@ -381,15 +381,20 @@ def analyze(
 
 
 def _merge_ranks(shard: Shard, stats: LayerStatistics, n_seen: dict, n_padded: int, device):
-    """Every rank's statistics and counts merged on rank 0 (None elsewhere)."""
-    parts = shard.gather_to_main({"statistics": stats.state_dict(), "n_seen": n_seen, "n_padded": n_padded})
-    if parts is None:
+    """Every rank's statistics and counts merged into rank 0's, one rank at a time
+    (so rank 0 never holds more than one other rank's state); None elsewhere."""
+    if not shard.is_main:
+        shard.fold_to_main({"statistics": stats.state_dict(), "n_seen": n_seen, "n_padded": n_padded}, None)
         return None, None, None
-    merged = LayerStatistics.from_state_dict(parts[0]["statistics"], device=device)
-    for part in parts[1:]:
-        merged.merge(LayerStatistics.from_state_dict(part["statistics"], device=device))
-    seen = {s: sum(p["n_seen"][s] for p in parts) for s in n_seen}
-    return merged, seen, sum(p["n_padded"] for p in parts)
+
+    def fold(acc, part):
+        acc["statistics"].merge(LayerStatistics.from_state_dict(part["statistics"], device=device))
+        acc["n_seen"] = {s: acc["n_seen"][s] + part["n_seen"][s] for s in acc["n_seen"]}
+        acc["n_padded"] += part["n_padded"]
+        return acc
+
+    merged = shard.fold_to_main({"statistics": stats, "n_seen": dict(n_seen), "n_padded": n_padded}, fold)
+    return merged["statistics"], merged["n_seen"], merged["n_padded"]
 
 
 def _model_identity(facts) -> dict:
