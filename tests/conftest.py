@@ -12,6 +12,15 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("EMBGEOM_CACHE", str(ROOT / ".embgeom-cache"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Parallel test workers share the cores: more threads than cores makes BLAS and
+# LAPACK spin-wait (an eigendecomposition then takes seconds instead of ms).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
+    os.environ.setdefault("MKL_NUM_THREADS", str(_threads))
+    import torch
+
+    torch.set_num_threads(_threads)
 
 ARCHS = ["gpt2", "bert", "llama", "t5"]
 

@@ -87,15 +87,25 @@ def validate_plan(plan: WindowPlan, max_length: int | None) -> None:
         raise EmbgeomError(f"--seq-len {plan.seq_len} is too large (at most {(1 << POSITION_BITS) - 1})")
 
 
-def _tokenize_chunks(documents: Iterable[str], tokenizer, chunk: int = 64) -> Iterator[list]:
+def _tokenize_chunks(documents: Iterable[str], tokenizer, chunk: int = 64, chunk_chars: int = 1 << 18) -> Iterator[list]:
+    """Token ids of each document, tokenized in groups of up to `chunk` documents or
+    `chunk_chars` characters (long documents, e.g. whole articles, would otherwise
+    make a group's tokenizer output the largest allocation of the run)."""
     buf: list = []
+    chars = 0
+
+    def encode(docs):
+        return tokenizer(docs, add_special_tokens=False, return_attention_mask=False,
+                         return_token_type_ids=False)["input_ids"]
+
     for doc in documents:
         buf.append(doc)
-        if len(buf) == chunk:
-            yield from tokenizer(buf, add_special_tokens=False)["input_ids"]
-            buf = []
+        chars += len(doc)
+        if len(buf) == chunk or chars >= chunk_chars:
+            yield from encode(buf)
+            buf, chars = [], 0
     if buf:
-        yield from tokenizer(buf, add_special_tokens=False)["input_ids"]
+        yield from encode(buf)
 
 
 def iter_windows(documents: Iterable[str], tokenizer, plan: WindowPlan) -> Iterator[Window]:
