@@ -4,6 +4,7 @@ Bad input (an EmbgeomError) becomes one line on stderr and exit status 2.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -83,6 +84,9 @@ def run(
     else:
         t = targets[0]
         snapshots = out / SNAPSHOT_DIR
+        if not resume and any(snapshots.glob("rank*-of-*.pt")) and os.environ.get("RANK", "0") == "0":
+            _say(f"note: {snapshots} holds a snapshot of an unfinished run; starting over "
+                 "(stop and add --resume to continue it instead)")
         result = analyze(t.spec, corpus, revision=t.revision, step=t.step, progress=progress, cache_dir=cache_dir,
                          snapshot_dir=snapshots, snapshot_every=snapshot_every, resume=resume, **options)
         if result is None:  # not rank 0 of a torchrun job: rank 0 writes
