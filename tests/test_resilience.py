@@ -281,3 +281,17 @@ def test_snapshot_refusals_name_the_problem(tmp_path):
         Snapshots(tmp_path, 0, 0, 2, fp).load()
     with pytest.raises(EmbgeomError, match="--snapshot-every"):
         Snapshots(tmp_path, -1, 0, 1, fp)
+
+
+def test_resume_accepts_a_touched_corpus_with_the_same_contents(tiny_models, lee_corpus, tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(lee_corpus.read_text().splitlines()[:6]) + "\n")
+    snaps = tmp_path / "snaps"
+    opts = dict(seq_len=32, batch_size=4, device="cpu", id_sample=0, snapshot_dir=snaps)
+    first = analyze(str(tiny_models["gpt2"]), str(corpus), snapshot_every=0, **opts)
+    os.utime(corpus, (time.time() + 100, time.time() + 100))  # same bytes, new time
+    again = analyze(str(tiny_models["gpt2"]), str(corpus), resume=True, **opts)
+    pd.testing.assert_frame_equal(first.layers, again.layers, check_exact=False, rtol=1e-12)
+    corpus.write_text(corpus.read_text() + "one more line of text\n")
+    with pytest.raises(EmbgeomError, match="corpus.sha256"):
+        analyze(str(tiny_models["gpt2"]), str(corpus), resume=True, **opts)

@@ -219,7 +219,7 @@ def analyze(
     snaps = None
     if snapshot_dir is not None:
         fingerprint = {"embgeom": __version__, "config": asdict(cfg), "model": _model_identity(facts),
-                       "revision": revision, "step": step, "name": name, "corpus": corpus_record,
+                       "revision": revision, "step": step, "name": name, "corpus": corpus_contents(corpus_record),
                        "processes": shard.world}
         snaps = Snapshots(snapshot_dir, snapshot_every, shard.rank, shard.world, fingerprint)
     progress_state = {"next_batch": 0, "n_seen": {stack: 0 for stack in facts.n_layers}, "n_padded": 0,
@@ -403,11 +403,9 @@ def _model_identity(facts) -> dict:
     ident = {k: v for k, v in facts.to_dict().items() if k != "path"}
     ident["path"] = str(Path(facts.path).resolve()) if Path(facts.path).exists() else facts.path
     p = Path(facts.path)
-    if p.is_dir():
-        ident["files"] = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in p.iterdir() if f.is_file())
-    elif p.is_file():
-        st = p.stat()
-        ident["files"] = [(p.name, st.st_size, st.st_mtime_ns)]
+    files = [f for f in p.iterdir() if f.is_file()] if p.is_dir() else [p] if p.is_file() else []
+    if files:
+        ident["files"] = sorted((f.name, st.st_size, st.st_mtime_ns) for f, st in ((f, f.stat()) for f in files))
     return ident
 
 
@@ -466,6 +464,13 @@ def outlier_table(records: list, tokenizer, model: str, revision: str) -> pd.Dat
     texts = dict(zip(uniq.tolist(), tokenizer.convert_ids_to_tokens(uniq.tolist())))
     df.insert(df.columns.get_loc("token_id") + 1, "token", [texts[i] for i in ids.tolist()])
     return df.sort_values(["stack", "layer", "window", "position"], ignore_index=True)[OUTLIER_COLUMNS]
+
+
+def corpus_contents(record: dict) -> dict:
+    """The part of a corpus record that names its contents (format and SHA-256), not
+    where it lies or when it was touched: what a resumed run or a reused sweep
+    checkpoint must share with the earlier run."""
+    return {"format": record["format"], "sha256": record["sha256"]}
 
 
 def _corpus_record(corpus) -> dict:

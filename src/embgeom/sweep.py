@@ -231,18 +231,11 @@ def _options_key(options: dict) -> dict:
 
 
 def _corpus_key(corpus) -> dict:
-    if isinstance(corpus, (list, tuple)):
-        h = hashlib.sha256()
-        for d in corpus:
-            h.update(str(d).encode("utf-8", "replace"))
-            h.update(b"\0")
-        return {"format": "list", "sha256": h.hexdigest()}
-    from .corpus import corpus_fingerprint
+    from .pipeline import _corpus_record, corpus_contents
 
-    if not Path(corpus).exists():
+    if not isinstance(corpus, (list, tuple)) and not Path(corpus).exists():
         raise EmbgeomError(f"corpus {corpus} does not exist; pass a .txt, .jsonl, .csv, .parquet file or a datasets directory")
-    fp = corpus_fingerprint(corpus)
-    return {"format": fp["format"], "sha256": fp["sha256"]}
+    return corpus_contents(_corpus_record(corpus))
 
 
 def _target_record(t: Target, options_key: dict, corpus_key: dict) -> dict:
