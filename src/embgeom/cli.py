@@ -126,12 +126,12 @@ def demo(
 
 
 def _leave_process_group() -> None:
-    """Under torchrun, end this process's membership of the process group."""
-    if "torch.distributed" in sys.modules:
-        import torch.distributed as dist
+    """Under torchrun, end this process's membership of the process group (only
+    if a run joined one: `embgeom --help` need not import torch)."""
+    if "embgeom.distributed" in sys.modules:
+        from .distributed import leave_process_group
 
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        leave_process_group()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,8 +4,9 @@ Every process reads the same corpus and forms the same sequence of batches; batc
 belongs to rank i mod world, so a batch's forward pass is exactly the one a single
 process would run (same windows, same padding, same shape). The outlier threshold
 is calibrated on the norms of the first windows of every rank together, each rank
-accumulates its own batches, and the accumulators' `state_dict`s are gathered to
-rank 0 and merged exactly. With one process nothing here touches torch.distributed.
+accumulates its own batches, and rank 0 receives the other ranks' `state_dict`s one
+at a time and merges them exactly. With one process nothing here touches
+torch.distributed.
 """
 from __future__ import annotations
 
@@ -24,7 +25,6 @@ class Shard:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
-    started_group: bool = False  # whether we initialised the process group (and so end it)
 
     @classmethod
     def from_environment(cls, device_hint: str = "auto") -> "Shard":
@@ -38,7 +38,6 @@ class Shard:
         if not dist.is_available():
             raise EmbgeomError("WORLD_SIZE > 1 but this torch build has no torch.distributed; run one process")
         local = int(os.environ.get("LOCAL_RANK", "0") or 0)
-        started = False
         if not dist.is_initialized():
             use_cuda = (torch.cuda.is_available() and device_hint == "auto") or str(device_hint).startswith("cuda")
             backend = "nccl" if use_cuda else "gloo"
@@ -48,8 +47,7 @@ class Shard:
                 dist.init_process_group(backend)
             except (RuntimeError, ValueError) as exc:
                 raise EmbgeomError(f"could not join the torchrun process group ({backend}): {exc}") from None
-            started = True
-        return cls(dist.get_rank(), dist.get_world_size(), local, started)
+        return cls(dist.get_rank(), dist.get_world_size(), local)
 
     @property
     def is_main(self) -> bool:
@@ -103,10 +101,11 @@ class Shard:
         if problems:
             raise EmbgeomError(problems[0])
 
-    def close(self) -> None:
-        if self.started_group:
-            import torch.distributed as dist
 
-            if dist.is_initialized():
-                dist.destroy_process_group()
-            self.started_group = False
+def leave_process_group() -> None:
+    """End this process's membership of the process group, if it joined one (the
+    group outlives single analyses, so that a sweep's analyses share it)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
