@@ -25,6 +25,20 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 ARCHS = ["gpt2", "bert", "llama", "t5"]
 
 
+@pytest.fixture(params=["compiled", "torch"])
+def path(request, monkeypatch):
+    """Run a test with the accumulators' compiled CPU loops (numba) and with the torch
+    operations they use off the CPU (and where numba is missing)."""
+    import torch
+
+    from embgeom.stats import _kernels
+
+    if request.param == "compiled":
+        assert _kernels.use_kernels(torch.device("cpu"))  # numba is a dependency: the loops serve the CPU
+    monkeypatch.setattr(_kernels, "ENABLED", request.param == "compiled")
+    return request.param
+
+
 def lee_texts(n: int = 40) -> list[str]:
     from embgeom.wiki import lee_documents
 

@@ -52,7 +52,7 @@ CASES = [(0.0, 1.0), (3.0, 1.0), (1e4, 1e-3)]
 
 
 @pytest.mark.parametrize("offset_norm,spread", CASES)
-def test_matches_two_pass_reference(offset_norm, spread):
+def test_matches_two_pass_reference(path, offset_norm, spread):
     rng = np.random.default_rng(0)
     X = make_data(rng, 1500, 24, offset_norm, spread)
     ref, C, mu = reference(X)
@@ -68,7 +68,7 @@ def test_matches_two_pass_reference(offset_norm, spread):
     assert m.Q == pytest.approx(m.M + m.V, rel=1e-15)
 
 
-def test_float32_and_torch_input_match_float64_of_same_values():
+def test_float32_and_torch_input_match_float64_of_same_values(path):
     rng = np.random.default_rng(1)
     X32 = make_data(rng, 800, 16, 5.0, 1.0).astype(np.float32)
     ref, _, _ = reference(X32.astype(np.float64))
@@ -79,7 +79,7 @@ def test_float32_and_torch_input_match_float64_of_same_values():
 
 
 @pytest.mark.parametrize("splits", [1, 2, 3, 7])
-def test_merge_in_any_split_equals_one_pass(splits):
+def test_merge_in_any_split_equals_one_pass(path, splits):
     rng = np.random.default_rng(2)
     X = make_data(rng, 999, 12, 1e4, 1e-3)
     one = Moments(12).update(X)
@@ -107,12 +107,45 @@ def test_state_dict_round_trip_is_exact(tmp_path):
     assert empty.n == 0
 
 
-def test_zero_vectors_have_no_direction_for_mean_cosine():
+def test_zero_vectors_have_no_direction_for_mean_cosine(path):
     X = np.array([[1.0, 0.0], [0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
     m = Moments(2).update(X)
     # pairs among the three non-zero vectors: cos = 1 (one pair), 0 (two pairs)
     assert m.mean_cosine == pytest.approx(1.0 / 3.0)
     assert m.n == 4 and m.n_nonzero == 3
+
+
+def test_compiled_and_torch_paths_agree(monkeypatch):
+    from embgeom.stats import _kernels
+
+    rng = np.random.default_rng(6)
+    X = make_data(rng, 2000, 40, 1e4, 1e-3).astype(np.float32)
+    runs = {}
+    for enabled in (True, False):
+        monkeypatch.setattr(_kernels, "ENABLED", enabled)
+        m = Moments(40)
+        for chunk in np.array_split(X, 5):
+            m.update(torch.from_numpy(chunk))
+        runs[enabled] = m
+    a, b = runs[True], runs[False]
+    assert a.n_nonzero == b.n_nonzero == 2000
+    np.testing.assert_allclose(a.mean, b.mean, rtol=1e-14)
+    np.testing.assert_allclose(a.covariance, b.covariance, rtol=1e-11, atol=1e-11 * np.abs(b.covariance).max())
+    for key, value in b.metrics().items():
+        assert a.metrics()[key] == pytest.approx(value, rel=1e-10, abs=1e-15), key
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_batch_adds_nothing(path, bad):
+    rng = np.random.default_rng(7)
+    m = Moments(6).update(rng.normal(size=(50, 6)))
+    before = m.state_dict()
+    X = rng.normal(size=(30, 6))
+    X[17, 2] = bad
+    with pytest.raises(EmbgeomError, match="NaN or infinite"):
+        m.update(X)
+    after = m.state_dict()
+    assert after["n"] == 50 and all(torch.equal(before[k], after[k]) for k in before if isinstance(before[k], torch.Tensor))
 
 
 def test_anisotropy_function_on_plain_arrays():
@@ -136,3 +169,14 @@ def test_bad_input_is_named():
         Moments(0)
     with pytest.raises(EmbgeomError, match="width"):
         Moments(4).merge(Moments(5).update(np.ones((1, 5))))
+
+
+@pytest.mark.parametrize("d", [7, 100, 191, 384, 577])
+def test_gram_is_exactly_symmetric_and_equals_xtx(d):
+    from embgeom.stats.moments import gram
+
+    x = torch.from_numpy(np.random.default_rng(d).normal(size=(150, d)))
+    g = gram(x)
+    want = x.T @ x
+    assert torch.equal(g, g.T)
+    torch.testing.assert_close(g, want, rtol=1e-13, atol=1e-13 * float(want.abs().max()))

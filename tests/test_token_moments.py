@@ -453,21 +453,11 @@ def test_cuda_matches_cpu():
     assert_tables_close(back.table(), cpu.table(), 1e-10)
 
 
-# ------------------------------------------------------- blocked CPU residual path
-@pytest.fixture
-def small_blocks(monkeypatch):
-    """Blocks of 8 rows (types with ≥ 4 rows in a batch get blocks of their own, up
-    to 16 rows), so that the test data exercise both block kinds and many blocks."""
-    import embgeom.stats.token_moments as tm
-
-    monkeypatch.setattr(tm, "_BLOCK_ELEMS", 8 * D)
-    return tm
-
-
+# ------------------------------------------ compiled CPU loops and the torch path
 @pytest.mark.parametrize("kind", ["far", "normal"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("presorted", [False, True])
-def test_small_blocks_match_reference_and_default_blocks(small_blocks, kind, dtype, presorted):
+def test_both_paths_match_reference_and_one_batch(path, kind, dtype, presorted):
     x, ids = make_data(kind, n=3000, seed=21, dtype=dtype)
     want, want_dec = reference(x, ids)
     acc = TokenMoments(D)
@@ -476,52 +466,57 @@ def test_small_blocks_match_reference_and_default_blocks(small_blocks, kind, dty
         if presorted:
             order = np.argsort(ib, kind="stable")
             xb, ib = xb[order], ib[order]
-        g = TokenMoments.group(ib)
-        plan = g._plan(8)
-        own = [t for _, _, t in plan.blocks if t >= 0]
-        assert own and len(own) < len(plan.blocks)  # both kinds of block occur
-        acc.update(xb, g)
+        acc.update(xb, TokenMoments.group(ib))
     assert_tables_close(acc.table(), want, 1e-7)
     assert_dec_close(acc.decomposition(), want_dec, 1e-7)
-    # the same stream in one batch with the default (large) blocks
-    small_blocks._BLOCK_ELEMS = 1 << 30
     one = TokenMoments(D)
     one.update(x, ids)
     # float64 vectors 1e4 from the origin: the stored float64 mean itself rounds by
     # ~1e-12, which moves a later batch's between-term by ~1e-10 of V (the same with
-    # any split, whatever the blocks); float32 vectors agree to 1e-10.
+    # any split); float32 vectors agree to 1e-10.
     tol = 1e-9 if kind == "far" and dtype == np.float64 else 1e-10
     assert_tables_close(acc.table(), one.table(), tol)
     assert_dec_close(acc.decomposition(), one.decomposition(), tol)
 
 
-def test_block_plan_partitions_rows(small_blocks):
+def test_compiled_and_torch_paths_agree(monkeypatch):
+    from embgeom.stats import _kernels
+
+    x, ids = make_data("far", n=2400, seed=24, dtype=np.float32)
+    runs = {}
+    for enabled in (True, False):
+        monkeypatch.setattr(_kernels, "ENABLED", enabled)
+        runs[enabled] = feed(TokenMoments(D), x, ids, 600)
+    assert_tables_close(runs[True].table(), runs[False].table(), 1e-12)
+    assert_dec_close(runs[True].decomposition(), runs[False].decomposition(), 1e-12)
+
+
+def test_half_precision_batches_convert_exactly(path):
+    x, ids = make_data("normal", n=1500, seed=26, dtype=np.float32)
+    xb = torch.from_numpy(x).to(torch.bfloat16)
+    acc = feed(TokenMoments(D), xb, ids, 500)
+    want, want_dec = reference(xb.double().numpy(), ids)
+    assert_tables_close(acc.table(), want, 1e-7)
+    assert_dec_close(acc.decomposition(), want_dec, 1e-7)
+
+
+def test_row_chunks_balance_rows_over_whole_groups():
+    from embgeom.stats._kernels import row_chunks
+
     rng = np.random.default_rng(22)
-    ids = zipf_ids(rng, 2000, vocab=60)
-    for ib in (ids, np.sort(ids)):
-        g = TokenGroups(ib)
-        plan = g._plan(8)
-        order = g.perm if plan.order is None else plan.order
-        # every row exactly once, each type's rows contiguous, types as given
-        assert sorted(order.tolist()) == list(range(len(ib)))
-        np.testing.assert_array_equal(g.ids[plan.sinv].numpy(), ib[order.numpy()])
-        runs = plan.sinv[1:] != plan.sinv[:-1]
-        assert int(runs.sum()) == len(g.ids) - 1
-        ends = [b for _, b, _ in plan.blocks]
-        assert [a for a, _, _ in plan.blocks] == [0] + ends[:-1] and ends[-1] == len(ib)
-        own = []
-        for a, b, t in plan.blocks:
-            if t >= 0:
-                assert b - a <= 16 and set(plan.sinv[a:b].tolist()) == {t}
-                own.append(t)
-            else:
-                assert b - a <= 8
-        assert own == plan.own_types.tolist()
-        assert set(own) == set(np.flatnonzero(g.counts.numpy() >= 4).tolist())
+    sizes = np.concatenate([[5000], rng.integers(1, 5, 3000)])  # one huge group first
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    n = int(sizes.sum())
+    c = row_chunks(starts, n, 8)
+    assert c[0] == 0 and c[-1] == len(sizes) and np.all(np.diff(c) > 0)
+    rows = [int(sizes[a:b].sum()) for a, b in zip(c[:-1], c[1:])]
+    assert sum(rows) == n and len(rows) >= 2
+    assert max(rows[1:]) <= n / 8 + 5  # only the huge group is a run of its own
+    assert row_chunks(np.zeros(0, dtype=np.int64), 0, 4).tolist() == [0]
 
 
 @pytest.mark.parametrize("where", ["frequent", "rare"])
-def test_nan_in_either_block_kind_adds_nothing(small_blocks, where):
+def test_nan_in_any_type_adds_nothing(path, where):
     x, ids = make_data("far", n=1200, seed=23, dtype=np.float32)
     acc = TokenMoments(D)
     acc.update(x[:600], ids[:600])
@@ -537,32 +532,6 @@ def test_nan_in_either_block_kind_adds_nothing(small_blocks, where):
     acc.update(x[600:], ids[600:])
     want, _ = reference(x, ids)
     assert_tables_close(acc.table(), want, 1e-7)
-
-
-@pytest.mark.parametrize("presorted", [False, True])
-def test_one_block_path_as_on_accelerators(monkeypatch, presorted):
-    """Off the CPU the batch is one mixed block; that path, run here on the CPU, gives
-    the numbers of the blocked path."""
-    import embgeom.stats.token_moments as tm
-
-    x, ids = make_data("far", n=2400, seed=24, dtype=np.float32)
-    want, want_dec = reference(x, ids)
-    blocked = TokenMoments(D)
-    batches = []
-    for a in range(0, len(ids), 600):
-        xb, ib = x[a : a + 600], ids[a : a + 600]
-        if presorted:
-            order = np.argsort(ib, kind="stable")
-            xb, ib = xb[order], ib[order]
-        batches.append((xb, ib))
-        blocked.update(xb, ib)
-    monkeypatch.setattr(tm, "_blocked", lambda device: False)
-    whole = TokenMoments(D)
-    for xb, ib in batches:
-        whole.update(xb, ib)
-    assert_tables_close(whole.table(), want, 1e-7)
-    assert_dec_close(whole.decomposition(), want_dec, 1e-7)
-    assert_tables_close(whole.table(), blocked.table(), 1e-10)
 
 
 def test_large_state_with_huge_page_hint_is_exact():

@@ -23,12 +23,10 @@ types):
   batch. The residual y = x − r_t is formed in float64 (exact conversion, a single
   rounding of a small number; no float32 arithmetic anywhere) and summed per type,
   Σ y and Σ ‖y‖², in float64;
-* on CPU the batch is walked in cache-sized blocks of type-contiguous rows (see
-  _BlockPlan), so it is read from memory once and no float64 copy of it is made: a
-  frequent type's block subtracts its one reference row by broadcasting and sums by
-  a matrix-vector product and a dot product; a block of rare types gathers one
-  reference row per vector and sums with index_add_. Off the CPU the batch is one
-  such block;
+* on CPU a compiled loop (numba, see `_kernels`) reads the batch once, type by
+  type, keeping each type's float64 sums in cache; a second one updates the
+  touched rows. Without numba, and off the CPU, the same arithmetic runs as
+  whole-batch torch operations;
 * the batch's per-type mean and centred sum of squares follow without cancellation:
   μ_b = r + ȳ, S_b = Σ ‖y‖² − n_b ‖ȳ‖² with ȳ = Σ y / n_b small;
 * it is merged into the running state per type, vectorised over types, with the
@@ -36,8 +34,8 @@ types):
   μ = μ_a + δ n_b/n, S = S_a + S_b + ‖δ‖² n_a n_b/n (with r = μ_a, μ = r + Σy/n).
 
 The state is touched only after the whole batch was summed and found finite, so a
-batch with a NaN or inf raises EmbgeomError and adds nothing. Everything runs in torch
-on the device of the state (CUDA included).
+batch with a NaN or inf raises EmbgeomError and adds nothing. It runs on the device
+of the state (CUDA included): compiled loops on CPU, torch operations elsewhere.
 
 Accumulators merge exactly the same way (``merge``), so shards and ranks combine.
 
@@ -65,6 +63,7 @@ import torch
 
 from .._validate import as_float_matrix
 from ..errors import EmbgeomError
+from . import _kernels
 from ..metrics.tradeoff import norm_variance_tradeoff
 
 __all__ = ["TokenMoments", "TokenGroups"]
@@ -72,10 +71,6 @@ __all__ = ["TokenMoments", "TokenGroups"]
 _I64 = torch.int64
 _F64 = torch.float64
 _INT64_MAX = np.iinfo(np.int64).max
-# Values per block of rows in TokenMoments updates on CPU (a block of float64
-# residuals, its reference rows and the gathered input stay in L2 cache).
-_BLOCK_ELEMS = 128 * 384
-
 
 _MADV_HUGEPAGE = 14
 _HUGE = 1 << 21
@@ -109,12 +104,6 @@ def _empty_rows(rows: int, dim: int, device) -> torch.Tensor:
         if end > start:
             _madvise(start, end - start, _MADV_HUGEPAGE)  # a hint: the result is not needed
     return t
-
-
-def _blocked(device: torch.device) -> bool:
-    """Whether updates walk the batch in cache-sized blocks (CPU), or take it as one
-    block (accelerators, where one launch per operation is what counts)."""
-    return device.type == "cpu"
 
 
 def _as_id_vector(token_ids, name: str = "token_ids") -> torch.Tensor:
@@ -165,7 +154,7 @@ class TokenGroups:
 
     __slots__ = (
         "ids", "inverse", "counts", "perm", "sorted_inverse", "starts", "first", "presorted", "n",
-        "_moved", "_plans",
+        "_moved",
     )
 
     def __init__(self, token_ids, device=None):
@@ -198,7 +187,6 @@ class TokenGroups:
                 self.inverse = torch.empty_like(sorted_inverse).index_copy_(0, perm, sorted_inverse)
             self.first = perm.index_select(0, starts)
         self._moved = {}
-        self._plans = {}
 
     @property
     def device(self) -> torch.device:
@@ -220,82 +208,11 @@ class TokenGroups:
             for name in ("ids", "inverse", "counts", "perm", "sorted_inverse", "starts", "first"):
                 setattr(g, name, getattr(self, name).to(device))
             g._moved = {}
-            g._plans = {}
             self._moved[device] = g
         return g
 
-    def _plan(self, step: int) -> "_BlockPlan":
-        """The block plan for rows of `step` values per block (cached)."""
-        plan = self._plans.get(step)
-        if plan is None:
-            plan = self._plans[step] = _BlockPlan(self, step)
-        return plan
-
     def __repr__(self) -> str:
         return f"TokenGroups(n={self.n}, types={int(self.ids.shape[0])}, device={self.device})"
-
-
-class _BlockPlan:
-    """How ``TokenMoments.update`` walks a batch on CPU, in blocks that fit in cache.
-
-    Types with at least `step` // 2 rows ("frequent") get blocks of their own, up to
-    2·`step` rows each: there the reference is one row, subtracted by broadcasting,
-    and the block's Σ y and Σ ‖y‖² are a matrix-vector product and a dot product. The rows of the
-    other types go together in "mixed" blocks of up to `step` rows, with one reference
-    row per vector and per-type sums by index_add_. Rows come in type-contiguous order:
-    when the ids were not presorted, frequent types first (any order of the types is
-    as good as id order, as long as each type's rows are contiguous), so that the
-    mixed rows form one run; when presorted, in the given order (no gather).
-
-    Attributes: ``order`` (n,) rows of the batch in plan order, or None for the
-    identity; ``sinv`` (n,) type of each row in plan order; ``blocks`` host list of
-    (start, end, type) with type -1 for a mixed block; ``sizes`` their lengths;
-    ``own_types`` (h,) int64, the type of each own-type block, in block order;
-    ``order_parts`` / ``sinv_parts``: ``order`` / ``sinv`` split into the blocks."""
-
-    __slots__ = ("order", "sinv", "blocks", "sizes", "own_types", "order_parts", "sinv_parts")
-
-    def __init__(self, g: TokenGroups, step: int):
-        n, dev = g.n, g.device
-        counts = g.counts.cpu().numpy()
-        m = counts.shape[0]
-        frequent = counts >= max(2, step // 2)
-        if g.presorted or not frequent.any():
-            type_order = np.arange(m)
-            self.order = None if g.presorted else g.perm
-            self.sinv = g.sorted_inverse
-        else:
-            type_order = np.concatenate([np.flatnonzero(frequent), np.flatnonzero(~frequent)])
-            # Row of each id-sorted row in the new order: its type's new start plus
-            # its rank within the type.
-            new_start = np.empty(m, dtype=np.int64)
-            c = counts[type_order]
-            new_start[type_order] = np.cumsum(c) - c
-            shift = torch.from_numpy(new_start - g.starts.cpu().numpy()).to(dev)
-            dest = torch.arange(n, dtype=_I64, device=dev) + shift.index_select(0, g.sorted_inverse)
-            self.order = torch.empty_like(g.perm).index_copy_(0, dest, g.perm)
-            self.sinv = torch.empty_like(g.sorted_inverse).index_copy_(0, dest, g.sorted_inverse)
-        c = counts[type_order]
-        seg_end = np.cumsum(c)
-        seg_start = seg_end - c
-        f = frequent[type_order]
-        # Intervals: each frequent type's rows, and the maximal runs of other types.
-        bounds = np.unique(np.concatenate([[0, n], seg_start[f], seg_end[f]]))
-        lo, hi = bounds[:-1], bounds[1:]
-        pos = np.searchsorted(seg_start, lo)  # lo is a segment start: the type there
-        own = f[pos]
-        width = np.where(own, 2 * step, step)
-        nblk = -(-(hi - lo) // width)
-        which = np.repeat(np.arange(lo.shape[0]), nblk)
-        k = np.arange(which.shape[0]) - np.repeat(np.cumsum(nblk) - nblk, nblk)
-        b_lo = lo[which] + k * width[which]
-        b_hi = np.minimum(b_lo + width[which], hi[which])
-        b_type = np.where(own[which], type_order[pos[which]], -1)
-        self.blocks = list(zip(b_lo.tolist(), b_hi.tolist(), b_type.tolist()))
-        self.sizes = (b_hi - b_lo).tolist()
-        self.own_types = torch.from_numpy(b_type[b_type >= 0].astype(np.int64)).to(dev)
-        self.order_parts = None if self.order is None else self.order.split(self.sizes)
-        self.sinv_parts = self.sinv.split(self.sizes)
 
 
 class TokenMoments:
@@ -315,8 +232,8 @@ class TokenMoments:
 
     Memory: ``nbytes`` = (8·d + 16)·capacity + 16·types bytes, capacity ≥ types (at
     most twice, unless a larger hint was given). While it runs, an update holds the
-    batch's per-type sums, (types in the batch) × d float64, and on CPU blocks of
-    about 128 × 384 values (off the CPU: float64 residuals of the whole batch).
+    batch's per-type sums, (types in the batch) × d float64 (without the compiled
+    CPU loops, also the float64 residuals of the whole batch).
 
     Usage::
 
@@ -504,8 +421,7 @@ class TokenMoments:
             x = x.to(dev)
         g = g.to(dev)
 
-        ids, counts = g.ids, g.counts
-        m = int(ids.shape[0])
+        ids = g.ids
 
         # Reference point per type: its stored mean, or for a type new to this
         # accumulator its first vector here, written (exactly, in float64) into the
@@ -518,16 +434,57 @@ class TokenMoments:
             self._mean[k : k + p].copy_(x.index_select(0, g.first.index_select(0, new_pos)))
 
         # Σ y and Σ ‖y‖² per type, y = x − ref in float64 (the conversion is exact;
-        # one rounding of the small residual), in cache-sized blocks of id-sorted rows.
-        s1 = torch.zeros(m, self.dim, dtype=_F64, device=dev)
-        s2 = torch.zeros(m, dtype=_F64, device=dev)
-        self._residual_sums(x, g, rows, s1, s2)
+        # one rounding of the small residual), then the Chan et al. update per type.
+        if _kernels.use_kernels(dev):
+            self._update_compiled(x, g, rows)
+        else:
+            self._update_torch(x, g, rows)
+        self._commit_rows(ids.index_select(0, new_pos))
+        self.n += nb
+        return self
+
+    @staticmethod
+    def _non_finite(x) -> EmbgeomError:
+        return EmbgeomError(f"batch of shape {tuple(x.shape)} holds NaN or infinite values; nothing was added")
+
+    def _update_compiled(self, x, g: TokenGroups, rows) -> None:
+        """CPU: one compiled pass over the batch for the sums, one over the touched
+        rows for the update (see `_kernels`)."""
+        xn = x.numpy() if x.dtype in (torch.float32, _F64) else x.to(torch.float32).numpy()
+        xn = np.ascontiguousarray(xn)
+        starts = g.starts.numpy()
+        m = starts.shape[0]
+        rows_n = rows.numpy()
+        s1 = np.empty((m, self.dim))
+        s2 = np.empty(m)
+        with _kernels.LOCK:
+            threads = torch.get_num_threads()
+            _kernels.set_threads(threads)
+            chunks = _kernels.row_chunks(starts, g.n, 4 * threads)
+            _kernels.type_residual_sums(xn, g.perm.numpy(), starts, rows_n, self._mean.numpy(), s1, s2, chunks)
+            # A NaN or inf anywhere makes its type's Σ‖y‖², hence the total,
+            # non-finite; the state is untouched so far.
+            if not math.isfinite(float(s2.sum())):
+                raise self._non_finite(x)
+            _kernels.merge_type_sums(rows_n, g.counts.numpy(), s1, s2, self._mean.numpy(), self._m2.numpy(),
+                                     self._counts.numpy())
+
+    def _update_torch(self, x, g: TokenGroups, rows) -> None:
+        """Any device: the batch in one pass of whole-batch operations."""
+        dev = x.device
+        m = int(g.ids.shape[0])
+        counts = g.counts
+        xs = x if g.presorted else x.index_select(0, g.perm)
+        y = xs.to(_F64)
+        if y.data_ptr() == x.data_ptr():
+            y = y.clone()
+        y -= self._mean.index_select(0, rows.index_select(0, g.sorted_inverse))
+        s1 = torch.zeros(m, self.dim, dtype=_F64, device=dev).index_add_(0, g.sorted_inverse, y)
+        s2 = torch.zeros(m, dtype=_F64, device=dev).index_add_(
+            0, g.sorted_inverse, torch.linalg.vector_norm(y, dim=1).square_())
         # A NaN or inf anywhere makes its row's ‖y‖², hence s2, non-finite.
         if not bool(torch.isfinite(s2.sum())):
-            raise EmbgeomError(
-                f"batch of shape {tuple(x.shape)} holds NaN or infinite values; nothing was added"
-            )
-
+            raise self._non_finite(x)
         # Chan et al. update per type, vectorised. With n_b = count here, ȳ = Σy/n_b:
         #   μ_b = ref + ȳ,  S_b = Σ‖y‖² − ‖Σy‖²/n_b,  n = n_a + n_b,
         #   μ = μ_a + (μ_b − μ_a) n_b/n = ref + Σy/n   (ref = μ_a, or n_a = 0),
@@ -542,79 +499,6 @@ class TokenMoments:
         self._mean.index_add_(0, rows, s1.mul_(inv_n[:, None]))
         self._m2.index_copy_(0, rows, m2)
         self._counts.index_copy_(0, rows, n_tot)
-        self._commit_rows(ids.index_select(0, new_pos))
-        self.n += nb
-        return self
-
-    def _residual_sums(self, x, g: TokenGroups, rows, s1, s2) -> None:
-        """Add Σ y into `s1` (m, d) and Σ ‖y‖² into `s2` (m,) per type, where
-        y = x − ref in float64 (exact conversion, one rounding of the residual) and
-        ref is the type's current mean row ``rows[type]`` in the state.
-
-        On CPU the batch is read once, in blocks of rows whose float64 residuals,
-        gathered input and reference rows stay in cache (see _BlockPlan). On other
-        devices the whole batch is one mixed block."""
-        n, d = x.shape
-        dev = x.device
-        mean = self._mean
-        same = x.dtype == _F64
-        if _blocked(dev):
-            plan = g._plan(max(8, _BLOCK_ELEMS // d))
-            blocks, sizes, sinv = plan.blocks, plan.sizes, plan.sinv
-            order_parts, sinv_parts, own_types = plan.order_parts, plan.sinv_parts, plan.own_types
-        else:
-            blocks, sizes, sinv = [(0, n, -1)], [n], g.sorted_inverse
-            order_parts, sinv_parts, own_types = (None if g.presorted else (g.perm,)), (sinv,), None
-        width = max(sizes)
-        h = 0 if own_types is None else int(own_types.shape[0])
-        Y = torch.empty(width * d, dtype=_F64, device=dev)
-        R = torch.empty(width, d, dtype=_F64, device=dev)
-        X = torch.empty(width, d, dtype=x.dtype, device=dev) if order_parts is not None and not same else None
-        ones = torch.ones(width if h else 0, dtype=_F64, device=dev)
-        views = {}  # block length -> (y 2-d, y flat, r, x buffer, ones): made once per length
-        sq = torch.zeros(n, dtype=_F64, device=dev)  # ‖y‖² of the rows of mixed blocks
-        sq_parts = sq.split(sizes)
-        x_parts = x.split(sizes) if order_parts is None else None
-        ref_parts = rows.index_select(0, sinv).split(sizes)
-        if h:
-            own_ref = mean.index_select(0, rows.index_select(0, own_types)).unbind(0)
-            hs1 = torch.empty(h, d, dtype=_F64, device=dev)
-            hs2 = torch.empty(h, dtype=_F64, device=dev)
-            hs1_rows, hs2_rows = hs1.unbind(0), hs2.unbind(0)
-        j = 0
-        for i, (a, b, t) in enumerate(blocks):
-            v = views.get(b - a)
-            if v is None:
-                yf = Y[: (b - a) * d]
-                v = views[b - a] = (yf.view(b - a, d), yf, R[: b - a], None if X is None else X[: b - a],
-                                    ones[: b - a])
-            y, yf, r, xbuf, one = v
-            own = t >= 0
-            # y = x rows, as float64
-            if order_parts is None:
-                if own or not same:
-                    y.copy_(x_parts[i])
-            elif same:
-                torch.index_select(x, 0, order_parts[i], out=y)
-            else:
-                y.copy_(torch.index_select(x, 0, order_parts[i], out=xbuf))
-            if own:  # one type: one reference row; sums over the whole block
-                y.sub_(own_ref[j])
-                torch.mv(y.t(), one, out=hs1_rows[j])
-                torch.dot(yf, yf, out=hs2_rows[j])
-                j += 1
-            else:
-                torch.index_select(mean, 0, ref_parts[i], out=r)
-                if order_parts is None and same:
-                    torch.sub(x_parts[i], r, out=y)
-                else:
-                    y.sub_(r)
-                s1.index_add_(0, sinv_parts[i], y)
-                torch.linalg.vector_norm(y, dim=1, out=sq_parts[i])
-        s2.index_add_(0, sinv, sq.square_())
-        if h:
-            s1.index_add_(0, own_types, hs1)
-            s2.index_add_(0, own_types, hs2)
 
     def merge(self, other: "TokenMoments") -> "TokenMoments":
         """Merge another accumulator into this one, in place and exactly (Chan et al.,
