@@ -58,6 +58,24 @@ def set_threads(n: int) -> None:
         numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
 
 
+_SCRATCH = threading.local()
+
+
+def scratch(name: str, rows: int, cols: int) -> np.ndarray:
+    """A (rows, cols) float64 work array, reused between calls (per thread and
+    name): a fresh multi-megabyte array per batch and layer costs a page fault per
+    4 KiB on its first write, ~10% of an update. The caller must be done with it
+    before asking for the same name again."""
+    bufs = getattr(_SCRATCH, "bufs", None)
+    if bufs is None:
+        bufs = _SCRATCH.bufs = {}
+    need = rows * cols
+    buf = bufs.get(name)
+    if buf is None or buf.shape[0] < need:
+        buf = bufs[name] = np.empty(max(need, 1), dtype=np.float64)
+    return buf[:need].reshape(rows, cols)
+
+
 def row_chunks(starts: np.ndarray, n_rows: int, parts: int) -> np.ndarray:
     """Boundaries (in units of groups) splitting groups with row offsets `starts`
     ((m,) ascending, group g holds rows starts[g]:starts[g+1], the last ends at

@@ -23,21 +23,34 @@ class NonFiniteInput(EmbgeomError):
     """A batch held NaN or infinite values."""
 
 
-def gram(x: torch.Tensor) -> torch.Tensor:
-    """xᵀx, exactly symmetric, computing each off-diagonal entry once: the upper
-    triangle in row strips of about 96 columns (one matrix product each), then
-    mirrored. There is no symmetric rank-k update in torch; at widths in the hundreds
-    this takes 70–85% of the time of x.T @ x (measured in float64 on CPU)."""
-    d = x.shape[1]
-    k = d // 96
-    if k < 2:
-        return x.T @ x
+def _strips(d: int) -> list[tuple[int, int]]:
+    """Row strips [a, b) of about 96 columns covering a d × d matrix."""
+    k = max(1, d // 96)
     edges = [round(i * d / k) for i in range(k + 1)]
-    g = torch.empty(d, d, dtype=x.dtype, device=x.device)
-    for a, b in zip(edges[:-1], edges[1:]):
-        torch.mm(x[:, a:b].T, x[:, a:], out=g[a:b, a:])
-    g = torch.triu(g)
-    return g.add_(torch.triu(g, 1).T)
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def add_gram_upper(acc: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """acc += xᵀx on the upper triangle (and diagonal blocks) only, in place: one
+    matrix product per row strip of about 96 columns, written straight into `acc`.
+    There is no symmetric rank-k update in torch; at widths in the hundreds this
+    takes 70–85% of the time of x.T @ x (float64, CPU) and needs no temporary.
+    Entries strictly below the diagonal blocks are left as they were."""
+    for a, b in _strips(x.shape[1]):
+        acc[a:b, a:].addmm_(x[:, a:b].T, x[:, a:])
+    return acc
+
+
+def symmetric_from_upper(m: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose upper triangle is that of `m` (a new tensor)."""
+    u = torch.triu(m)
+    return u.add_(torch.triu(m, 1).T)
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """xᵀx, exactly symmetric (see add_gram_upper)."""
+    d = x.shape[1]
+    return symmetric_from_upper(add_gram_upper(torch.zeros(d, d, dtype=x.dtype, device=x.device), x))
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -97,16 +110,14 @@ class Moments:
         if x.device != self._device:
             x = x.to(self._device)
         if _kernels.use_kernels(self._device):
-            nb_nonzero, bmean, bscatter, unit_sum = self._batch_compiled(x)
+            self._update_compiled(x)
         else:
-            nb_nonzero, bmean, bscatter, unit_sum = self._batch_torch(x)
-        self._merge_parts(nb, nb_nonzero, bmean, bscatter, unit_sum)
+            self._update_torch(x)
         return self
 
-    @staticmethod
-    def _batch_torch(x):
-        """(nonzero rows, mean, scatter about the mean, Σ x/‖x‖) of one batch: a
-        float64 copy centred on its own mean (two passes)."""
+    def _update_torch(self, x) -> None:
+        """A float64 copy of the batch centred on its own mean (two passes); its
+        Gram matrix goes straight into the state."""
         x64 = x.to(dtype=torch.float64, copy=True)  # our own copy, centred in place
         norms = torch.linalg.vector_norm(x64, dim=1)
         nonzero = norms > 0
@@ -116,10 +127,9 @@ class Moments:
         if not bool(torch.isfinite(bmean).all()):
             raise NonFiniteInput("batch holds NaN or infinite values")
         x64 -= bmean
-        return int(nonzero.sum()), bmean, gram(x64), unit_sum
+        self._merge_parts(x.shape[0], int(nonzero.sum()), bmean, x64, None, unit_sum)
 
-    @staticmethod
-    def _batch_compiled(x):
+    def _update_compiled(self, x) -> None:
         """The same from one compiled pass (CPU, see `_kernels`): the float64 copy is
         shifted by the batch's first row r instead of its mean, so that one pass
         also gives the sums; then with y = x − r and ȳ its mean,
@@ -131,7 +141,7 @@ class Moments:
         xn = x.numpy() if x.dtype in (torch.float32, torch.float64) else x.to(torch.float32).numpy()
         xn = np.ascontiguousarray(xn)
         ref = xn[0].astype(np.float64)
-        y = np.empty(xn.shape, dtype=np.float64)
+        y = _kernels.scratch("moments", n, xn.shape[1])  # this thread's, reused by the next batch
         with _kernels.LOCK:
             threads = torch.get_num_threads()
             _kernels.set_threads(threads)
@@ -141,24 +151,32 @@ class Moments:
         bmean = ref + ybar
         if not (np.isfinite(bmean).all() and np.isfinite(sq).all()):
             raise NonFiniteInput("batch holds NaN or infinite values")
-        ybar_t = torch.from_numpy(ybar)
-        scatter = gram(torch.from_numpy(y)).sub_(torch.outer(ybar_t, ybar_t), alpha=n)
-        return int(np.count_nonzero(sq > 0)), torch.from_numpy(bmean), scatter, torch.from_numpy(unit.sum(axis=0))
+        self._merge_parts(n, int(np.count_nonzero(sq > 0)), torch.from_numpy(bmean), torch.from_numpy(y),
+                          torch.from_numpy(ybar), torch.from_numpy(unit.sum(axis=0)))
 
-    def _merge_parts(self, nb, nb_nonzero, bmean, bscatter, unit_sum) -> None:
-        if self.n == 0:
-            self._mean.copy_(bmean)
-            self._scatter.copy_(bscatter)
-            self._unit_sum.copy_(unit_sum)
+    def _merge_parts(self, nb, nb_nonzero, bmean, centred, shift, unit_sum, scatter=None) -> None:
+        """Chan et al. update with a part of nb vectors of mean `bmean`, given either
+        its rows `centred` (x − x̄, or x − r with x̄ − r = `shift`) or its full
+        `scatter` matrix. Only the upper triangle of the state's scatter is kept
+        up to date (see `_scatter_full`)."""
+        n = self.n + nb
+        delta = bmean - self._mean
+        self._mean.add_(delta, alpha=nb / n)
+        if scatter is not None:
+            self._scatter.add_(scatter)
         else:
-            n = self.n + nb
-            delta = bmean - self._mean
-            self._mean.add_(delta, alpha=nb / n)
-            self._scatter.add_(bscatter)
-            self._scatter.add_(torch.outer(delta, delta), alpha=self.n * nb / n)
-            self._unit_sum.add_(unit_sum)
-        self.n += nb
+            add_gram_upper(self._scatter, centred)
+            if shift is not None:
+                self._scatter.addr_(shift, shift, alpha=-nb)
+        if self.n:
+            self._scatter.addr_(delta, delta, alpha=self.n * nb / n)
+        self._unit_sum.add_(unit_sum)
+        self.n = n
         self.n_nonzero += nb_nonzero
+
+    def _scatter_full(self) -> torch.Tensor:
+        """Σ (x − μ)(x − μ)ᵀ, symmetric (the state keeps its upper triangle)."""
+        return symmetric_from_upper(self._scatter)
 
     def merge(self, other: "Moments") -> "Moments":
         """Merge another accumulator into this one, exactly (Chan et al.); returns self."""
@@ -171,13 +189,8 @@ class Moments:
         if self._mean is None:
             self._init_state(self._device if self._device is not None else other._device)
         dev = self._device
-        self._merge_parts(
-            other.n,
-            other.n_nonzero,
-            other._mean.to(dev),
-            other._scatter.to(dev),
-            other._unit_sum.to(dev),
-        )
+        self._merge_parts(other.n, other.n_nonzero, other._mean.to(dev), None, None,
+                          other._unit_sum.to(dev), scatter=other._scatter_full().to(dev))
         return self
 
     # ------------------------------------------------------------------ results
@@ -207,7 +220,7 @@ class Moments:
     @property
     def covariance(self) -> np.ndarray:
         self._require_data("covariance")
-        return _to_numpy(self._scatter) / self.n
+        return _to_numpy(self._scatter_full()) / self.n
 
     @property
     def second_moment(self) -> np.ndarray:
@@ -261,7 +274,7 @@ class Moments:
         if self._mean is not None:
             sd.update(
                 mean=self._mean.detach().cpu().clone(),
-                scatter=self._scatter.detach().cpu().clone(),
+                scatter=self._scatter_full().detach().cpu(),
                 unit_sum=self._unit_sum.detach().cpu().clone(),
             )
         return sd

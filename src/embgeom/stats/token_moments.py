@@ -455,7 +455,7 @@ class TokenMoments:
         starts = g.starts.numpy()
         m = starts.shape[0]
         rows_n = rows.numpy()
-        s1 = np.empty((m, self.dim))
+        s1 = _kernels.scratch("token_sums", m, self.dim)  # this thread's, reused by the next batch
         s2 = np.empty(m)
         with _kernels.LOCK:
             threads = torch.get_num_threads()
