@@ -34,6 +34,7 @@ import tracemalloc
 import numpy as np
 import torch
 
+from embgeom.stats import _kernels
 from embgeom.stats.token_moments import TokenMoments
 
 
@@ -167,6 +168,18 @@ def main() -> None:
         t_grouped.append(dt / args.tokens / args.layers)
     del accs
 
+    # the torch operations instead of the compiled loops (the path off the CPU)
+    t_torch = []
+    if _kernels.use_kernels(torch.device("cpu")):
+        _kernels.ENABLED = False
+        tokenmoments_pass(xt[: 2 * args.batch], idt[: 2 * args.batch], args.batch)
+        for _ in range(args.repeats):
+            dt, _ = timed(sequential_pass, xs, ids_s)
+            t_seq.append(dt / n_sub)
+            dt, _ = timed(tokenmoments_pass, xt, idt, args.batch)
+            t_torch.append(dt / args.tokens)
+        _kernels.ENABLED = True
+
     # memory of the loop's state (untimed run under tracemalloc)
     tracemalloc.start()
     _, mean, _ = sequential_pass(xs, ids_s)
@@ -190,8 +203,11 @@ def main() -> None:
     print(f"  {us(t_seq):8.3f} us/token ({med(t_seq):.3f})  -> {us(t_seq) * args.tokens / 1e6:6.2f} s "
           f"for {args.tokens} tokens (extrapolated)")
     print(f"  state {seq_state / 2**20:.1f} MiB ({len(mean)} types), tracemalloc peak {traced_peak / 2**20:.1f} MiB")
-    print(f"TokenMoments (float64 state, all {args.tokens} tokens, grouping included):")
+    compiled = "compiled CPU loops" if _kernels.use_kernels(torch.device("cpu")) else "torch operations"
+    print(f"TokenMoments (float64 state, all {args.tokens} tokens, grouping included; {compiled}):")
     print(f"  {us(t_tm):8.3f} us/token ({med(t_tm):.3f})  -> {us(t_tm) * args.tokens / 1e6:6.2f} s")
+    if t_torch:
+        print(f"  same with the torch operations used off the CPU: {us(t_torch):.3f} us/token ({med(t_torch):.3f})")
     print(f"  rows already in id order (no gather): {us(t_sorted):.3f} us/token ({med(t_sorted):.3f})")
     print(f"  {args.layers} layers, ids grouped once per batch: {us(t_grouped):.3f} us/token/layer "
           f"({med(t_grouped):.3f}); grouping {t_group / args.tokens * 1e6:.3f} us/token per batch")

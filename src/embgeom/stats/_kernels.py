@@ -19,6 +19,7 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+import torch
 
 try:  # pragma: no cover - exercised by whichever branch the environment has
     import os
@@ -56,6 +57,14 @@ def set_threads(n: int) -> None:
     the loops, while holding LOCK."""
     if AVAILABLE:
         numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
+
+
+def as_array(x) -> np.ndarray:
+    """A CPU torch tensor as a C-contiguous float32 or float64 numpy array (no copy
+    when it already is one; half precision converts to float32 exactly)."""
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.to(torch.float32)
+    return np.ascontiguousarray(x.numpy())
 
 
 _SCRATCH = threading.local()

@@ -138,8 +138,7 @@ class Moments:
         data or how far it drifted from earlier batches), so the subtraction loses
         at most a few bits."""
         n = x.shape[0]
-        xn = x.numpy() if x.dtype in (torch.float32, torch.float64) else x.to(torch.float32).numpy()
-        xn = np.ascontiguousarray(xn)
+        xn = _kernels.as_array(x)
         ref = xn[0].astype(np.float64)
         y = _kernels.scratch("moments", n, xn.shape[1])  # this thread's, reused by the next batch
         with _kernels.LOCK:

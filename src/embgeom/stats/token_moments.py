@@ -450,8 +450,7 @@ class TokenMoments:
     def _update_compiled(self, x, g: TokenGroups, rows) -> None:
         """CPU: one compiled pass over the batch for the sums, one over the touched
         rows for the update (see `_kernels`)."""
-        xn = x.numpy() if x.dtype in (torch.float32, _F64) else x.to(torch.float32).numpy()
-        xn = np.ascontiguousarray(xn)
+        xn = _kernels.as_array(x)
         starts = g.starts.numpy()
         m = starts.shape[0]
         rows_n = rows.numpy()
