@@ -28,6 +28,32 @@ def test_run_writes_tables_and_figures(tiny_models, lee_corpus, tmp_path, capsys
     code, err = run_cli(["plot", str(out), str(out), "--out", str(tmp_path / "figs")], capsys)
     assert code == 0, err
     assert (tmp_path / "figs" / "profile_anisotropy.png").exists()
+    # the per-type figures at a chosen layer; a layer the model lacks is refused
+    code, err = run_cli(["plot", str(out), "--out", str(tmp_path / "figs1"), "--layer", "1"], capsys)
+    assert code == 0, err
+    assert any(p.name.startswith("types_vs_count_") for p in (tmp_path / "figs1").iterdir())
+    code, err = run_cli(["plot", str(out), "--out", str(tmp_path / "figs2"), "--layer", "99"], capsys)
+    _assert_one_line_exit_2(code, err, "--layer 99", tmp_path / "figs2")
+    assert not (tmp_path / "figs2").exists()
+
+
+def test_min_and_max_count_choose_the_tradeoff_types(tiny_models, lee_corpus, tmp_path, capsys):
+    import pandas as pd
+
+    counts = {}
+    for lo, hi in ((1, 100000), (5, 100000), (5, 8)):
+        out = tmp_path / f"out-{lo}-{hi}"
+        code, err = run_cli(["run", str(tiny_models["bert"]), "--corpus", str(lee_corpus), "--out", str(out),
+                             "--max-tokens", "400", "--seq-len", "64", "--no-progress", "--no-figures",
+                             "--id-sample", "0", "--min-count", str(lo), "--max-count", str(hi)], capsys)
+        assert code == 0, err
+        layers = pd.read_csv(out / "layers.csv")
+        tokens = pd.read_parquet(out / "tokens.parquet")
+        row = layers[(layers["layer"] == 1) & (layers["view"] == "all")].iloc[0]
+        t = tokens[(tokens["layer"] == 1) & (tokens["view"] == "all")]
+        assert row["n_types"] == ((t["n"] >= lo) & (t["n"] <= hi)).sum()
+        counts[(lo, hi)] = row["n_types"]
+    assert counts[(1, 100000)] > counts[(5, 100000)] > counts[(5, 8)] > 0
 
 
 @pytest.fixture()
@@ -84,6 +110,8 @@ def bad_inputs(tiny_models, lee_corpus, tmp_path):
         "resume without snapshot": ([model, "--corpus", corpus, "--resume"], "no snapshot"),
         "bad device map": ([model, "--corpus", corpus, "--device-map", "everywhere"], "--device-map"),
         "negative snapshot interval": ([model, "--corpus", corpus, "--snapshot-every", "-1"], "--snapshot-every"),
+        "min count above max count": ([model, "--corpus", corpus, "--min-count", "50", "--max-count", "5"],
+                                      "--min-count"),
     }
 
 
@@ -91,7 +119,7 @@ CASES = ["missing model", "missing corpus", "empty corpus", "invalid utf-8", "mi
          "zero batch size", "negative max tokens", "non-numeric option", "seq-len past limit", "out is a file",
          "cuda without gpu", "unknown dtype", "non-finite hidden states", "corrupt weights", "not a gguf",
          "bad outlier factor", "missing tokenizer", "resume without snapshot", "bad device map",
-         "negative snapshot interval"]
+         "negative snapshot interval", "min count above max count"]
 
 
 @pytest.mark.parametrize("case", CASES)

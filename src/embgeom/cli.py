@@ -45,6 +45,8 @@ def run(
     exclude_special: bool = typer.Option(False, "--exclude-special", help="Do not count special tokens."),
     exclude_positions: List[int] = typer.Option([], "--exclude-positions", help="Window positions not counted (0 = first; -1 = last); repeatable."),
     outlier_factor: float = typer.Option(10.0, "--outlier-factor", help="Inliers: norm <= factor x median norm."),
+    min_count: int = typer.Option(10, "--min-count", help="Norm-variance trade-off over token types seen at least this often..."),
+    max_count: int = typer.Option(100000, "--max-count", help="...and at most this often."),
     text_field: Optional[str] = typer.Option(None, "--text-field", help="Text column/field of .jsonl/.csv/.parquet/datasets."),
     encoding_errors: str = typer.Option("strict", "--encoding-errors", help="strict, replace or ignore invalid UTF-8."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where fp32 copies of GGUF models are kept."),
@@ -72,7 +74,7 @@ def run(
         max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, device=device, dtype=dtype,
         id_sample=id_sample, token_types=token_types, seed=seed, exclude_special=exclude_special,
         exclude_positions=tuple(exclude_positions), outlier_factor=outlier_factor, text_field=text_field,
-        encoding_errors=encoding_errors, device_map=device_map,
+        encoding_errors=encoding_errors, device_map=device_map, min_count=min_count, max_count=max_count,
     )
     targets = expand_targets(models, revision, step)
     if is_sweep(targets, models):
@@ -101,6 +103,7 @@ def run(
 def plot(
     dirs: List[Path] = typer.Argument(..., metavar="DIR...", help="Output directories of `embgeom run`."),
     out: Path = typer.Option(..., "--out", help="Directory for the figures."),
+    layer: Optional[int] = typer.Option(None, "--layer", help="Layer of the per-type figures (M against V, Q/M/V against count); default: the middle one."),
 ) -> None:
     """Figures of one or several runs, overlaid (e.g. an encoder against a decoder)."""
     from .plots import plot_runs
@@ -109,7 +112,7 @@ def plot(
     results = [Result.load(d) for d in dirs]
     if out.exists() and not out.is_dir():
         raise EmbgeomError(f"--out {out} is a file; name a directory for the figures")
-    written = plot_runs(results, out)
+    written = plot_runs(results, out, layer=layer)
     _say(f"wrote {len(written)} figures to {out}")
 
 

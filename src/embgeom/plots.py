@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from .errors import EmbgeomError  # noqa: E402
 from .results import METRIC_COLUMNS  # noqa: E402
 
 LABELS = {
@@ -286,8 +287,16 @@ def plot_outliers(outliers: pd.DataFrame, n_layers: int, path: Path, title: str,
     return _save(fig, path)
 
 
-def plot_runs(results, figdir) -> list[Path]:
-    """Every figure for one or several results (Result objects), overlaid."""
+def plot_runs(results, figdir, layer: int | None = None) -> list[Path]:
+    """Every figure for one or several results (Result objects), overlaid. `layer`:
+    the layer of the per-type figures (default: each model's middle layer)."""
+    if layer is not None:
+        for r in results:
+            for (model, _, stack), g in _groups(r.layers):
+                L = int(g["n_layers"].iloc[0])
+                if isinstance(layer, bool) or not 0 <= layer <= L:
+                    raise EmbgeomError(f"--layer {layer} is not a layer of {model} {stack} (0 to {L}); "
+                                       "choose one every model has, or leave it out for each model's middle layer")
     figdir = Path(figdir)
     figdir.mkdir(parents=True, exist_ok=True)
     layers = pd.concat([r.layers for r in results], ignore_index=True)
@@ -306,8 +315,12 @@ def plot_runs(results, figdir) -> list[Path]:
                 t = r.tokens[(r.tokens["model"] == model) & (r.tokens["stack"] == stack)]
                 if "revision" in t.columns:
                     t = t[t["revision"].fillna("").astype(str) == revision]
-                written.append(plot_mv_scatter(t, g, figdir / f"mv_scatter_{tag}.png"))
-                written.append(plot_types_vs_count(t, g, figdir / f"types_vs_count_{tag}.png"))
+                run = r.run or {}
+                config = run.get("config") or ((run.get("runs") or [{}])[0] or {}).get("config") or {}
+                written.append(plot_mv_scatter(t, g, figdir / f"mv_scatter_{tag}.png", layer=layer,
+                                               min_count=int(config.get("min_count", 10)),
+                                               max_count=int(config.get("max_count", 100000))))
+                written.append(plot_types_vs_count(t, g, figdir / f"types_vs_count_{tag}.png", layer=layer))
             if r.spectrum is not None and len(r.spectrum):
                 sp = r.spectrum[(r.spectrum["model"] == model) & (r.spectrum["stack"] == stack)]
                 written.append(plot_spectrum(sp, figdir / f"spectrum_{tag}.png", title))
