@@ -5,6 +5,7 @@ run with `output_hidden_states=True` and nothing else. Both run as fresh process
 so imports and model loading count on both sides. Prints the ratio and peak memory.
 
     .venv/bin/python benchmarks/overhead.py [--model minilm|smollm2|PATH] [--tokens 20000]
+    .venv/bin/python benchmarks/overhead.py --breakdown   # forward pass and each accumulator, in-process
 """
 from __future__ import annotations
 
@@ -41,6 +42,56 @@ def baseline(model_spec: str, corpus: str, seq_len: int, batch_size: int, max_to
     print(json.dumps({"stream_s": time.perf_counter() - t, "tokens": n}))
 
 
+def breakdown(model_spec: str, corpus: str, seq_len: int, batch_size: int, max_tokens: int, repeats: int) -> None:
+    """Where the streaming time of `analyze` goes, in one process: the forward pass,
+    `Moments.update` and `TokenMoments.update` timed by wrappers (each call's
+    wall time; the remainder is gathers, the outlier split, counting and batching).
+    Best of `repeats` runs."""
+    import torch
+
+    import embgeom.pipeline as pipeline
+    from embgeom.models import load_model
+    from embgeom.stats.moments import Moments
+    from embgeom.stats.token_moments import TokenMoments
+
+    clock = {}
+
+    def wrap(owner, name, key):
+        inner = getattr(owner, name)
+
+        def timed_call(*a, **k):
+            t = time.perf_counter()
+            try:
+                return inner(*a, **k)
+            finally:
+                clock[key] = clock.get(key, 0.0) + time.perf_counter() - t
+
+        setattr(owner, name, timed_call)
+
+    wrap(pipeline, "forward_hidden", "forward")
+    wrap(Moments, "update", "Moments")
+    wrap(TokenMoments, "update", "TokenMoments")
+    lm = load_model(model_spec, device="cpu")
+    best = None
+    for _ in range(repeats):
+        clock.clear()
+        res = pipeline.analyze(lm, corpus, max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size,
+                               device="cpu", id_sample=0)
+        run = dict(clock, stream=res.run["timings_s"]["stream"])
+        if best is None or run["stream"] < best["stream"]:
+            best = run
+    rest = best["stream"] - best["forward"] - best["Moments"] - best["TokenMoments"]
+    tokens = res.run["counts"]["tokens_counted"]
+    layers = sum(n + 1 for n in res.run["model"]["n_layers"].values())
+    print(f"streaming part, best of {repeats} ({torch.get_num_threads()} threads): {best['stream']:.2f} s for "
+          f"{tokens} tokens x {layers} layers")
+    for key in ("forward", "Moments", "TokenMoments"):
+        print(f"  {key:13s} {best[key]:6.2f} s  {best[key] / tokens / layers * 1e6:6.2f} us per token and layer  "
+              f"{best[key] / best['forward']:6.1%} of the forward pass")
+    print(f"  {'the rest':13s} {rest:6.2f} s  {rest / tokens / layers * 1e6:6.2f} us per token and layer  "
+          f"{rest / best['forward']:6.1%} of the forward pass")
+
+
 def timed(cmd: list[str]) -> tuple[float, int, str]:
     """Wall seconds, peak RSS (KiB) of the child, stdout."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -62,6 +113,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--id-sample", type=int, default=10000, help="passed to embgeom run (0: no ID estimation)")
     ap.add_argument("--baseline-worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--breakdown", action="store_true",
+                    help="instead: time the forward pass and each accumulator inside one process")
     ap.add_argument("--corpus", default=None)
     args = ap.parse_args()
 
@@ -75,6 +128,9 @@ def main() -> None:
     model = {"minilm": str(minilm_path()), "smollm2": str(smollm2_gguf_path())}.get(args.model, args.model)
     tmp = Path(tempfile.mkdtemp(prefix="embgeom-bench-"))
     corpus = write_demo_corpus(tmp / "corpus.txt", max_words=int(args.tokens * 1.2) + 2000)
+    if args.breakdown:
+        breakdown(model, str(corpus), args.seq_len, args.batch_size, args.tokens, args.repeats)
+        return
     common = ["--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size)]
     base_cmd = [sys.executable, __file__, "--baseline-worker", "--model", model, "--corpus", str(corpus),
                 "--tokens", str(args.tokens), *common]
