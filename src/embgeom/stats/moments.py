@@ -1,9 +1,11 @@
 """`Moments`: exact streaming first and second moments of a cloud of vectors.
 
 Keeps, in float64, the count, the mean, the scatter matrix Σ (x − μ)(x − μ)ᵀ and the
-sum of unit vectors. Each batch is centred on its own mean and merged with the
-parallel update of Chan, Golub & LeVeque (1979), so far-from-origin data with a tiny
-spread lose nothing (no difference of large raw sums). Memory is O(d²) whatever the
+sum of unit vectors. Each batch is centred on a point of its own (its mean, or on
+CPU its first row, corrected by a rank-one term) and merged with the parallel
+update of Chan, Golub & LeVeque (1979), so far-from-origin data with a tiny spread
+lose nothing (no difference of large raw sums). The batch's Gram matrix is added
+straight into the upper triangle of the state, one matrix product per row strip. Memory is O(d²) whatever the
 number of vectors; accumulators merge exactly, so shards and ranks combine.
 """
 from __future__ import annotations
