@@ -5,8 +5,12 @@
 
 For each n it times ``embgeom.metrics.intrinsic_dim.twonn`` against
 ``skdim.id.TwoNN()`` and ``mle_id`` against ``skdim.id.MLE(K=20)`` on the same
-float64 data, prints the ratio of the times and the relative difference of the
-estimates, and reports this machine's float32 and bfloat16 matrix-multiply throughput
+float64 data (best of ``--repeat`` runs for both; scikit-dimension once where one run
+takes longer than ``--skdim-repeat-below`` seconds; the first embgeom call of the
+process, which loads its compiled loops, is timed and printed apart), prints the ratio of the
+times and the relative difference of the estimates, times ``twonn`` once more with the
+compiled k-NN loops switched off (the torch path, as on a GPU or without numba), and
+reports this machine's float32 and bfloat16 matrix-multiply throughput
 (torch.mm of 4096², the ceilings) next to the throughput the k-NN achieves. It also
 checks the k-NN itself: the bf16 candidate path against the float32 one (both exact:
 the difference must be 0), how many rows the bf16 bound could not certify (those take
@@ -14,7 +18,8 @@ the float64 fallback), and skdim's TwoNN given embgeom's exact distances. With
 ``faiss-cpu`` installed it times faiss's exact float32 ``IndexFlatL2`` as well (float32
 distances, not exact; shown for speed only). For the k = 20 k-NN it prints the peak
 memory as well: the largest resident set beyond the data's own float64 copy, measured in
-a fresh child process per n (so that nothing the parent did earlier shows up in it).
+a fresh child process per n (so that nothing the parent did earlier shows up in it),
+after one small call that loads the compiled code.
 Prints only; asserts nothing.
 """
 from __future__ import annotations
@@ -36,6 +41,7 @@ import torch
 from embgeom.metrics import neighbors as nbmod
 from embgeom.metrics.intrinsic_dim import intrinsic_dimensions, mle_id, twonn
 from embgeom.metrics.neighbors import knn_distances
+from embgeom.stats import _kernels as kmod
 
 
 def _best(fn, repeat):
@@ -55,16 +61,23 @@ def matmul_gflops(size=4096, repeat=5, dtype=torch.float32):
     return 2 * size**3 / t / 1e9
 
 
-def knn_flops(n, d, block=2048):
+def knn_flops(n, d, block=2048, split=False):
     """Float32 multiply-add flops the k-NN performs: the upper triangle of
-    block × block tiles (each tile serves its rows and its columns)."""
+    block × block tiles (each tile serves its rows and its columns); with ``split``
+    (the compiled path) a diagonal block of at least 4 × 256 points is two diagonal
+    tiles of its halves and the tile between them."""
     group = 16
     n_pad = -(-n // group) * group
     b = max(group, block // group * group)
     sizes = [min(b, n_pad - s) for s in range(0, n_pad, b)]
     total = 0
     for i, si in enumerate(sizes):
-        for sj in sizes[i:]:
+        if split and si >= 4 * nbmod._SPLIT_MIN:
+            h = si // 2 // group * group
+            total += 2 * (h * h + (si - h) ** 2 + h * (si - h)) * d
+        else:
+            total += 2 * si * si * d
+        for sj in sizes[i + 1 :]:
             total += 2 * si * sj * d
     return total
 
@@ -78,13 +91,16 @@ def _status_mib(field):
 
 
 def _peak_child(path, k, threads):
-    """Child process: load the (n, d) float64 array, then run the k-NN once and report
-    the peak resident set beyond what was resident before the call. The peak is the
+    """Child process: load the (n, d) float64 array, make one small k-NN call (which
+    loads the compiled code), then run the k-NN once and report the peak resident set
+    beyond what was resident before that call. The peak is the
     kernel's high-water mark (VmHWM, reset first through /proc/self/clear_refs), or,
     where that cannot be reset, the maximum of VmRSS sampled every 0.2 ms."""
     if threads:
         torch.set_num_threads(threads)
     X = torch.from_numpy(np.load(path))
+    m = min(len(X), 64)  # a small call (several tiles) loads the compiled loops first
+    knn_distances(X[:m], min(k, max(1, m - 1)), block_size=16)
     before = _status_mib("VmRSS")
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -155,6 +171,8 @@ def main(argv=None):
                     help="time scikit-dimension once when one run takes longer than this many seconds")
     ap.add_argument("--threads", type=int, default=0,
                     help="threads for torch and for numpy's BLAS (scikit-dimension) alike (default: the libraries' choice)")
+    ap.add_argument("--estimators", default="twonn,mle",
+                    help="comma-separated estimators to compare: twonn, mle (default both)")
     ap.add_argument("--peak-child", help=argparse.SUPPRESS)  # internal: one peak-memory measurement
     ap.add_argument("--peak-k", type=int, default=20, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -179,6 +197,9 @@ def main(argv=None):
           f"torch {torch.__version__} with {torch.get_num_threads()} threads, "
           f"load average {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"  scikit-dimension: {getattr(skdim, '__version__', 'not installed')}")
+    compiled = kmod.use_kernels(torch.device("cpu"))
+    print(f"  embgeom k-NN on the CPU: {'compiled loops (numba)' if compiled else 'torch path (numba unavailable)'}")
+    wanted = {e.strip().lower() for e in args.estimators.split(",") if e.strip()}
     ceiling = matmul_gflops()
     ceiling16 = matmul_gflops(dtype=torch.bfloat16)
     print(f"  matmul ceilings (torch.mm 4096x4096): float32 {ceiling:.0f} GFLOP/s, bfloat16 {ceiling16:.0f} GFLOP/s")
@@ -205,14 +226,21 @@ def main(argv=None):
     print(hdr)
     print("-" * len(hdr))
     rows = []
+    first = True
     for n in sizes:
         X = pick(n)
         n, d = X.shape
         Xt = torch.from_numpy(X)
-        for name, ours, theirs in (
-            ("TwoNN", lambda: twonn(Xt), lambda: skdim.id.TwoNN().fit(X).dimension_ if skdim else None),
-            ("MLE k=20", lambda: mle_id(Xt, 20), lambda: skdim.id.MLE(K=20).fit(X).dimension_ if skdim else None),
+        if first:
+            t_cold, _ = _best(lambda: twonn(Xt), 1)
+            print(f"{'':>6} {'':>4} | first embgeom call in this process (loads the compiled loops): {t_cold:.3f}s")
+            first = False
+        for key, name, ours, theirs in (
+            ("twonn", "TwoNN", lambda: twonn(Xt), lambda: skdim.id.TwoNN().fit(X).dimension_ if skdim else None),
+            ("mle", "MLE k=20", lambda: mle_id(Xt, 20), lambda: skdim.id.MLE(K=20).fit(X).dimension_ if skdim else None),
         ):
+            if key not in wanted:
+                continue
             t_ours, est = _best(ours, args.repeat)
             t_sk, ref = float("nan"), None
             if skdim is not None:
@@ -227,13 +255,21 @@ def main(argv=None):
             print(f"{n:>6} {d:>4} | {name:<9} {t_ours:>9.3f}s {t_sk:>9.2f}s{once:<0} {t_sk / t_ours:>7.1f}x | "
                   f"{est:>10.5f} {ref if ref is not None else float('nan'):>10.5f} {rel:>9.1e}")
             rows.append((n, name, t_ours, t_sk, rel))
+            if key == "twonn" and compiled:
+                kmod.ENABLED = False
+                try:
+                    t_torch, est_torch = _best(ours, args.repeat)
+                finally:
+                    kmod.ENABLED = True
+                print(f"{'':>6} {'':>4} | TwoNN, compiled loops off (torch path): {t_torch:.3f}s = "
+                      f"{t_sk / t_torch:.1f}x skdim; compiled/torch estimates differ by {abs(est_torch - est):.1e}")
         # the k-NN alone, and the pipeline path (one k = 20 k-NN for every estimate)
         t2, dist2 = _best(lambda: knn_distances(Xt, 2), args.repeat)
         info2 = dict(nbmod._LAST)
         t20, dist = _best(lambda: knn_distances(Xt, 20), args.repeat)
         info20 = dict(nbmod._LAST)
         tb, res = _best(lambda: intrinsic_dimensions(distances=dist), args.repeat)
-        fl = knn_flops(n, d)
+        fl = knn_flops(n, d, split=compiled and nbmod._SPLIT_DIAG)
         ceil = ceiling16 if info20.get("precision") == "bf16" else ceiling
         print(f"{'':>6} {'':>4} | k-NN ({info20.get('precision')} candidates) k=2: {t2:.3f}s = {fl / t2 / 1e9:.0f} GFLOP/s, "
               f"k=20: {t20:.3f}s = {fl / t20 / 1e9:.0f} GFLOP/s ({100 * fl / t20 / 1e9 / ceil:.0f}% of the "
@@ -243,7 +279,7 @@ def main(argv=None):
         if mem is not None:
             print(f"{'':>6} {'':>4} | k-NN k=20 peak memory (fresh process, {mem['method']}): "
                   f"{mem['transient_mib']:.0f} MiB beyond X's own float64 copy ({mem['x_mib']:.0f} MiB); "
-                  f"that run took {mem['seconds']:.3f}s, first call in the process included")
+                  f"that run took {mem['seconds']:.3f}s (after one call on 64 rows, which loads the compiled code)")
         t32, d32 = _best(lambda: knn_distances(Xt, 20, precision="fp32"), 1)
         print(f"{'':>6} {'':>4} | exactness: rows the bound could not certify (float64 fallback) k=2: "
               f"{info2.get('fallback_rows')}, k=20: {info20.get('fallback_rows')}; max |bf16 path - fp32 path| "

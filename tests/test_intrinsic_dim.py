@@ -87,13 +87,13 @@ def _check_knn(X, k, **kw):
 
 
 @pytest.mark.parametrize("k", [1, 2, 20])
-def test_knn_matches_brute_force_random(k):
+def test_knn_matches_brute_force_random(path, k):
     rng = np.random.default_rng(0)
     X = rng.standard_normal((700, 40)) * 5 + 100.0  # far from the origin
     _check_knn(X, k, block_size=128)
 
 
-def test_knn_duplicates_and_near_ties():
+def test_knn_duplicates_and_near_ties(path):
     rng = np.random.default_rng(1)
     X = rng.standard_normal((400, 12))
     X[:60] = X[100:160]  # exact duplicates: real neighbours at distance 0
@@ -108,7 +108,7 @@ def test_knn_duplicates_and_near_ties():
         _check_knn(X, k, block_size=64)
 
 
-def test_knn_exact_ties_lattice_and_tight_clusters():
+def test_knn_exact_ties_lattice_and_tight_clusters(path):
     rng = np.random.default_rng(2)
     lattice = rng.integers(0, 5, (300, 3)).astype(float)  # many exact ties and duplicates
     _check_knn(lattice, 20, block_size=64)
@@ -118,7 +118,7 @@ def test_knn_exact_ties_lattice_and_tight_clusters():
     _check_knn(np.ones((10, 3)), 4)  # all identical
 
 
-def test_knn_inputs():
+def test_knn_inputs(path):
     rng = np.random.default_rng(3)
     X = rng.standard_normal((300, 8)).astype(np.float32)
     d1 = knn_distances(X, 3)
@@ -196,7 +196,7 @@ def test_twonn_with_duplicates_matches_skdim_convention():
     assert res["id_mle"] == pytest.approx(3, rel=0.15)
 
 
-def test_float32_and_torch_inputs_give_same_estimate():
+def test_float32_and_torch_inputs_give_same_estimate(path):
     rng = np.random.default_rng(6)
     X = _sphere(600, 3, rng)
     a = twonn(X)
@@ -317,7 +317,7 @@ def _check_precision(X, k, precision, **kw):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
 @pytest.mark.parametrize("k", [1, 2, 20])
-def test_knn_precisions_match_brute_force(precision, k):
+def test_knn_precisions_match_brute_force(path, precision, k):
     rng = np.random.default_rng(20 + k)
     _check_precision(rng.standard_normal((900, 48)), k, precision, block_size=256)  # random, centred
     far = rng.standard_normal((700, 40)) * 0.5 + 1e4 * rng.standard_normal(40)  # far from the origin
@@ -330,7 +330,7 @@ def test_knn_precisions_match_brute_force(precision, k):
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
-def test_knn_precisions_duplicates_and_near_ties(precision):
+def test_knn_precisions_duplicates_and_near_ties(path, precision):
     rng = np.random.default_rng(21)
     X = rng.standard_normal((500, 16)) * 3.0 + 50.0
     X[:60] = X[100:160]  # exact duplicates
@@ -348,9 +348,10 @@ def test_knn_precisions_duplicates_and_near_ties(precision):
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
-def test_knn_duplicates_float32_input_compacted_in_place(precision):
-    """float32 input with duplicates: the distinct rows are moved to the front of the
-    call's own float64 copy (no second copy); same answer, the caller's array untouched."""
+def test_knn_duplicates_float32_input_compacted_in_place(path, precision):
+    """float32 input with duplicates: the torch path moves the distinct rows to the
+    front of the call's own float64 copy (no second copy), the compiled path reads the
+    float32 rows as they are; same answer, the caller's array untouched."""
     rng = np.random.default_rng(25)
     X = (rng.standard_normal((700, 12)) * 2.0 + 7.0).astype(np.float32)
     X[::7] = X[1::7][: len(X[::7])]  # every 7th row repeats its successor
@@ -369,8 +370,11 @@ def test_knn_duplicates_float32_input_compacted_in_place(precision):
 
 
 def test_filter_slices_match_one_pass(monkeypatch):
-    """_filter expands the passing groups a slice at a time: any slice size gives the
-    same entries in the same order."""
+    """_filter (torch path) expands the passing groups a slice at a time: any slice
+    size gives the same entries in the same order."""
+    from embgeom.stats import _kernels
+
+    monkeypatch.setattr(_kernels, "ENABLED", False)
     rng = np.random.default_rng(26)
     X = rng.standard_normal((1050, 10))  # a last block of 32 columns: the ungrouped screen too
     want = knn(X, 20, block_size=512)
@@ -383,7 +387,7 @@ def test_filter_slices_match_one_pass(monkeypatch):
 
 
 @pytest.mark.skipif(not BF16, reason="no bf16 matrix products that keep the bound here")
-def test_bf16_fallback_rows_are_exact():
+def test_bf16_fallback_rows_are_exact(path):
     rng = np.random.default_rng(22)
     # tight clusters far from the centre: the bf16 bound (relative to the norms) cannot
     # separate their points, so every row of them takes the float64 fallback

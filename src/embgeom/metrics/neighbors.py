@@ -52,7 +52,17 @@ square root), whatever the data: exact duplicates, ties, clusters far from the
 origin. Data with extreme magnitudes (coordinates beyond 2⁴⁰⁰ or all below 2⁻⁴⁰⁰)
 are rescaled by a power of two so that squared distances do not overflow.
 
-Everything is torch: on a CUDA tensor the whole computation runs on the GPU, with
+On the CPU, with numba available (``embgeom.stats._kernels.use_kernels``), the steps
+around the matrix products are compiled loops (:mod:`._neighbor_kernels`): a hash of a
+few columns proposes duplicates (the full hash and a comparison decide among the rows
+it cannot separate); one pass over the distinct rows centres them (on the mean of a
+sample of them: any centre keeps the distances), rounds them to the operands and
+finds the largest magnitude and any NaN/inf; each tile is read once, every row's (and
+column's) candidates kept in a sorted list whose threshold tightens at once; the exact
+distances and the certificate are one loop per row. float32 input is read as it is
+(its exact distances are those of its float64 values; no float64 copy). The bounds
+and the certificate are the same; only speed differs. Elsewhere (CUDA, or without
+numba) everything is torch: on a CUDA tensor the whole computation runs on the GPU, with
 float32 candidates by default (``precision="bf16"`` opts in to bf16 there, subject to
 the same check). Float32 products are forced to IEEE precision for the duration of the
 call (TF32/bf16 "fast fp32" modes are switched off and restored afterwards; if one
@@ -63,10 +73,13 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 
 from .._validate import as_float_matrix
 from ..errors import EmbgeomError
+from ..stats import _kernels
+from . import _neighbor_kernels as _nk
 
 __all__ = ["knn", "knn_distances"]
 
@@ -266,18 +279,30 @@ def _bf16_operands(x32, nhat, eps_n, n_pad, d, dev):
     K = d + 4
     A = torch.empty((n_pad, K), dtype=torch.bfloat16, device=dev)
     B = torch.empty((n_pad, K), dtype=torch.bfloat16, device=dev)
-    A[n:] = 0.0
-    B[n:] = 0.0
     a = A[:n, :d]
-    gd = _gamma(d, _U32)
-    up = 1.0 + gd + 4 * _U32  # rounds a float32 sum of d squares up
     ne = torch.empty(n, dtype=torch.float32, device=dev)
     for s, e, xs in pieces:  # a chunk of rows at a time: no n × d temporaries
         a[s:e] = xs
         if not isinstance(x32, torch.Tensor):
             nhat[s:e] = torch.linalg.vector_norm(xs, dim=1).double() ** 2  # as in _centred32
         torch.linalg.vector_norm(torch.sub(xs, a[s:e]), dim=1, out=ne[s:e])  # ‖x32 − a‖
-    ne = ne.double() * up
+    return _bf16_finish(A, B, nhat, ne.double(), eps_n, n, n_pad, d, dev, prepared_b=False)
+
+
+def _bf16_finish(A, B, nhat, ne, eps_n, n, n_pad, d, dev, prepared_b: bool):
+    """The rest of :func:`_bf16_operands` once ``A[:n, :d] = a`` holds the bf16
+    coordinates: ``nhat`` (n,) float64 squared norms (``|n̂ − ‖x‖²| ≤ eps_n n̂``) and
+    ``ne`` (n,) float64 ``‖x32 − a‖`` up to a float32 sum of squares (a float64 sum is
+    more accurate, so the same rounding-up covers it). Fills ``B[:n, :d] = −a`` (unless
+    ``prepared_b``: already there), the norm columns and the padding rows; returns
+    (tile, dtype, bounds)."""
+    K = d + 4
+    A[n:] = 0.0
+    B[n:] = 0.0
+    a = A[:n, :d]
+    gd = _gamma(d, _U32)
+    up = 1.0 + gd + 4 * _U32  # rounds a float32 sum of d squares up
+    ne = ne * up
     # ‖e‖ ≤ ‖x32 − a‖ (rounded up; + √d 2⁻⁶³ for squares lost to underflow) + u32‖x‖
     ne = (ne + math.sqrt(d) * 2.0 ** -63 + _U32 * (1 + _U32) * torch.sqrt(nhat * (1 + eps_n))) ** 2
     nx = torch.sqrt(nhat * (1 + eps_n))
@@ -295,7 +320,8 @@ def _bf16_operands(x32, nhat, eps_n, n_pad, d, dev):
     L = (h - H.double()).to(torch.bfloat16)
     G = torch.zeros(n_pad, dtype=torch.float64, device=dev)
     G[:n] = (eps_n * nhat + 2.0 * (g + w + v) + nhat * 2.0 ** -46) * (1 + 2.0 ** -40) + 2.0 ** -1000
-    torch.neg(a, out=B[:n, :d])
+    if not prepared_b:
+        torch.neg(a, out=B[:n, :d])
     A[:n, d] = H
     A[:n, d + 1] = L
     A[n:, d] = _PAD_KEY  # padding rows and columns get keys of about 2^100
@@ -658,14 +684,17 @@ def _resolve(X64, keys, idx, k, to_scaled, bounds, delta):
     return out_sq, out_nb, ok
 
 
-def _threshold_rows(X64, mean, scale, half64, rows, tau, k, block):
+def _threshold_rows(X64, mean, scale, half64, rows, tau, k, block, pairs=None):
     """Exact k-NN of the points ``rows`` by collecting *every* point whose float64 key is
     at most ``tau`` (a key is a lower bound of the scaled half squared distance, and
     ``tau`` an upper bound of the k-th neighbour's), then evaluating those exactly.
 
     The centred, scaled coordinates ``(X64 − mean)·scale`` are formed a block of
     columns at a time (and, per block, for the rows' own chunk), never as a whole
-    n × d copy; ``half64`` are the lowered half squared norms of all of them."""
+    n × d copy; ``half64`` are the lowered half squared norms of all of them.
+    ``pairs(X64, a, b)`` computes the exact squared distances of pairs (default
+    :func:`_exact_sq_pairs`; the compiled path passes its own, so that a pair gets the
+    same float64 value whichever step evaluates it)."""
     m = rows.shape[0]
     n = X64.shape[0]
     dev = X64.device
@@ -699,7 +728,7 @@ def _threshold_rows(X64, mean, scale, half64, rows, tau, k, block):
         ri = rows[i0:i1]
         pr = torch.cat(pr)
         pc = torch.cat(pc)
-        s = _exact_sq_pairs(X64, ri[pr], pc)
+        s = (pairs or _exact_sq_pairs)(X64, ri[pr], pc)
         o = torch.argsort(s, stable=True)
         o = o[torch.argsort(pr[o], stable=True)]
         pr, pc, s = pr[o], pc[o], s[o]
@@ -717,18 +746,19 @@ def _threshold_rows(X64, mean, scale, half64, rows, tau, k, block):
 _LAST: dict = {}  # what the last call did (candidate precision, rows that fell back); for tests and benchmarks
 
 
-def _knn_core(X64: torch.Tensor, k: int, block: int, margin, abs_max: float, precision: str):
-    """Exact k-NN (squared distances, indices) of the rows of ``X64``, ``n ≥ k + 1``;
-    ``abs_max`` is an upper bound of ``max |X64|``."""
-    n, d = X64.shape
-    dev = X64.device
-    # Centre, then scale by a power of two so that every coordinate is below 1 in
-    # magnitude (neither changes the neighbours; the scaling is exact).
-    mean = X64.mean(dim=0)
-    amax = (abs_max + float(mean.abs().max())) * (1 + 1e-12)
-    if amax == 0.0:  # all points are the origin
-        nb = (torch.arange(n, device=dev)[:, None] + torch.arange(1, k + 1, device=dev)[None, :]) % n
-        return torch.zeros((n, k), dtype=torch.float64, device=dev), nb
+def _origin_knn(n, k, dev):
+    """k-NN of n copies of the origin (distances 0, the next k indices)."""
+    nb = (torch.arange(n, device=dev)[:, None] + torch.arange(1, k + 1, device=dev)[None, :]) % n
+    return torch.zeros((n, k), dtype=torch.float64, device=dev), nb
+
+
+def _plan(n, d, k, margin, abs_max, mean_max, precision, dev):
+    """Scaling, centring error, candidate precision and list length of a k-NN of n
+    points: (scale, to_scaled, delta, precision, p, n_pad), or None when every point
+    is the origin. ``abs_max`` bounds ``max |X|``, ``mean_max`` is ``max |mean|``."""
+    amax = (abs_max + mean_max) * (1 + 1e-12)
+    if amax == 0.0:
+        return None
     # Scale by a power of two (exact) only when the coordinates are far from 1 in
     # magnitude, so that float32/bf16 neither overflow nor lose everything to underflow.
     e = 0 if 2.0 ** -20 <= amax <= 2.0 ** 20 else math.frexp(amax)[1]
@@ -736,7 +766,6 @@ def _knn_core(X64: torch.Tensor, k: int, block: int, margin, abs_max: float, pre
     to_scaled = 2.0 ** (-2 * e)  # scaled squared distance = to_scaled × true squared distance
     # |‖xs_i − xs_j‖ − ‖x_i − x_j‖·2⁻ᵉ| ≤ delta: rounding of the centring
     delta = 2.1 * math.sqrt(d) * _U64 * amax * scale
-
     if precision == "auto":
         precision = "bf16" if dev.type == "cpu" and _bf16_usable(dev, d) else "fp32"
     elif precision == "bf16" and not _bf16_usable(dev, d):
@@ -745,6 +774,21 @@ def _knn_core(X64: torch.Tensor, k: int, block: int, margin, abs_max: float, pre
         margin = max(8, k) if precision == "bf16" else 8
     p = min(k + margin, n - 1)
     n_pad = -(-n // _GROUP) * _GROUP
+    return scale, to_scaled, delta, precision, p, n_pad
+
+
+def _knn_core(X64: torch.Tensor, k: int, block: int, margin, abs_max: float, precision: str):
+    """Exact k-NN (squared distances, indices) of the rows of ``X64``, ``n ≥ k + 1``;
+    ``abs_max`` is an upper bound of ``max |X64|``."""
+    n, d = X64.shape
+    dev = X64.device
+    # Centre, then scale by a power of two so that every coordinate is below 1 in
+    # magnitude (neither changes the neighbours; the scaling is exact).
+    mean = X64.mean(dim=0)
+    plan = _plan(n, d, k, margin, abs_max, float(mean.abs().max()), precision, dev)
+    if plan is None:  # all points are the origin
+        return _origin_knn(n, k, dev)
+    scale, to_scaled, delta, precision, p, n_pad = plan
     with _ieee_fp32_matmul():
         if precision == "bf16":  # built from chunks: no float32 copy of all points
             pieces = (n, _centred_pieces(X64, mean, scale))
@@ -776,6 +820,252 @@ def _knn_core(X64: torch.Tensor, k: int, block: int, margin, abs_max: float, pre
     return out_sq, out_nb
 
 
+# ---------------------------------------------------------------------------
+# compiled CPU path (numba): the same algorithm in few passes
+# ---------------------------------------------------------------------------
+_SUBHASH_COLS = 16  # columns of the cheap first duplicate hash
+
+
+def _groups_compiled(xn: np.ndarray):
+    """:func:`_dedupe` for the compiled path, reading little of ``xn``: a hash of the
+    first few columns proposes; the rows it cannot separate get the full hash of
+    :func:`_dedupe`, and rows with equal full hashes are compared (exact). Returns
+    None or (reps (u,), group (n,)) as numpy int64 arrays. (NaN/inf are found by the
+    pass over the distinct rows.)"""
+    n, d = xn.shape
+    w = _hash_weights(d).numpy()
+    m = min(d, _SUBHASH_COLS)
+    h1 = np.ascontiguousarray(xn[:, :m], dtype=np.float64) @ w[:m]
+    hs = np.sort(h1)
+    eq = hs[1:] == hs[:-1]  # (NaN equals nothing)
+    if not eq.any():
+        return None
+    cand = np.flatnonzero(np.isin(h1, hs[1:][eq]))  # the rows whose first hash repeats
+    h2 = np.empty(cand.shape[0])
+    _nk.row_hash(xn, cand, w, h2)
+    rep = np.arange(n, dtype=np.int64)
+    _nk.group_runs(xn, cand, h2, rep)
+    isrep = rep == np.arange(n)
+    if isrep.all():
+        return None
+    reps = np.flatnonzero(isrep)
+    pos = np.cumsum(isrep) - 1
+    return reps, pos[rep]
+
+
+_SPLIT_DIAG = True  # compiled path: split diagonal blocks of ≥ 4·_SPLIT_MIN points in halves
+_SPLIT_MIN = 256
+
+
+def _candidates_compiled(tile_fn, tile_dtype, bounds, n, n_pad, p, k, delta, block):
+    """:func:`_candidates` with compiled tile passes: returns (keys (n, p) float32
+    ascending per row, +inf past ``cnt``; idx (n, p) int64; cnt (n,) int32), numpy.
+
+    Every key of a tile is screened against its row's (and, off the diagonal, its
+    column's) threshold and the survivors are inserted into sorted lists of the p
+    smallest keys; a list's threshold tightens as soon as it changes (on diagonal
+    tiles, once per row). What a skipped or dropped key proves is as in
+    :func:`_candidates` (see :class:`_Running`). Diagonal blocks come first (each
+    point's list starts there), a large one as two diagonal tiles of its halves and
+    the tile between them."""
+    keys = np.full((n, p), np.inf, dtype=np.float32)
+    idx = np.zeros((n, p), dtype=np.int64)
+    cnt = np.zeros(n, dtype=np.int32)
+    tau = np.full(n, np.inf, dtype=np.float32)
+    G = np.ascontiguousarray(bounds.G.cpu().numpy())
+    u_o, sigma = float(bounds.u_o), float(bounds.sigma)
+    is16 = tile_dtype == torch.bfloat16
+    view = torch.int16 if is16 else torch.int32
+    bs = min(block, n_pad)
+    buf = torch.empty(bs * bs, dtype=tile_dtype)
+    starts = list(range(0, n_pad, block))
+
+    def tile(i0, i1, j0, j1):
+        out = buf[: (i1 - i0) * (j1 - j0)].view(i1 - i0, j1 - j0)
+        return tile_fn(i0, i1, j0, j1, out).view(view).numpy()
+
+    # Diagonal blocks first: they seed the lists and thresholds. A block is split in
+    # two halves (two diagonal tiles and the off-diagonal tile between them), which
+    # computes a quarter fewer keys than its full square.
+    halves = []
+    for i0 in starts:
+        i1 = min(i0 + block, n_pad)
+        m = i0 + ((i1 - i0) // 2 // _GROUP) * _GROUP if _SPLIT_DIAG and i1 - i0 >= 4 * _SPLIT_MIN else i1
+        for a0, a1 in ((i0, m), (m, i1)) if m < i1 else ((i0, i1),):
+            _nk.tile_diag(tile(a0, a1, a0, a1), a0, n, keys, idx, cnt, tau, G, u_o, sigma, delta, k, is16)
+        if m < i1:
+            halves.append((i0, m, i1))
+    for i0, m, i1 in halves:
+        _nk.tile_off(tile(i0, m, m, i1), i0, m, n, keys, idx, cnt, tau, G, u_o, sigma, delta, k, is16)
+    for a, i0 in enumerate(starts):
+        i1 = min(i0 + block, n_pad)
+        for j0 in starts[a + 1 :]:
+            j1 = min(j0 + block, n_pad)
+            t = tile(i0, i1, j0, j1)
+            _nk.tile_off(t, i0, j0, n, keys, idx, cnt, tau, G, u_o, sigma, delta, k, is16)
+    return keys, idx, cnt
+
+
+def _parts(u: int) -> np.ndarray:
+    """Boundaries of the parallel parts of a pass over u rows."""
+    return np.linspace(0, u, min(u, 4 * max(1, torch.get_num_threads())) + 1).astype(np.int64)
+
+
+def _knn_core_compiled(X, xn, rows, k, block, margin, precision, name):
+    """:func:`_knn_core` with compiled passes, for the distinct points ``rows`` (u,)
+    of ``xn`` (the numpy view of the contiguous CPU tensor ``X``, float32 or
+    float64). Returns (sq (u, k) float64, nb (u, k) int64 indices into the u points),
+    or None when the data need the rescaling of :func:`knn` first.
+
+    The points are centred on the mean of a sample of them (any centre keeps the
+    distances; this one is known before the single pass over the points, which also
+    finds the largest magnitude and any NaN/inf). The power-of-two scaling is guessed
+    from the sample and the pass redone in the rare case that the whole data call for
+    another one."""
+    u = rows.shape[0]
+    d = xn.shape[1]
+    dev = torch.device("cpu")
+    centre, guess = _nk.sample_centre(xn, rows, max(1, u // 512))
+    if not (math.isfinite(guess) and np.isfinite(centre).all()):
+        guess, centre = 1.0, np.zeros(d)  # NaN/inf in the sample: the pass below raises
+    elif guess > 2.0 ** 400 or 0.0 < guess < 2.0 ** -400:
+        return None  # extreme magnitudes (see knn)
+    parts = _parts(u)
+    nhat = np.empty(u)
+    e_done = None
+    while True:
+        plan = _plan(u, d, k, margin, guess, float(np.abs(centre).max()), precision, dev)
+        if plan is None:  # the sample is all zeros: no scaling, the pass tells the rest
+            plan = _plan(u, d, k, margin, 1.0, 0.0, precision, dev)
+        scale, to_scaled, delta, precision_r, p, n_pad = plan
+        if precision_r == "bf16":
+            A = torch.empty((n_pad, d + 4), dtype=torch.bfloat16)
+            B = torch.empty((n_pad, d + 4), dtype=torch.bfloat16)
+            Au = A.view(torch.int16).numpy().view(np.uint16)
+            Bu = B.view(torch.int16).numpy().view(np.uint16)
+            ne = np.empty(u)
+            am = _nk.prep_bf16(xn, rows, centre, scale, Au, Bu, nhat, ne, parts)
+        else:
+            x32 = torch.empty((n_pad, d), dtype=torch.float32)
+            x32[u:] = 0.0
+            am = _nk.prep_fp32(xn, rows, centre, scale, x32.numpy(), nhat, parts)
+        if not np.isfinite(nhat).all():
+            _check_finite(X, torch.tensor([math.nan]), name)  # raises unless overflow
+        abs_max = float(am.max())
+        if abs_max > 2.0 ** 400 or 0.0 < abs_max < 2.0 ** -400:
+            return None
+        plan = _plan(u, d, k, margin, abs_max, float(np.abs(centre).max()), precision, dev)
+        if plan is None:  # pragma: no cover - distinct points are never all the origin
+            return _origin_knn(u, k, dev)
+        if plan[0] == scale or e_done is not None:
+            break
+        e_done = guess = abs_max  # the scaling differs: once more with the right one
+    scale, to_scaled, delta, precision, p, n_pad = plan
+    with _ieee_fp32_matmul():
+        if precision == "bf16":
+            G = np.empty(n_pad)
+            _nk.finish_bf16(nhat, ne, _EPS_N(d), d, Au, Bu, G, u, _U32, _U16, _bf16_of(_PAD_KEY), _bf16_of(1.0))
+
+            def tile_fn(i0, i1, j0, j1, out):
+                return torch.mm(A[i0:i1], B[j0:j1].T, out=out)
+
+            bounds = _Bounds(_U16 / (1.0 - _U16), (5 * (d + 4) + 16) * 2.0 ** -126, torch.from_numpy(G))
+            tile_dtype = torch.bfloat16
+        else:
+            tile_fn, tile_dtype, bounds = _fp32_operands(x32, torch.from_numpy(nhat), _EPS_N(d), n_pad, d, dev)
+        keys, idx, cnt = _candidates_compiled(tile_fn, tile_dtype, bounds, u, n_pad, p, k, delta, block)
+        del tile_fn
+
+    out_sq = np.empty((u, k))
+    out_nb = np.empty((u, k), dtype=np.int64)
+    ok = np.empty(u, dtype=np.bool_)
+    need = np.empty(u, dtype=np.int64)
+    _nk.resolve(xn, rows, keys, idx, cnt, k, to_scaled, float(bounds.u_o), float(bounds.sigma), delta,
+                out_sq, out_nb, ok, need)
+    q = min(p, k)
+    bad = np.flatnonzero(~ok)
+    _LAST.update(precision=precision, n=u, k=k, p=p, fallback_rows=int(bad.size),
+                 evaluated_beyond_k=int(np.maximum(need - q, 0).sum()), most_needed=int(need.max()))
+    out_sq = torch.from_numpy(out_sq)
+    out_nb = torch.from_numpy(out_nb)
+    if bad.size:
+        # the float64 fallback of _knn_core on a float64 copy of the distinct points,
+        # with the compiled exact distances (the same values as those of resolve)
+        Xd = X[torch.from_numpy(rows)].to(torch.float64)
+        mean_t = torch.from_numpy(centre)
+        sq_norm = torch.empty(u, dtype=torch.float64)
+        for s, e in _row_chunks(u, d):
+            xs = torch.sub(Xd[s:e], mean_t)
+            if scale != 1.0:
+                xs.mul_(scale)
+            torch.sum(xs.mul_(xs), dim=1, out=sq_norm[s:e])
+        c64 = 2.0 * (_gamma(d + 2, _U64) + 8 * _U64)
+        half64 = (1.0 - c64) * 0.5 * sq_norm
+        bad_t = torch.from_numpy(bad)
+        tau = (torch.sqrt(out_sq[bad_t, -1] * to_scaled) + delta) ** 2 * (0.5 * (1 + 1e-12)) + 2.0 ** -1000
+        sq2, nb2 = _threshold_rows(Xd, mean_t, scale, half64, bad_t, tau, k, block, pairs=_pairs_compiled)
+        out_sq[bad_t] = sq2
+        out_nb[bad_t] = nb2
+    return out_sq, out_nb
+
+
+def _bf16_of(x: float) -> int:
+    """bfloat16 bits of x (exactly representable)."""
+    return int(torch.tensor([x], dtype=torch.bfloat16).view(torch.int16).item()) & 0xFFFF
+
+
+def _pairs_compiled(X64, a, b):
+    """Exact squared distances of the pairs (a[t], b[t]) of rows of the contiguous CPU
+    float64 ``X64``, by the compiled loop of :func:`_nk.resolve`."""
+    out = np.empty(a.shape[0])
+    _nk.pair_sq(X64.numpy(), a.numpy(), b.numpy(), out)
+    return torch.from_numpy(out)
+
+
+def _knn_compiled(X, k, block, margin, precision, name):
+    """:func:`knn` on the CPU with the compiled passes (``embgeom.stats._kernels.LOCK``
+    held). Reads float32 or float64 input as it is (no float64 copy): the exact
+    distances are those of its float64 values."""
+    X = X.detach()
+    if X.dtype not in (torch.float32, torch.float64):
+        X = X.to(torch.float64)
+    X = X.contiguous()
+    n, d = X.shape
+    xn = X.numpy()
+    groups = _groups_compiled(xn)
+    rows = np.arange(n, dtype=np.int64) if groups is None else groups[0]
+    nu = rows.shape[0]
+    ku = min(k, nu - 1)
+    e0 = 0
+    if ku == 0:  # every point is the same
+        _check_finite(X[:1], torch.tensor([math.nan]), name)
+        sq_u = torch.zeros((1, 1), dtype=torch.float64)
+        nb_u = torch.zeros((1, 1), dtype=torch.int64)
+    else:
+        res = _knn_core_compiled(X, xn, rows, ku, block, margin, precision, name)
+        if res is None:
+            # extreme magnitudes: rescale the distinct points by a power of two (see knn)
+            amax = float(X[torch.from_numpy(rows)].abs().max())
+            e0 = math.frexp(amax)[1]
+            Xs = X[torch.from_numpy(rows)].to(torch.float64) * (2.0 ** (-e0 // 2)) * (2.0 ** (-e0 - (-e0 // 2)))
+            res = _knn_core_compiled(Xs, Xs.numpy(), np.arange(nu, dtype=np.int64), ku, block, margin, precision,
+                                     name)
+        sq_u, nb_u = res
+    if groups is None:
+        sq, nb = sq_u, nb_u
+    else:
+        group = groups[1]
+        counts = np.bincount(group, minlength=nu)
+        sq_n = np.empty((n, k))
+        nb_n = np.empty((n, k), dtype=np.int64)
+        _nk.expand(sq_u.numpy(), nb_u.numpy(), group, counts, k, sq_n, nb_n)
+        sq, nb = torch.from_numpy(sq_n), torch.from_numpy(nb_n)
+    dist = sq.sqrt_()
+    if e0:
+        dist.mul_(2.0 ** (e0 // 2)).mul_(2.0 ** (e0 - e0 // 2))
+    return dist, nb
+
+
 def _dedupe(X64: torch.Tensor, name: str = "X"):
     """Groups of exactly equal rows: None when all rows differ, else (representative
     rows (u,), group of each row (n,)).
@@ -785,14 +1075,28 @@ def _dedupe(X64: torch.Tensor, name: str = "X"):
     a row that merely shares a hash value stays on its own. (Equal rows whose hash
     happened to differ in the last bit are merely not grouped; the k-NN is exact
     either way, grouping only makes many duplicates cheap.) Also rejects NaN/inf."""
-    n, d = X64.shape
-    dev = X64.device
+    h = X64 @ _hash_weights(X64.shape[1]).to(X64.device)
+    _check_finite(X64, h, name)
+    return _groups(X64, h)
+
+
+def _hash_weights(d: int) -> torch.Tensor:
+    """The fixed random projection (weights in [0.5, 1.5)) that hashes rows."""
     g = torch.Generator(device="cpu").manual_seed(0x5EED)
-    r = (torch.rand(d, generator=g, dtype=torch.float64) + 0.5).to(dev)
-    h = X64 @ r
-    # NaN or ±inf anywhere makes the projection non-finite (the weights are > 0)
-    if not bool(torch.isfinite(h).all()) and not bool(torch.isfinite(X64).all()):
+    return torch.rand(d, generator=g, dtype=torch.float64) + 0.5
+
+
+def _check_finite(X, h, name):
+    # NaN or ±inf anywhere makes the projection non-finite (the weights are > 0); a
+    # non-finite projection of finite rows (overflow) is no error
+    if not bool(torch.isfinite(h).all()) and not bool(torch.isfinite(X).all()):
         raise EmbgeomError(f"{name} contains NaN or infinite values; remove or fix those rows first")
+
+
+def _groups(X64, h):
+    """:func:`_dedupe` given the rows' hashes ``h`` (n,)."""
+    n = X64.shape[0]
+    dev = X64.device
     _, inv, counts = torch.unique(h, return_inverse=True, return_counts=True)
     if counts.numel() == n:
         return None
@@ -883,12 +1187,15 @@ def knn(X, k: int, *, block_size: int = 2048, margin: int | None = None, name: s
     block_size : rows (and columns) per tile. Memory: one ``block_size²`` tile
         (bf16 or float32, plus screening buffers of a fraction of it), ``n · (k +
         margin) · 12`` bytes of candidates, and the operands: with bf16 two bf16
-        copies of X (``2 n (d + 4) · 2`` bytes), with float32 one float32 copy. X is
+        copies of X (``2 n (d + 4) · 2`` bytes), with float32 one float32 copy. On the
+        CPU with the compiled loops, float32 and float64 X are read as they are (no
+        copy; other dtypes are converted to float64) and the float64 fallback, when
+        some rows need it, makes a float64 copy of the distinct rows. Otherwise X is
         converted to float64 once (no copy when it already is float64); with exact
         duplicates the distinct rows are gathered into a float64 copy, or, when the
         float64 array is already this call's own conversion, moved to its front in
         place. The centring, rounding and the float64 fallback work on cache-sized
-        chunks of rows, never on n × d temporaries.
+        chunks of rows (or one row at a time), never on n × d temporaries.
     margin : extra candidates kept per point beyond ``k`` (default ``max(8, k)``
         with bf16 candidates, 8 with float32); only speed depends on it, the result
         is exact in any case (see the module docstring).
@@ -913,8 +1220,12 @@ def knn(X, k: int, *, block_size: int = 2048, margin: int | None = None, name: s
         raise EmbgeomError(f"margin must be a non-negative integer, got {margin!r}")
     if precision not in ("auto", "bf16", "fp32"):
         raise EmbgeomError(f"precision must be 'auto', 'bf16' or 'fp32', got {precision!r}")
-    X64 = X.to(torch.float64)
     block = max(_GROUP, (block_size // _GROUP) * _GROUP)
+    if _nk.AVAILABLE and _kernels.use_kernels(X.device):
+        with _kernels.LOCK:
+            _kernels.set_threads(torch.get_num_threads())
+            return _knn_compiled(X, k, block, margin, precision, name)
+    X64 = X.to(torch.float64)
     groups = _dedupe(X64, name)
     # Squared distances must neither overflow nor underflow in float64: rescale
     # extreme data by a power of two (exact) and undo it on the distances.
