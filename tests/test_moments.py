@@ -52,7 +52,7 @@ CASES = [(0.0, 1.0), (3.0, 1.0), (1e4, 1e-3)]
 
 
 @pytest.mark.parametrize("offset_norm,spread", CASES)
-def test_matches_two_pass_reference(path, offset_norm, spread):
+def test_matches_two_pass_reference(offset_norm, spread):
     rng = np.random.default_rng(0)
     X = make_data(rng, 1500, 24, offset_norm, spread)
     ref, C, mu = reference(X)
@@ -68,7 +68,7 @@ def test_matches_two_pass_reference(path, offset_norm, spread):
     assert m.Q == pytest.approx(m.M + m.V, rel=1e-15)
 
 
-def test_float32_and_torch_input_match_float64_of_same_values(path):
+def test_float32_and_torch_input_match_float64_of_same_values():
     rng = np.random.default_rng(1)
     X32 = make_data(rng, 800, 16, 5.0, 1.0).astype(np.float32)
     ref, _, _ = reference(X32.astype(np.float64))
@@ -79,7 +79,7 @@ def test_float32_and_torch_input_match_float64_of_same_values(path):
 
 
 @pytest.mark.parametrize("splits", [1, 2, 3, 7])
-def test_merge_in_any_split_equals_one_pass(path, splits):
+def test_merge_in_any_split_equals_one_pass(splits):
     rng = np.random.default_rng(2)
     X = make_data(rng, 999, 12, 1e4, 1e-3)
     one = Moments(12).update(X)
@@ -107,7 +107,7 @@ def test_state_dict_round_trip_is_exact(tmp_path):
     assert empty.n == 0
 
 
-def test_zero_vectors_have_no_direction_for_mean_cosine(path):
+def test_zero_vectors_have_no_direction_for_mean_cosine():
     X = np.array([[1.0, 0.0], [0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
     m = Moments(2).update(X)
     # pairs among the three non-zero vectors: cos = 1 (one pair), 0 (two pairs)
@@ -115,28 +115,8 @@ def test_zero_vectors_have_no_direction_for_mean_cosine(path):
     assert m.n == 4 and m.n_nonzero == 3
 
 
-def test_compiled_and_torch_paths_agree(monkeypatch):
-    from embgeom.stats import _kernels
-
-    rng = np.random.default_rng(6)
-    X = make_data(rng, 2000, 40, 1e4, 1e-3).astype(np.float32)
-    runs = {}
-    for enabled in (True, False):
-        monkeypatch.setattr(_kernels, "ENABLED", enabled)
-        m = Moments(40)
-        for chunk in np.array_split(X, 5):
-            m.update(torch.from_numpy(chunk))
-        runs[enabled] = m
-    a, b = runs[True], runs[False]
-    assert a.n_nonzero == b.n_nonzero == 2000
-    np.testing.assert_allclose(a.mean, b.mean, rtol=1e-14)
-    np.testing.assert_allclose(a.covariance, b.covariance, rtol=1e-11, atol=1e-11 * np.abs(b.covariance).max())
-    for key, value in b.metrics().items():
-        assert a.metrics()[key] == pytest.approx(value, rel=1e-10, abs=1e-15), key
-
-
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
-def test_non_finite_batch_adds_nothing(path, bad):
+def test_non_finite_batch_adds_nothing(bad):
     rng = np.random.default_rng(7)
     m = Moments(6).update(rng.normal(size=(50, 6)))
     before = m.state_dict()

@@ -147,35 +147,3 @@ if AVAILABLE:
             for j in range(d):
                 mean[r, j] += s1[g, j] * inv
             counts[r] = nt
-
-    @numba.njit(cache=True, nogil=True, parallel=True, fastmath=_FASTMATH)
-    def shifted_sums(x, ref, out, parts):  # pragma: no cover - compiled
-        """One pass over x (n, d): out[i] = float64(x[i]) − ref, and per part of rows
-        (parts+1 boundaries) the column sums of out and the sums of unit vectors
-        x/‖x‖ (zero rows skipped), and per row ‖x‖² in float64.
-        Returns (ysum (p, d), unit (p, d), sq (n,))."""
-        n, d = x.shape
-        p = parts.shape[0] - 1
-        ysum = np.zeros((p, d))
-        unit = np.zeros((p, d))
-        sq = np.empty(n)
-        for c in prange(p):
-            # Local accumulators: the compiler knows they alias nothing and vectorises.
-            ys = np.zeros(d)
-            us = np.zeros(d)
-            for i in range(parts[c], parts[c + 1]):
-                s = 0.0
-                for j in range(d):
-                    v = np.float64(x[i, j])
-                    y = v - ref[j]
-                    out[i, j] = y
-                    ys[j] += y
-                    s += v * v
-                sq[i] = s
-                if s > 0.0:
-                    inv = 1.0 / np.sqrt(s)
-                    for j in range(d):
-                        us[j] += np.float64(x[i, j]) * inv
-            ysum[c, :] = ys
-            unit[c, :] = us
-        return ysum, unit, sq

@@ -1,12 +1,12 @@
 """`Moments`: exact streaming first and second moments of a cloud of vectors.
 
 Keeps, in float64, the count, the mean, the scatter matrix Σ (x − μ)(x − μ)ᵀ and the
-sum of unit vectors. Each batch is centred on a point of its own (its mean, or on
-CPU its first row, corrected by a rank-one term) and merged with the parallel
-update of Chan, Golub & LeVeque (1979), so far-from-origin data with a tiny spread
-lose nothing (no difference of large raw sums). The batch's Gram matrix is added
-straight into the upper triangle of the state, one matrix product per row strip. Memory is O(d²) whatever the
-number of vectors; accumulators merge exactly, so shards and ranks combine.
+sum of unit vectors. Each batch is centred on its own mean and merged with the
+parallel update of Chan, Golub & LeVeque (1979), so far-from-origin data with a tiny
+spread lose nothing (no difference of large raw sums). The batch's Gram matrix is
+added straight into the upper triangle of the state, one matrix product per row
+strip. Memory is O(d²) whatever the number of vectors; accumulators merge exactly,
+so shards and ranks combine.
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import torch
 
 from .._validate import as_float_matrix
 from ..errors import EmbgeomError
-from . import _kernels
 from ..metrics.spectrum import eigenvalues, spectrum_metrics, top_eigenvalue
 
 
@@ -111,15 +110,9 @@ class Moments:
         x = x.detach()
         if x.device != self._device:
             x = x.to(self._device)
-        if _kernels.use_kernels(self._device):
-            self._update_compiled(x)
-        else:
-            self._update_torch(x)
-        return self
-
-    def _update_torch(self, x) -> None:
-        """A float64 copy of the batch centred on its own mean (two passes); its
-        Gram matrix goes straight into the state."""
+        # A float64 copy of the batch centred on its own mean (two passes); its Gram
+        # matrix goes straight into the state. (A compiled single pass was tried: on
+        # CPU it is no faster than these memory-bound, multi-threaded torch passes.)
         x64 = x.to(dtype=torch.float64, copy=True)  # our own copy, centred in place
         norms = torch.linalg.vector_norm(x64, dim=1)
         nonzero = norms > 0
@@ -129,37 +122,13 @@ class Moments:
         if not bool(torch.isfinite(bmean).all()):
             raise NonFiniteInput("batch holds NaN or infinite values")
         x64 -= bmean
-        self._merge_parts(x.shape[0], int(nonzero.sum()), bmean, x64, None, unit_sum)
+        self._merge_parts(nb, int(nonzero.sum()), bmean, x64, unit_sum)
+        return self
 
-    def _update_compiled(self, x) -> None:
-        """The same from one compiled pass (CPU, see `_kernels`): the float64 copy is
-        shifted by the batch's first row r instead of its mean, so that one pass
-        also gives the sums; then with y = x − r and ȳ its mean,
-        Σ (x − x̄)(x − x̄)ᵀ = Σ y yᵀ − n ȳ ȳᵀ. ȳ is the mean's distance from a point
-        of the batch itself (of the order of the spread, whatever the offset of the
-        data or how far it drifted from earlier batches), so the subtraction loses
-        at most a few bits."""
-        n = x.shape[0]
-        xn = _kernels.as_array(x)
-        ref = xn[0].astype(np.float64)
-        y = _kernels.scratch("moments", n, xn.shape[1])  # this thread's, reused by the next batch
-        with _kernels.LOCK:
-            threads = torch.get_num_threads()
-            _kernels.set_threads(threads)
-            parts = np.linspace(0, n, min(n, 4 * threads) + 1).astype(np.int64)
-            ysum, unit, sq = _kernels.shifted_sums(xn, ref, y, parts)
-        ybar = ysum.sum(axis=0) / n
-        bmean = ref + ybar
-        if not (np.isfinite(bmean).all() and np.isfinite(sq).all()):
-            raise NonFiniteInput("batch holds NaN or infinite values")
-        self._merge_parts(n, int(np.count_nonzero(sq > 0)), torch.from_numpy(bmean), torch.from_numpy(y),
-                          torch.from_numpy(ybar), torch.from_numpy(unit.sum(axis=0)))
-
-    def _merge_parts(self, nb, nb_nonzero, bmean, centred, shift, unit_sum, scatter=None) -> None:
+    def _merge_parts(self, nb, nb_nonzero, bmean, centred, unit_sum, scatter=None) -> None:
         """Chan et al. update with a part of nb vectors of mean `bmean`, given either
-        its rows `centred` (x − x̄, or x − r with x̄ − r = `shift`) or its full
-        `scatter` matrix. Only the upper triangle of the state's scatter is kept
-        up to date (see `_scatter_full`)."""
+        its centred rows `centred` (x − x̄) or its full `scatter` matrix. Only the
+        upper triangle of the state's scatter is kept up to date (see `_scatter_full`)."""
         n = self.n + nb
         delta = bmean - self._mean
         self._mean.add_(delta, alpha=nb / n)
@@ -167,8 +136,6 @@ class Moments:
             self._scatter.add_(scatter)
         else:
             add_gram_upper(self._scatter, centred)
-            if shift is not None:
-                self._scatter.addr_(shift, shift, alpha=-nb)
         if self.n:
             self._scatter.addr_(delta, delta, alpha=self.n * nb / n)
         self._unit_sum.add_(unit_sum)
@@ -190,7 +157,7 @@ class Moments:
         if self._mean is None:
             self._init_state(self._device if self._device is not None else other._device)
         dev = self._device
-        self._merge_parts(other.n, other.n_nonzero, other._mean.to(dev), None, None,
+        self._merge_parts(other.n, other.n_nonzero, other._mean.to(dev), None,
                           other._unit_sum.to(dev), scatter=other._scatter_full().to(dev))
         return self
 
