@@ -101,10 +101,11 @@ def row_chunks(starts: np.ndarray, n_rows: int, parts: int) -> np.ndarray:
 if AVAILABLE:
 
     @numba.njit(cache=True, nogil=True, parallel=True, fastmath=_FASTMATH)
-    def type_residual_sums(x, order, starts, rows, ref, s1, s2, chunks):  # pragma: no cover - compiled
+    def type_residual_sums(x, order, starts, rows, ref, new, s1, s2, chunks):  # pragma: no cover - compiled
         """For each group g (rows order[starts[g]:starts[g+1]] of x, one token
         type), with y = float64(x[row]) − ref[rows[g]]:
-        s1[g] = Σ y (written, not added), s2[g] = Σ ‖y‖². `chunks` splits the
+        s1[g] = Σ y (written, not added), s2[g] = Σ ‖y‖². Where new[g], the
+        reference row is first set to the group's first vector. `chunks` splits the
         groups into balanced runs (see row_chunks), one per parallel task."""
         n = x.shape[0]
         m = starts.shape[0]
@@ -113,6 +114,10 @@ if AVAILABLE:
             for g in range(chunks[c], chunks[c + 1]):
                 end = starts[g + 1] if g + 1 < m else n
                 r = rows[g]
+                if new[g]:
+                    first = order[starts[g]]
+                    for j in range(d):
+                        ref[r, j] = np.float64(x[first, j])
                 for j in range(d):
                     s1[g, j] = 0.0
                 acc = 0.0

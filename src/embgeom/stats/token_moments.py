@@ -428,17 +428,13 @@ class TokenMoments:
         # free row it will get. Nothing is committed until the batch is summed and
         # found finite: free rows keep count 0 and S 0, and are not in the index.
         rows, new_pos = self._provisional_rows(ids, self._lookup(ids))
-        p = int(new_pos.shape[0])
-        if p:  # the new rows are k, k+1, … in id order
-            k = self._k
-            self._mean[k : k + p].copy_(x.index_select(0, g.first.index_select(0, new_pos)))
 
         # Σ y and Σ ‖y‖² per type, y = x − ref in float64 (the conversion is exact;
         # one rounding of the small residual), then the Chan et al. update per type.
         if _kernels.use_kernels(dev):
-            self._update_compiled(x, g, rows)
+            self._update_compiled(x, g, rows, new_pos)
         else:
-            self._update_torch(x, g, rows)
+            self._update_torch(x, g, rows, new_pos)
         self._commit_rows(ids.index_select(0, new_pos))
         self.n += nb
         return self
@@ -447,20 +443,24 @@ class TokenMoments:
     def _non_finite(x) -> EmbgeomError:
         return EmbgeomError(f"batch of shape {tuple(x.shape)} holds NaN or infinite values; nothing was added")
 
-    def _update_compiled(self, x, g: TokenGroups, rows) -> None:
-        """CPU: one compiled pass over the batch for the sums, one over the touched
-        rows for the update (see `_kernels`)."""
+    def _update_compiled(self, x, g: TokenGroups, rows, new_pos) -> None:
+        """CPU: one compiled pass over the batch for the sums (it also writes the
+        first vector of each new type into that type's free row, its reference),
+        one over the touched rows for the update (see `_kernels`)."""
         xn = _kernels.as_array(x)
         starts = g.starts.numpy()
         m = starts.shape[0]
         rows_n = rows.numpy()
         s1 = _kernels.scratch("token_sums", m, self.dim)  # this thread's, reused by the next batch
         s2 = np.empty(m)
+        new = np.zeros(m, dtype=np.bool_)
+        new[new_pos.numpy()] = True
         with _kernels.LOCK:
             threads = torch.get_num_threads()
             _kernels.set_threads(threads)
             chunks = _kernels.row_chunks(starts, g.n, 4 * threads)
-            _kernels.type_residual_sums(xn, g.perm.numpy(), starts, rows_n, self._mean.numpy(), s1, s2, chunks)
+            _kernels.type_residual_sums(xn, g.perm.numpy(), starts, rows_n, self._mean.numpy(), new, s1, s2,
+                                        chunks)
             # A NaN or inf anywhere makes its type's Σ‖y‖², hence the total,
             # non-finite; the state is untouched so far.
             if not math.isfinite(float(s2.sum())):
@@ -468,9 +468,13 @@ class TokenMoments:
             _kernels.merge_type_sums(rows_n, g.counts.numpy(), s1, s2, self._mean.numpy(), self._m2.numpy(),
                                      self._counts.numpy())
 
-    def _update_torch(self, x, g: TokenGroups, rows) -> None:
+    def _update_torch(self, x, g: TokenGroups, rows, new_pos) -> None:
         """Any device: the batch in one pass of whole-batch operations."""
         dev = x.device
+        p = int(new_pos.shape[0])
+        if p:  # the new rows are k, k+1, … in id order; their reference: the first vector
+            k = self._k
+            self._mean[k : k + p].copy_(x.index_select(0, g.first.index_select(0, new_pos)))
         m = int(g.ids.shape[0])
         counts = g.counts
         xs = x if g.presorted else x.index_select(0, g.perm)
