@@ -1221,9 +1221,8 @@ def knn(X, k: int, *, block_size: int = 2048, margin: int | None = None, name: s
     if precision not in ("auto", "bf16", "fp32"):
         raise EmbgeomError(f"precision must be 'auto', 'bf16' or 'fp32', got {precision!r}")
     block = max(_GROUP, (block_size // _GROUP) * _GROUP)
-    if _nk.AVAILABLE and _kernels.use_kernels(X.device):
-        with _kernels.LOCK:
-            _kernels.set_threads(torch.get_num_threads())
+    if _kernels.use_kernels(X.device):
+        with _kernels.parallel():
             return _knn_compiled(X, k, block, margin, precision, name)
     X64 = X.to(torch.float64)
     groups = _dedupe(X64, name)

@@ -16,6 +16,7 @@ pays the compilation (a few seconds).
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import numpy as np
@@ -57,6 +58,15 @@ def set_threads(n: int) -> None:
     the loops, while holding LOCK."""
     if AVAILABLE:
         numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
+
+
+@contextlib.contextmanager
+def parallel():
+    """Hold LOCK with the parallel loops set to torch's thread count; yields it."""
+    with LOCK:
+        threads = torch.get_num_threads()
+        set_threads(threads)
+        yield threads
 
 
 def as_array(x) -> np.ndarray:

@@ -48,12 +48,6 @@ def symmetric_from_upper(m: torch.Tensor) -> torch.Tensor:
     return u.add_(torch.triu(m, 1).T)
 
 
-def gram(x: torch.Tensor) -> torch.Tensor:
-    """xᵀx, exactly symmetric (see add_gram_upper)."""
-    d = x.shape[1]
-    return symmetric_from_upper(add_gram_upper(torch.zeros(d, d, dtype=x.dtype, device=x.device), x))
-
-
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().to("cpu").numpy()
 
@@ -107,13 +101,10 @@ class Moments:
             return self
         if self._mean is None:
             self._init_state(self._device if self._device is not None else x.device)
-        x = x.detach()
-        if x.device != self._device:
-            x = x.to(self._device)
-        # A float64 copy of the batch centred on its own mean (two passes); its Gram
-        # matrix goes straight into the state. (A compiled single pass was tried: on
-        # CPU it is no faster than these memory-bound, multi-threaded torch passes.)
-        x64 = x.to(dtype=torch.float64, copy=True)  # our own copy, centred in place
+        # A float64 copy of the batch (one copy, on the state's device) centred on its
+        # own mean; its Gram matrix goes straight into the state. (A compiled single
+        # pass was tried: on CPU it is no faster than these multi-threaded passes.)
+        x64 = x.detach().to(device=self._device, dtype=torch.float64, copy=True)
         norms = torch.linalg.vector_norm(x64, dim=1)
         nonzero = norms > 0
         inv_norm = torch.where(nonzero, 1.0 / torch.where(nonzero, norms, 1.0), 0.0)

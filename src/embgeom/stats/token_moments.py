@@ -455,9 +455,7 @@ class TokenMoments:
         s2 = np.empty(m)
         new = np.zeros(m, dtype=np.bool_)
         new[new_pos.numpy()] = True
-        with _kernels.LOCK:
-            threads = torch.get_num_threads()
-            _kernels.set_threads(threads)
+        with _kernels.parallel() as threads:
             chunks = _kernels.row_chunks(starts, g.n, 4 * threads)
             _kernels.type_residual_sums(xn, g.perm.numpy(), starts, rows_n, self._mean.numpy(), new, s1, s2,
                                         chunks)
