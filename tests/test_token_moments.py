@@ -543,3 +543,37 @@ def test_large_state_with_huge_page_hint_is_exact():
     assert big.capacity == 40_000
     pd.testing.assert_frame_equal(big.table(), plain.table(), check_exact=True)
     assert big.decomposition() == plain.decomposition()
+
+
+def test_row_store_grows_in_place_or_by_copy_keeping_rows():
+    """The CPU means table grows without losing rows: in place (the mapping moves,
+    no copy) when nothing else views it, by a copy when a view is still alive."""
+    from embgeom.stats.token_moments import _RowStore
+
+    dim = 64
+    store = _RowStore(8192, dim, "cpu")  # 4 MiB: mapped where the platform allows
+    vals = torch.arange(8192 * dim, dtype=torch.float64).view(8192, dim)
+    store.tensor.copy_(vals)
+    grown = store.grown(20_000, 8192)
+    assert grown.tensor.shape == (20_000, dim)
+    assert torch.equal(grown.tensor[:8192], vals)
+    held = grown.tensor[:10]  # a live view: the mapping cannot move, so it copies
+    again = grown.grown(50_000, 8192)
+    assert again.tensor.shape == (50_000, dim)
+    assert torch.equal(again.tensor[:8192], vals) and torch.equal(held, vals[:10])
+
+
+def test_many_types_without_capacity_hint_grow_exactly(path):
+    """Tens of thousands of types, rows grown batch by batch from nothing (the
+    table passes the size at which it is mapped and moved), equal the reference
+    and an accumulator given the capacity up front."""
+    rng = np.random.default_rng(31)
+    n = 60_000
+    ids = rng.permutation(np.repeat(np.arange(30_000, dtype=np.int64) * 7919 - 10**12, 2))
+    x = rng.standard_normal((n, D)).astype(np.float32) + 50.0
+    grown = feed(TokenMoments(D), x, ids, 4096)
+    hinted = feed(TokenMoments(D, capacity=30_000), x, ids, 4096)
+    assert grown.n_types == 30_000 and grown.capacity >= 30_000
+    pd.testing.assert_frame_equal(grown.table(), hinted.table(), check_exact=True)
+    want, _ = reference(x.astype(np.float64), ids)
+    assert_tables_close(grown.table(), want, 1e-7)

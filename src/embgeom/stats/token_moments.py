@@ -53,9 +53,8 @@ them; it is moved to an accumulator's device once and cached.
 """
 from __future__ import annotations
 
-import ctypes
 import math
-import sys
+import mmap
 
 import numpy as np
 import pandas as pd
@@ -72,38 +71,67 @@ _I64 = torch.int64
 _F64 = torch.float64
 _INT64_MAX = np.iinfo(np.int64).max
 
-_MADV_HUGEPAGE = 14
 _HUGE = 1 << 21
-_madvise = None
 
 
-def _empty_rows(rows: int, dim: int, device) -> torch.Tensor:
-    """An uninitialised (rows, dim) float64 tensor for the per-type means.
+class _RowStore:
+    """The (rows, d) float64 means, uninitialised, on a device.
 
-    On Linux CPU, a large one is marked for transparent huge pages (madvise; a hint,
-    skipped wherever it is not available): the state is first touched row by row as
-    types appear, and with 4 KiB pages those first touches (one page fault every
-    ~1.3 rows at width 384) cost as much as the arithmetic of an update."""
-    global _madvise
-    t = torch.empty(rows, dim, dtype=_F64, device=device)
-    nbytes = t.numel() * 8
-    if t.device.type != "cpu" or nbytes < 2 * _HUGE or not sys.platform.startswith("linux"):
-        return t
-    if _madvise is None:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            fn = libc.madvise
-            fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-            fn.restype = ctypes.c_int
-            _madvise = fn
-        except (OSError, AttributeError):
-            _madvise = False
-    if _madvise:
-        start = (t.data_ptr() + _HUGE - 1) & ~(_HUGE - 1)
-        end = (t.data_ptr() + nbytes) & ~(_HUGE - 1)
-        if end > start:
-            _madvise(start, end - start, _MADV_HUGEPAGE)  # a hint: the result is not needed
-    return t
+    On CPU a large table lives in an anonymous private memory mapping, for two
+    reasons. It grows in place: ``mremap`` moves page tables instead of copying
+    (growing a 34 MiB table by doubling would otherwise copy ~70 MiB over a run).
+    And it is marked for transparent huge pages (a hint): rows are first touched
+    one by one as types appear, and with 4 KiB pages those first touches (a page
+    fault every ~1.3 rows at width 384) cost as much as the arithmetic of an update.
+    Elsewhere, or where mapping is refused, a plain tensor grown by copying.
+    """
+
+    __slots__ = ("map", "tensor")
+
+    def __init__(self, rows: int, dim: int, device):
+        self.map = None
+        nbytes = rows * dim * 8
+        if torch.device(device).type == "cpu" and nbytes >= 2 * _HUGE and hasattr(mmap, "MAP_PRIVATE"):
+            try:
+                self.map = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)
+            except (OSError, ValueError):
+                self.map = None
+        if self.map is None:
+            self.tensor = torch.empty(rows, dim, dtype=_F64, device=device)
+        else:
+            self._view(rows, dim)
+
+    @classmethod
+    def wrap(cls, tensor: torch.Tensor) -> "_RowStore":
+        store = object.__new__(cls)
+        store.map, store.tensor = None, tensor
+        return store
+
+    def _view(self, rows: int, dim: int) -> None:
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            try:
+                self.map.madvise(mmap.MADV_HUGEPAGE)
+            except OSError:  # a hint: kernels without THP refuse it
+                pass
+        self.tensor = torch.from_numpy(np.frombuffer(self.map, dtype=np.float64, count=rows * dim).reshape(rows, dim))
+
+    def grown(self, rows: int, keep: int) -> "_RowStore":
+        """A store of `rows` rows whose first `keep` rows are this one's; this store
+        must not be used afterwards."""
+        dim = self.tensor.shape[1]
+        if self.map is not None:
+            self.tensor = None  # release the buffer export so the mapping may move
+            try:
+                self.map.resize(rows * dim * 8)
+            except (BufferError, OSError, ValueError, SystemError):
+                # a view still alive somewhere, or no mremap here: copy instead
+                self.tensor = torch.from_numpy(np.frombuffer(self.map, dtype=np.float64)).view(-1, dim)
+            else:
+                self._view(rows, dim)
+                return self
+        new = _RowStore(rows, dim, self.tensor.device)
+        new.tensor[:keep] = self.tensor[:keep]
+        return new
 
 
 def _as_id_vector(token_ids, name: str = "token_ids") -> torch.Tensor:
@@ -166,6 +194,13 @@ class TokenGroups:
         if n == 0:
             e = torch.empty(0, dtype=_I64, device=t.device)
             self.ids = self.inverse = self.counts = self.perm = self.sorted_inverse = self.starts = self.first = e
+        elif _kernels.use_kernels(t.device):
+            # O(n): a hash table of the distinct ids and a counting sort of the rows
+            # (only the distinct ids are sorted), same results as the sort below.
+            presorted, *parts = _kernels.group_ids(t.numpy())
+            self.presorted = bool(presorted)
+            (self.ids, self.counts, self.perm, self.starts, self.sorted_inverse, self.inverse,
+             self.first) = (torch.from_numpy(a) for a in parts)
         else:
             # One stable sort gives everything: the order, the distinct ids (where
             # the sorted values change), their counts and each row's type.
@@ -255,7 +290,8 @@ class TokenMoments:
         self._device = torch.device(device) if device is not None else None
         self._k = 0  # distinct types stored; rows 0..k-1 in order of first appearance
         self._counts = None  # (cap,) int64
-        self._mean = None  # (cap, d) float64
+        self._mean = None  # (cap, d) float64, the tensor of _mean_store
+        self._mean_store = None
         self._m2 = None  # (cap,) float64: Σ ‖x − μ_t‖²
         self._sorted_ids = None  # (k,) int64 ascending
         self._sorted_rows = None  # (k,) int64: row of each sorted id
@@ -299,7 +335,8 @@ class TokenMoments:
         self._counts = torch.zeros(cap, dtype=_I64, device=dev)
         # Means of unused rows are never read (a new row's mean is written before
         # use), so they stay uninitialised: no page is touched before it is needed.
-        self._mean = _empty_rows(cap, self.dim, dev)
+        self._mean_store = _RowStore(cap, self.dim, dev)
+        self._mean = self._mean_store.tensor
         self._m2 = torch.zeros(cap, dtype=_F64, device=dev)
         self._sorted_ids = torch.zeros(0, dtype=_I64, device=dev)
         self._sorted_rows = torch.zeros(0, dtype=_I64, device=dev)
@@ -316,7 +353,9 @@ class TokenMoments:
             return new
 
         self._counts = grow(self._counts, torch.zeros(new_cap, dtype=_I64, device=dev))
-        self._mean = grow(self._mean, _empty_rows(new_cap, self.dim, dev))
+        self._mean = None  # the store may move its mapping only without other views
+        self._mean_store = self._mean_store.grown(new_cap, k)
+        self._mean = self._mean_store.tensor
         self._m2 = grow(self._m2, torch.zeros(new_cap, dtype=_F64, device=dev))
 
     def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
@@ -344,6 +383,15 @@ class TokenMoments:
         rows.index_copy_(0, new_pos, torch.arange(k, k + p, dtype=_I64, device=self._device))
         return rows, new_pos
 
+    def _provisional_rows_compiled(self, ids: torch.Tensor):
+        """`_provisional_rows(ids, _lookup(ids))` on CPU in one compiled merge walk
+        of the sorted index (ids are ascending)."""
+        k = self._k
+        rows, is_new = _kernels.lookup_rows(self._sorted_ids.numpy(), self._sorted_rows.numpy(), ids.numpy(), k)
+        new_pos = torch.from_numpy(np.flatnonzero(is_new))
+        self._reserve(k + int(new_pos.shape[0]))
+        return torch.from_numpy(rows), new_pos
+
     def _commit_rows(self, new_ids: torch.Tensor) -> None:
         """Make rows k..k+p-1 (from ``_provisional_rows``) the rows of `new_ids`
         (ascending, distinct, not stored yet): merge them into the sorted index in
@@ -352,6 +400,12 @@ class TokenMoments:
         if p == 0:
             return
         k, dev = self._k, self._device
+        if _kernels.use_kernels(dev):
+            out_ids, out_rows = _kernels.insert_sorted(self._sorted_ids.numpy(), self._sorted_rows.numpy(),
+                                                       new_ids.numpy(), k)
+            self._sorted_ids, self._sorted_rows = torch.from_numpy(out_ids), torch.from_numpy(out_rows)
+            self._k = k + p
+            return
         new_rows = torch.arange(k, k + p, dtype=_I64, device=dev)
         if k == 0:
             self._sorted_ids, self._sorted_rows = new_ids.clone(), new_rows
@@ -422,16 +476,20 @@ class TokenMoments:
         g = g.to(dev)
 
         ids = g.ids
+        compiled = _kernels.use_kernels(dev)
 
         # Reference point per type: its stored mean, or for a type new to this
         # accumulator its first vector here, written (exactly, in float64) into the
         # free row it will get. Nothing is committed until the batch is summed and
         # found finite: free rows keep count 0 and S 0, and are not in the index.
-        rows, new_pos = self._provisional_rows(ids, self._lookup(ids))
+        if compiled:
+            rows, new_pos = self._provisional_rows_compiled(ids)
+        else:
+            rows, new_pos = self._provisional_rows(ids, self._lookup(ids))
 
         # Σ y and Σ ‖y‖² per type, y = x − ref in float64 (the conversion is exact;
         # one rounding of the small residual), then the Chan et al. update per type.
-        if _kernels.use_kernels(dev):
+        if compiled:
             self._update_compiled(x, g, rows, new_pos)
         else:
             self._update_torch(x, g, rows, new_pos)
@@ -662,6 +720,8 @@ class TokenMoments:
         if self._mean is not None:
             for name in ("_counts", "_mean", "_m2", "_sorted_ids", "_sorted_rows"):
                 setattr(self, name, getattr(self, name).to(device))
+            if self._mean is not self._mean_store.tensor:
+                self._mean_store = _RowStore.wrap(self._mean)
         return self
 
     def __repr__(self) -> str:
