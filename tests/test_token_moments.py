@@ -275,7 +275,7 @@ def test_device_moves():
     assert "types=" in repr(acc) and "TokenGroups(n=3" in repr(TokenGroups([1, 1, 2]))
 
 
-def test_group_contents():
+def test_group_contents(path):
     g = TokenGroups(np.array([5, -3, 5, 7, -3, 5]))
     assert g.ids.tolist() == [-3, 5, 7]
     assert g.counts.tolist() == [2, 3, 1]
@@ -283,6 +283,29 @@ def test_group_contents():
     assert g.inverse.tolist() == [1, 0, 1, 2, 0, 1]
     assert g.sorted_inverse.tolist() == [0, 0, 1, 1, 1, 2]
     assert not g.presorted and TokenGroups([-3, 5, 5, 7]).presorted
+    assert g.perm.tolist() == [1, 4, 0, 2, 5, 3] and g.starts.tolist() == [0, 2, 5]
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 1000, 20_000])
+def test_compiled_grouping_equals_the_sort(n, monkeypatch):
+    """The O(n) grouping (hash table + counting sort) gives exactly what one stable
+    sort gives, for extreme int64 ids, heavy repeats, presorted and reversed runs."""
+    from embgeom.stats import _kernels
+
+    rng = np.random.default_rng(n)
+    pool = np.array([np.iinfo(np.int64).min, np.iinfo(np.int64).max, -1, 0, 1, 2**32, -(2**32)], dtype=np.int64)
+    pool = np.concatenate([pool, rng.integers(-(2**63), 2**63 - 1, size=50, dtype=np.int64)])
+    cases = [pool[rng.integers(0, len(pool), n)], zipf_ids(rng, n), np.sort(zipf_ids(rng, n)),
+             np.sort(zipf_ids(rng, n))[::-1].copy(), np.full(n, 42, dtype=np.int64)]
+    names = ("ids", "counts", "perm", "starts", "first", "inverse", "sorted_inverse")
+    for ids in cases:
+        fast = TokenGroups(ids)
+        monkeypatch.setattr(_kernels, "ENABLED", False)
+        slow = TokenGroups(ids)
+        monkeypatch.setattr(_kernels, "ENABLED", True)
+        assert fast.presorted == slow.presorted == bool(np.all(ids[1:] >= ids[:-1]))
+        for name in names:
+            assert torch.equal(getattr(fast, name), getattr(slow, name)), name
 
 
 def test_memory_grows_only_with_types_and_capacity_hint():
