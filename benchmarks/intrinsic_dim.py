@@ -5,12 +5,13 @@
 
 For each n it times ``embgeom.metrics.intrinsic_dim.twonn`` against
 ``skdim.id.TwoNN()`` and ``mle_id`` against ``skdim.id.MLE(K=20)`` on the same
-float64 data (best of ``--repeat`` runs for both; scikit-dimension once where one run
+float64 data (best of ``--repeat`` runs for both, embgeom's median printed too; scikit-dimension once where one run
 takes longer than ``--skdim-repeat-below`` seconds; the first embgeom call of the
 process, which loads its compiled loops, is timed and printed apart), prints the ratio of the
 times and the relative difference of the estimates, times ``twonn`` once more with the
-compiled k-NN loops switched off (the torch path, as on a GPU or without numba), and
-reports this machine's float32 and bfloat16 matrix-multiply throughput
+compiled k-NN loops switched off (the torch path, as on a GPU or without numba), says
+whether the compiled path overlapped each tile's product with the scan of the previous
+tile (``_PIPELINE`` in ``embgeom.metrics.neighbors``), and reports this machine's float32 and bfloat16 matrix-multiply throughput
 (torch.mm of 4096², the ceilings) next to the throughput the k-NN achieves. It also
 checks the k-NN itself: the bf16 candidate path against the float32 one (both exact:
 the difference must be 0), how many rows the bf16 bound could not certify (those take
@@ -44,13 +45,17 @@ from embgeom.metrics.neighbors import knn_distances
 from embgeom.stats import _kernels as kmod
 
 
+_MEDIAN = [float("nan")]  # median of the last _best's runs
+
+
 def _best(fn, repeat):
-    best, out = float("inf"), None
+    times, out = [], None
     for _ in range(repeat):
         t = time.perf_counter()
         out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
+        times.append(time.perf_counter() - t)
+    _MEDIAN[0] = float(np.median(times))
+    return min(times), out
 
 
 def matmul_gflops(size=4096, repeat=5, dtype=torch.float32):
@@ -242,6 +247,7 @@ def main(argv=None):
             if key not in wanted:
                 continue
             t_ours, est = _best(ours, args.repeat)
+            med_ours = _MEDIAN[0]
             t_sk, ref = float("nan"), None
             if skdim is not None:
                 with warnings.catch_warnings():
@@ -254,6 +260,8 @@ def main(argv=None):
             rel = abs(est - ref) / abs(ref) if ref else float("nan")
             print(f"{n:>6} {d:>4} | {name:<9} {t_ours:>9.3f}s {t_sk:>9.2f}s{once:<0} {t_sk / t_ours:>7.1f}x | "
                   f"{est:>10.5f} {ref if ref is not None else float('nan'):>10.5f} {rel:>9.1e}")
+            print(f"{'':>6} {'':>4} | {name}: embgeom median of {args.repeat} runs {med_ours:.3f}s = "
+                  f"{t_sk / med_ours:.1f}x skdim's best")
             rows.append((n, name, t_ours, t_sk, rel))
             if key == "twonn" and compiled:
                 kmod.ENABLED = False
@@ -271,7 +279,8 @@ def main(argv=None):
         tb, res = _best(lambda: intrinsic_dimensions(distances=dist), args.repeat)
         fl = knn_flops(n, d, split=compiled and nbmod._SPLIT_DIAG)
         ceil = ceiling16 if info20.get("precision") == "bf16" else ceiling
-        print(f"{'':>6} {'':>4} | k-NN ({info20.get('precision')} candidates) k=2: {t2:.3f}s = {fl / t2 / 1e9:.0f} GFLOP/s, "
+        pipe = "; products and scans pipelined: k=2 %s, k=20 %s" % (info2.get("pipelined"), info20.get("pipelined"))
+        print(f"{'':>6} {'':>4} | k-NN ({info20.get('precision')} candidates{pipe if compiled else ''}) k=2: {t2:.3f}s = {fl / t2 / 1e9:.0f} GFLOP/s, "
               f"k=20: {t20:.3f}s = {fl / t20 / 1e9:.0f} GFLOP/s ({100 * fl / t20 / 1e9 / ceil:.0f}% of the "
               f"{info20.get('precision')} ceiling; {fl / 1e9:.1f} GFLOP in the symmetric tiles, "
               f"{2 * n * n * d / 1e9:.1f} in a full product)")

@@ -354,13 +354,13 @@ if AVAILABLE:  # pragma: no branch
         """Insert key ``v`` (float32) of point ``col`` into g's sorted list of the p
         smallest keys, unless the filter (``v > tau[g]``: provably farther than the
         k-th neighbour) or the list (full, ``v ≥`` its p-th key: pushed out) rejects
-        it. Returns whether it was inserted."""
+        it. Returns the position it was inserted at, or −1."""
         if not (v <= tau[g]):
-            return False
+            return -1
         c = cnt[g]
         if c == p:
             if v >= keys[g, p - 1]:
-                return False
+                return -1
             pos = p - 1
         else:
             pos = c
@@ -371,7 +371,25 @@ if AVAILABLE:  # pragma: no branch
             pos -= 1
         keys[g, pos] = v
         idx[g, pos] = col
-        return True
+        return pos
+
+    @numba.njit(cache=True, nogil=True)
+    def _tighten_first(g, keys, idx, cnt, tau, G, u_o, sigma, delta, k):  # pragma: no cover - compiled
+        """tau[g] = min(tau[g], threshold of the largest upper bound among g's k
+        smallest keys): those k distinct points are all within it, so it bounds the k-th
+        neighbour too (a little above the k-th smallest upper bound that
+        :func:`_tighten` selects, at O(k) instead of O(p·k) per inserted key)."""
+        if cnt[g] < k:
+            return
+        m = -np.inf
+        for t in range(k):
+            r = np.float64(keys[g, t])
+            sg = 1.0 if r > 0 else (-1.0 if r < 0 else 0.0)
+            ub = r * (1.0 + u_o * sg) + sigma + G[g] + G[idx[g, t]]
+            m = ub if ub > m else m
+        th = _key_threshold(m, delta, sigma, u_o)
+        if th < tau[g]:
+            tau[g] = th
 
     @numba.njit(cache=True, nogil=True)
     def _screen_bits(g, keys, cnt, tau, p, is16):  # pragma: no cover - compiled
@@ -406,9 +424,11 @@ if AVAILABLE:  # pragma: no branch
         for q in range(S):
             gm[q] = row[q]
         for m in range(1, gs):
-            base = m * S
+            # a slice indexed by the loop counter: ``row[m*S + q]`` would need numba's
+            # negative-index wraparound, which keeps LLVM from vectorising (~10x slower)
+            seg = row[m * S : (m + 1) * S]
             for q in range(S):
-                v = row[base + q]
+                v = seg[q]
                 gm[q] = v if v < gm[q] else gm[q]
 
     @numba.njit(cache=True, nogil=True)
@@ -418,7 +438,7 @@ if AVAILABLE:  # pragma: no branch
             z += _I32(gm[q]) <= thr
         return z
 
-    _GD = 16  # members of a strided group on diagonal tiles
+    _GD = 16  # most members of a strided group on diagonal tiles
 
     @numba.njit(cache=True, nogil=True, parallel=True)
     def tile_diag(t, i0, n, keys, idx, cnt, tau, G, u_o, sigma, delta, k, is16):  # pragma: no cover
@@ -426,7 +446,7 @@ if AVAILABLE:  # pragma: no branch
         ``i0 + c``), whose rows' lists are still empty: each row's p smallest keys of
         other points, then its threshold.
 
-        The minima of strided groups of ``_GD`` columns (``q + m·S``) are taken in one
+        The minima of strided groups of ``gd ≤ _GD`` columns (``q + m·S``) are taken in one
         vectorised pass; ``p + 1`` groups whose minima are at most ``T`` hold at least
         ``p`` keys of other points that are at most ``T`` (one may be the point
         itself), so with ``T`` the (p+1)-th smallest group minimum (found by bisection
@@ -437,8 +457,11 @@ if AVAILABLE:  # pragma: no branch
         nr = min(t.shape[0], n - i0)
         nc = min(t.shape[1], n - i0)
         p = keys.shape[1]
-        S = nc // _GD
-        rem = S * _GD
+        # at least 4(p + 1) groups, so that the p + 1 smallest minima leave most groups
+        # out (with too few groups, large p would collect and sort most of the row)
+        gd = max(1, min(_GD, nc // (4 * (p + 1))))
+        S = nc // gd
+        rem = S * gd
         nchunk = min(nr, 64)
         big = _I32(2147483647)
         for ch in prange(nchunk):
@@ -459,7 +482,7 @@ if AVAILABLE:  # pragma: no branch
                         cand[z] = c
                         z += 1
                 else:
-                    _group_mins(row, gm, S, _GD)
+                    _group_mins(row, gm, S, gd)
                     hi = _I32(gm[0])
                     lo = big  # smallest non-negative group minimum
                     for q in range(S):
@@ -483,7 +506,7 @@ if AVAILABLE:  # pragma: no branch
                         ng += _I32(gm[q]) <= T
                     for e in range(ng):
                         q = gl[e]
-                        for m in range(_GD):
+                        for m in range(gd):
                             c = q + m * S
                             cand[z] = c
                             z += _I32(row[c]) <= T
@@ -546,7 +569,6 @@ if AVAILABLE:  # pragma: no branch
         nh = np.zeros(nb, dtype=np.int64)
         nchunk = min(nb, 64)
         for ch in prange(nchunk):
-            scratch = np.empty(k)
             gm = np.empty(max(S, 1), dtype=t.dtype)
             mk = np.empty(nc, dtype=np.uint32)
             ba = ch * nb // nchunk
@@ -570,13 +592,17 @@ if AVAILABLE:  # pragma: no branch
                                 for m in range(_GS):
                                     c = q + m * S
                                     if _I32(row[c]) <= thr:
-                                        if _offer(g, _as_key(row[c], is16), j0 + c, keys, idx, cnt, tau, p):
-                                            _tighten(g, keys, idx, cnt, tau, G, u_o, sigma, delta, k, scratch)
+                                        pos = _offer(g, _as_key(row[c], is16), j0 + c, keys, idx, cnt, tau, p)
+                                        if pos >= 0:
+                                            if pos < k:  # the first k changed (only they make the bound)
+                                                _tighten_first(g, keys, idx, cnt, tau, G, u_o, sigma, delta, k)
                                             thr = _screen_bits(g, keys, cnt, tau, p, is16)
                     for c in range(rem, nc):
                         if _I32(row[c]) <= thr:
-                            if _offer(g, _as_key(row[c], is16), j0 + c, keys, idx, cnt, tau, p):
-                                _tighten(g, keys, idx, cnt, tau, G, u_o, sigma, delta, k, scratch)
+                            pos = _offer(g, _as_key(row[c], is16), j0 + c, keys, idx, cnt, tau, p)
+                            if pos >= 0:
+                                if pos < k:  # the first k changed (only they make the bound)
+                                    _tighten_first(g, keys, idx, cnt, tau, G, u_o, sigma, delta, k)
                                 thr = _screen_bits(g, keys, cnt, tau, p, is16)
                 h = 0
                 for c in range(nc):
@@ -588,7 +614,6 @@ if AVAILABLE:  # pragma: no branch
         for task in prange(ntask):
             c0 = task * _CW
             c1 = min(c0 + _CW, nc)
-            scratch = np.empty(k)
             thr2 = np.empty(c1 - c0, dtype=np.int32)
             for c in range(c0, c1):
                 thr2[c - c0] = _screen_bits(j0 + c, keys, cnt, tau, p, is16)
@@ -615,8 +640,10 @@ if AVAILABLE:  # pragma: no branch
                         r = ra + _ctz32(low)
                         mask = np.uint32(mask ^ low)
                         if _I32(t[r, c]) <= thr2[c - c0]:
-                            if _offer(g, _as_key(t[r, c], is16), i0 + r, keys, idx, cnt, tau, p):
-                                _tighten(g, keys, idx, cnt, tau, G, u_o, sigma, delta, k, scratch)
+                            pos = _offer(g, _as_key(t[r, c], is16), i0 + r, keys, idx, cnt, tau, p)
+                            if pos >= 0:
+                                if pos < k:  # the first k changed (only they make the bound)
+                                    _tighten_first(g, keys, idx, cnt, tau, G, u_o, sigma, delta, k)
                                 thr2[c - c0] = _screen_bits(g, keys, cnt, tau, p, is16)
 
     @numba.njit(cache=True, nogil=True)

@@ -33,7 +33,7 @@ candidates, with a proven error bound deciding what must be checked in float64:
    other tile a strided group minimum screens the entries, only those whose lower
    bound is ≤ ``τ_i`` are looked at, and ``τ_i`` tightens as candidates accumulate. A
    point skipped by the screen is provably farther than the k-th neighbour. Memory:
-   one ``block_size²`` tile plus ``n × p`` candidates and the two bf16 operands (or
+   one ``block_size²`` tile (two where the compiled path pipelines) plus ``n × p`` candidates and the two bf16 operands (or
    one float32 copy); never an ``n × n`` matrix, and no n × d float64 temporary (the
    centring, rounding and the fallback's keys work on chunks of rows; the screen
    expands the groups that pass a slice at a time).
@@ -58,8 +58,9 @@ few columns proposes duplicates (the full hash and a comparison decide among the
 it cannot separate); one pass over the distinct rows centres them (on the mean of a
 sample of them: any centre keeps the distances), rounds them to the operands and
 finds the largest magnitude and any NaN/inf; each tile is read once, every row's (and
-column's) candidates kept in a sorted list whose threshold tightens at once; the exact
-distances and the certificate are one loop per row. float32 input is read as it is
+column's) candidates kept in a sorted list whose threshold tightens at once (where it
+pays, a worker thread scans one tile while the next tile's product is computed, each
+on one core); the exact distances and the certificate are one loop per row. float32 input is read as it is
 (its exact distances are those of its float64 values; no float64 copy). The bounds
 and the certificate are the same; only speed differs. Elsewhere (CUDA, or without
 numba) everything is torch: on a CUDA tensor the whole computation runs on the GPU, with
@@ -71,6 +72,7 @@ cannot be switched off, the bound ``c`` is widened to bf16 input rounding instea
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import numpy as np
@@ -853,6 +855,33 @@ def _groups_compiled(xn: np.ndarray):
     return reps, pos[rep]
 
 
+# Compiled path: the products (torch, one thread) overlap the scans of the previous
+# tile (numba, one thread, in a worker thread). Measured on 2 cores (AMX bf16): it
+# wins where the scans cost about as much as the products, i.e. few blocks (the
+# 1024-point tiles of split diagonal blocks gain little from a second matmul thread)
+# or large k (more candidates to sort); with many blocks and small k the two-thread
+# products are faster.
+_PIPELINE = True
+_PIPE_BLOCKS = 5  # pipeline up to this many blocks ...
+_PIPE_K = 10  # ... or from this k on
+
+
+@contextmanager
+def _one_thread_each():
+    """A worker thread for the tile scans, one numba thread, and torch on one thread in
+    this thread for the products, restored afterwards: each runtime keeps one core
+    busy and neither spin-waits for the other."""
+    prev = torch.get_num_threads()
+    pool = ThreadPoolExecutor(1)
+    try:
+        pool.submit(_kernels.set_threads, 1).result()
+        torch.set_num_threads(1)
+        yield pool
+    finally:
+        torch.set_num_threads(prev)
+        pool.shutdown(wait=True)
+
+
 _SPLIT_DIAG = True  # compiled path: split diagonal blocks of ≥ 4·_SPLIT_MIN points in halves
 _SPLIT_MIN = 256
 
@@ -867,7 +896,9 @@ def _candidates_compiled(tile_fn, tile_dtype, bounds, n, n_pad, p, k, delta, blo
     tiles, once per row). What a skipped or dropped key proves is as in
     :func:`_candidates` (see :class:`_Running`). Diagonal blocks come first (each
     point's list starts there), a large one as two diagonal tiles of its halves and
-    the tile between them."""
+    the tile between them. Where it pays (see ``_PIPELINE``) the product of the next
+    tile is computed while a worker thread scans the previous one; the scans still run
+    one at a time, in the same order, so the result is the same."""
     keys = np.full((n, p), np.inf, dtype=np.float32)
     idx = np.zeros((n, p), dtype=np.int64)
     cnt = np.zeros(n, dtype=np.int32)
@@ -877,32 +908,55 @@ def _candidates_compiled(tile_fn, tile_dtype, bounds, n, n_pad, p, k, delta, blo
     is16 = tile_dtype == torch.bfloat16
     view = torch.int16 if is16 else torch.int32
     bs = min(block, n_pad)
-    buf = torch.empty(bs * bs, dtype=tile_dtype)
     starts = list(range(0, n_pad, block))
-
-    def tile(i0, i1, j0, j1):
-        out = buf[: (i1 - i0) * (j1 - j0)].view(i1 - i0, j1 - j0)
-        return tile_fn(i0, i1, j0, j1, out).view(view).numpy()
 
     # Diagonal blocks first: they seed the lists and thresholds. A block is split in
     # two halves (two diagonal tiles and the off-diagonal tile between them), which
     # computes a quarter fewer keys than its full square.
-    halves = []
+    plan, halves = [], []
     for i0 in starts:
         i1 = min(i0 + block, n_pad)
         m = i0 + ((i1 - i0) // 2 // _GROUP) * _GROUP if _SPLIT_DIAG and i1 - i0 >= 4 * _SPLIT_MIN else i1
         for a0, a1 in ((i0, m), (m, i1)) if m < i1 else ((i0, i1),):
-            _nk.tile_diag(tile(a0, a1, a0, a1), a0, n, keys, idx, cnt, tau, G, u_o, sigma, delta, k, is16)
+            plan.append((a0, a1, a0, a1))
         if m < i1:
-            halves.append((i0, m, i1))
-    for i0, m, i1 in halves:
-        _nk.tile_off(tile(i0, m, m, i1), i0, m, n, keys, idx, cnt, tau, G, u_o, sigma, delta, k, is16)
+            halves.append((i0, m, m, i1))
+    plan += halves
     for a, i0 in enumerate(starts):
-        i1 = min(i0 + block, n_pad)
         for j0 in starts[a + 1 :]:
-            j1 = min(j0 + block, n_pad)
-            t = tile(i0, i1, j0, j1)
+            plan.append((i0, min(i0 + block, n_pad), j0, min(j0 + block, n_pad)))
+
+    def scan(t, i0, i1, j0, j1):
+        if i0 == j0:
+            _nk.tile_diag(t, i0, n, keys, idx, cnt, tau, G, u_o, sigma, delta, k, is16)
+        else:
             _nk.tile_off(t, i0, j0, n, keys, idx, cnt, tau, G, u_o, sigma, delta, k, is16)
+
+    pipe = (_PIPELINE and len(plan) > 1 and torch.get_num_threads() >= 2
+            and (n_pad <= _PIPE_BLOCKS * block or k >= _PIPE_K))
+    nbuf = 2 if pipe else 1
+    _LAST["pipelined"] = bool(pipe)
+    bufs = [torch.empty(bs * bs, dtype=tile_dtype) for _ in range(nbuf)]
+
+    def tile(s, i0, i1, j0, j1):
+        out = bufs[s][: (i1 - i0) * (j1 - j0)].view(i1 - i0, j1 - j0)
+        return tile_fn(i0, i1, j0, j1, out).view(view).numpy()
+
+    if nbuf == 1:
+        for tl in plan:
+            scan(tile(0, *tl), *tl)
+        return keys, idx, cnt
+    pending = [None, None]  # the scan reading each buffer
+    with _one_thread_each() as worker:
+        for e, tl in enumerate(plan):
+            s = e % 2
+            if pending[s] is not None:
+                pending[s].result()  # the scan of the tile this buffer held is done
+            t = tile(s, *tl)
+            pending[s] = worker.submit(scan, t, *tl)
+        for f in pending:
+            if f is not None:
+                f.result()
     return keys, idx, cnt
 
 
@@ -1185,7 +1239,8 @@ def knn(X, k: int, *, block_size: int = 2048, margin: int | None = None, name: s
     k : number of neighbours, ``1 ≤ k ≤ n − 1``. The point itself is never its own
         neighbour (excluded by index); exact duplicates are neighbours at distance 0.
     block_size : rows (and columns) per tile. Memory: one ``block_size²`` tile
-        (bf16 or float32, plus screening buffers of a fraction of it), ``n · (k +
+        (two where the compiled CPU path overlaps products and scans; bf16 or
+        float32, plus screening buffers of a fraction of it), ``n · (k +
         margin) · 12`` bytes of candidates, and the operands: with bf16 two bf16
         copies of X (``2 n (d + 4) · 2`` bytes), with float32 one float32 copy. On the
         CPU with the compiled loops, float32 and float64 X are read as they are (no
