@@ -101,19 +101,38 @@ class Moments:
             return self
         if self._mean is None:
             self._init_state(self._device if self._device is not None else x.device)
-        # A float64 copy of the batch (one copy, on the state's device) centred on its
-        # own mean; its Gram matrix goes straight into the state. (A compiled single
-        # pass was tried: on CPU it is no faster than these multi-threaded passes.)
-        x64 = x.detach().to(device=self._device, dtype=torch.float64, copy=True)
+        # One float64 copy of the batch (on the state's device) with a spare last row.
+        # Centred on the batch's own mean, its Gram matrix goes straight into the
+        # state; the spare row carries the Chan cross term, so the Gram adds it too
+        # (no separate rank-1 update). The batch mean and the sum of unit vectors are
+        # matrix-vector products (BLAS gemv reads the copy faster than a reduction;
+        # a two-row product is slower still). A compiled single pass was tried: on
+        # CPU it is slower than these multi-threaded passes.
+        buf = torch.empty(nb + 1, self.dim, dtype=torch.float64, device=self._device)
+        x64 = buf[:nb]
+        x64.copy_(x.detach())
         norms = torch.linalg.vector_norm(x64, dim=1)
-        nonzero = norms > 0
-        inv_norm = torch.where(nonzero, 1.0 / torch.where(nonzero, norms, 1.0), 0.0)
-        unit_sum = inv_norm @ x64
-        bmean = x64.mean(dim=0)
+        # 1/‖x‖, and 0 for zero vectors (no direction); a non-finite row is caught
+        # below through the mean.
+        inv_norm = torch.reciprocal(norms).nan_to_num_(nan=0.0, posinf=0.0)
+        xt = x64.T
+        unit_sum = torch.mv(xt, inv_norm)
+        bmean = torch.mv(xt, torch.full_like(inv_norm, 1.0 / nb))
         if not bool(torch.isfinite(bmean).all()):
             raise NonFiniteInput("batch holds NaN or infinite values")
         x64 -= bmean
-        self._merge_parts(nb, int(nonzero.sum()), bmean, x64, unit_sum)
+        n = self.n + nb
+        delta = bmean - self._mean
+        if self.n:
+            # Σ(x − μ)(x − μ)ᵀ of the union = scatter + batch scatter + (n₁n₂/n) δδᵀ.
+            torch.mul(delta, math.sqrt(self.n * nb / n), out=buf[nb])
+            add_gram_upper(self._scatter, buf)
+        else:
+            add_gram_upper(self._scatter, x64)
+        self._mean.add_(delta, alpha=nb / n)
+        self._unit_sum.add_(unit_sum)
+        self.n = n
+        self.n_nonzero += int(torch.count_nonzero(norms))
         return self
 
     def _merge_parts(self, nb, nb_nonzero, bmean, centred, unit_sum, scatter=None) -> None:
