@@ -72,3 +72,54 @@ def test_non_finite_hidden_state_names_the_layer():
     with pytest.raises(EmbgeomError, match="encoder layer 2"):
         stats.update("encoder", [h, h, bad], torch.ones(1, 3, dtype=torch.bool), torch.zeros(1, 3, dtype=torch.long))
         stats.finish()  # batches before calibration are checked when they are accumulated
+
+
+def test_calibration_mask_limits_the_median_not_the_accumulation():
+    rng = np.random.default_rng(3)
+    stream = list(synthetic_stream(rng, n_batches=3))
+    stats = LayerStatistics({"main": 0}, 16, outlier_factor=10.0)
+    keep = []
+    for i, (h, counted, types) in enumerate(stream):
+        if i == 2:
+            stats.calibrate()
+        calib = np.zeros_like(counted)
+        calib[: 2 + i] = True  # the first windows of each held-back batch only
+        keep.append(calib)
+        stats.update("main", [torch.from_numpy(h).float()], torch.from_numpy(counted), torch.from_numpy(types),
+                     calibration=torch.from_numpy(calib) if i < 2 else None)
+    stats.finish()
+    first = np.concatenate([h[c & k] for (h, c, _), k in zip(stream[:2], keep[:2])]).astype(np.float32)
+    norms = np.sort(np.linalg.norm(first.astype(np.float64), axis=1))
+    assert stats.calibrated_on["main"] == len(norms)
+    assert stats.median_norm["main"][0] == pytest.approx(norms[(len(norms) - 1) // 2], rel=1e-6)
+    X = np.concatenate([h[c] for h, c, _ in stream]).astype(np.float32).astype(np.float64)
+    assert stats.view("all", "main", 0).moments.n == len(X)
+    assert stats.view("all", "main", 0).moments.metrics()["V"] == pytest.approx(two_pass(X)["V"], rel=1e-9)
+
+
+def test_fully_counted_batches_read_in_place_match_gathered_ones():
+    # A batch whose every position counts is read without a gather; one with a
+    # position left out is gathered: both give the statistics of their rows.
+    rng = np.random.default_rng(4)
+    h = rng.normal(size=(3, 40, 8)) + 5.0
+    types = torch.from_numpy(rng.integers(0, 9, size=(3, 40)))
+    full = torch.ones(3, 40, dtype=torch.bool)
+    part = full.clone()
+    part[1, 3] = False
+    got = {}
+    for name, counted in (("full", full), ("part", part)):
+        stats = LayerStatistics({"main": 0}, 8)
+        stats.calibrate()
+        stats.median_norm["main"] = [1e9]  # no outliers
+        stats.update("main", [torch.from_numpy(h).float()], counted, types)
+        got[name] = stats.view("all", "main", 0)
+    for name, counted in (("full", full), ("part", part)):
+        X = h.astype(np.float32).astype(np.float64)[counted.numpy()]
+        m = got[name].moments
+        assert m.n == len(X)
+        np.testing.assert_allclose(m.mean, X.mean(0), rtol=1e-12)
+        np.testing.assert_allclose(m.covariance, np.cov(X.T, bias=True), rtol=1e-9, atol=1e-12)
+        tab = got[name].types.table().set_index("token_id")
+        t = types.numpy()[counted.numpy()]
+        for tid in np.unique(t):
+            assert tab.loc[tid, "n"] == (t == tid).sum()

@@ -58,6 +58,7 @@ class _Pending:
     xs: list = field(default_factory=list)  # per batch: list over layers of (n, d)
     types: list = field(default_factory=list)
     meta: list = field(default_factory=list)
+    calib: list = field(default_factory=list)  # per batch: (n,) bool rows the median is taken over, or None (all)
     n: int = 0
 
 
@@ -106,7 +107,8 @@ class LayerStatistics:
 
     # ----------------------------------------------------------------- updates
     def update(self, stack: str, hidden, counted: torch.Tensor, token_types: torch.Tensor,
-               meta: dict | None = None, keys: torch.Tensor | None = None) -> None:
+               meta: dict | None = None, keys: torch.Tensor | None = None,
+               calibration: torch.Tensor | None = None) -> None:
         """Add one batch of one stack.
 
         hidden : sequence over layers of (B, T, d) tensors.
@@ -117,32 +119,41 @@ class LayerStatistics:
         keys : (B, T) int64 stream-unique key of every position (needed when
             id_sample > 0): the sample keeps the positions with the smallest seeded
             hash of their key, so it does not depend on batching or sharding.
+        calibration : optional (B, T) bool, for a batch given before calibration:
+            the counted positions whose norms the median is taken over (default:
+            all), so a batch may hold windows beyond the calibration ones.
         """
-        idx = counted.reshape(-1).nonzero().squeeze(1)
-        types = token_types.reshape(-1).index_select(0, idx.to(token_types.device))
-        # Gather tokens in type order: order does not matter to any accumulator, and
-        # per-type sums then read contiguous rows.
-        order = torch.sort(types, stable=True).indices
-        types = types.index_select(0, order)
-        idx = idx.index_select(0, order.to(idx.device))
-        metas = {k: v.reshape(-1).index_select(0, idx.to(v.device)) for k, v in (meta or {}).items()}
+        flat = counted.reshape(-1)
+        # Order does not matter to any accumulator (per-type sums follow the groups'
+        # permutation), so a batch whose every position counts (no padding, no
+        # exclusion: the common case) is read in place, with no gather at all; any
+        # other keeps its counted rows in stream order.
+        idx = None if bool(flat.all()) else flat.nonzero().squeeze(1)
+
+        def rows(t):
+            t = t.reshape(-1, *t.shape[2:])
+            return t if idx is None else t.index_select(0, idx.to(t.device))
+
+        types = rows(token_types)
+        metas = {k: rows(v) for k, v in (meta or {}).items()}
         xs = []
         for layer, h in enumerate(hidden):
-            x = h.reshape(-1, h.shape[-1]).index_select(0, idx.to(h.device))
+            x = rows(h)
             # With --device-map the layers may live on several devices; the
             # accumulators live on one.
             xs.append(x if self.device is None or x.device == self.device else x.to(self.device))
         if self.samples:
             if keys is None:
                 raise EmbgeomError("LayerStatistics.update needs keys when id_sample > 0")
-            k = keys.reshape(-1).index_select(0, idx.to(keys.device))
+            k = rows(keys)
             self.samples[stack].update(k, xs, {n: v for n, v in metas.items() if n in ("token_id", "position")})
         if self.median_norm[stack] is None:
             p = self._pending[stack]
             p.xs.append(xs)
             p.types.append(types)
             p.meta.append(metas)
-            p.n += int(idx.numel())
+            p.calib.append(None if calibration is None else rows(calibration))
+            p.n += int(types.numel())
             return
         self._accumulate(stack, xs, types, metas)
 
@@ -150,7 +161,11 @@ class LayerStatistics:
         p = self._pending[stack]
         L = self.n_layers[stack] + 1
         if p.xs:
-            norms = torch.stack([torch.cat([torch.linalg.vector_norm(b[layer].double(), dim=1).cpu() for b in p.xs])
+            def calibration_norms(b, keep, layer):
+                x = b[layer] if keep is None else b[layer][keep.to(b[layer].device)]
+                return torch.linalg.vector_norm(x.double(), dim=1).cpu()
+
+            norms = torch.stack([torch.cat([calibration_norms(b, keep, layer) for b, keep in zip(p.xs, p.calib)])
                                  for layer in range(L)])
         else:
             norms = torch.zeros(L, 0, dtype=torch.float64)
