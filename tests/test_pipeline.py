@@ -3,6 +3,7 @@ computed from `output_hidden_states` one window at a time."""
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from embgeom import EmbgeomError, analyze
@@ -210,3 +211,17 @@ def test_intrinsic_dimension_on_the_same_sampled_positions_in_every_layer(tiny_m
         assert row["id_twonn"] == pytest.approx(twonn(S), rel=1e-4)
         assert row["id_mle"] == pytest.approx(mle_id(S, k=20), rel=1e-4)
     assert (rows["id_n"] > 100).all()
+
+
+def test_windows_kept_from_the_count_equal_a_second_tokenization(tiny_models, lee_corpus, monkeypatch):
+    import embgeom.pipeline as pipeline
+
+    texts = lee_corpus.read_text().splitlines()[:8]
+    lm = load_model(str(tiny_models["gpt2"]), device="cpu")
+    opts = dict(seq_len=48, batch_size=3, calibration_tokens=100, id_sample=0)
+    kept = analyze(lm, texts, **opts)
+    monkeypatch.setattr(pipeline, "KEEP_WINDOW_TOKENS", 0)  # tokenize again in the stream
+    again = analyze(lm, texts, **opts)
+    pd.testing.assert_frame_equal(kept.layers, again.layers)
+    pd.testing.assert_frame_equal(kept.tokens, again.tokens)
+    assert kept.run["outliers"]["median_norm"] == again.run["outliers"]["median_norm"]

@@ -22,7 +22,12 @@ from .snapshot import Snapshots, check_interval
 from .progress import token_progress
 from .results import Result, layers_frame
 from .stats.layers import VIEWS, LayerStatistics
-from .windows import POSITION_BITS, WindowPlan, iter_batches, iter_windows, pad_token_id, validate_plan
+from .windows import POSITION_BITS, Window, WindowPlan, iter_batches, iter_windows, pad_token_id, validate_plan
+
+
+# Windows of at most this many tokens in all (~5 bytes each, ~40 MiB) are kept from
+# the counting pre-pass for the stream instead of being tokenized again.
+KEEP_WINDOW_TOKENS = 1 << 23
 
 
 @dataclass
@@ -199,13 +204,24 @@ def analyze(
     docs_used = set()
     seen_types: set = set()
     head = 0  # windows the outlier threshold is calibrated on
+    # The windows are kept (ids as int32) while they are few, so the stream does not
+    # tokenize the corpus a second time; a larger corpus is tokenized again.
+    kept: list | None = []
+    kept_tokens = 0
     for w in iter_windows(docs(), tok, plan):
         n_windows += 1
         n_counted += int(w.counted.sum())
         if head == 0 and n_counted >= cfg.calibration_tokens:
             head = n_windows
         docs_used.add(w.doc)
-        seen_types.update(np.asarray(w.ids)[w.counted].tolist())
+        ids = np.asarray(w.ids, dtype=np.int64)
+        seen_types.update(np.unique(ids[w.counted]).tolist())
+        if kept is not None:
+            kept_tokens += len(ids) + 64  # a window object costs about as much as 64 tokens
+            if kept_tokens > KEEP_WINDOW_TOKENS or ids.size and int(ids.max()) > np.iinfo(np.int32).max:
+                kept = None
+            else:
+                kept.append(Window(w.index, w.doc, w.start, ids.astype(np.int32), w.counted))
     if n_counted == 0:
         raise EmbgeomError("no token is counted: the corpus is empty after tokenization or every position is excluded")
     n_types_expected = len({int(type_of[i]) for i in seen_types}) if type_of is not None else len(seen_types)
@@ -218,7 +234,7 @@ def analyze(
     name = name or loaded.name
     snaps = None
     if snapshot_dir is not None:
-        fingerprint = {"embgeom": __version__, "config": asdict(cfg), "model": _model_identity(facts),
+        fingerprint = {"embgeom": __version__, "batching": 2, "config": asdict(cfg), "model": _model_identity(facts),
                        "revision": revision, "step": step, "name": name, "corpus": corpus_contents(corpus_record),
                        "processes": shard.world}
         snaps = Snapshots(snapshot_dir, snapshot_every, shard.rank, shard.world, fingerprint)
@@ -251,7 +267,13 @@ def analyze(
     t2 = time.perf_counter()
     with token_progress(n_counted, enabled=progress and shard.is_main, description=loaded.name) as advance, \
             torch.no_grad():
-        for index, batch in enumerate(iter_batches(iter_windows(docs(), tok, plan), cfg.batch_size, pad, head=head)):
+        windows = iter(kept) if kept is not None else iter_windows(docs(), tok, plan)
+        # The calibration windows are batched apart (their batches come first), in a
+        # pool rounded up to whole batches: no short batch of leftovers, so the
+        # forward passes are those of a plain loop. Only the first `head` windows
+        # give the median.
+        pool = -(-head // cfg.batch_size) * cfg.batch_size
+        for index, batch in enumerate(iter_batches(windows, cfg.batch_size, pad, head=pool)):
             if index < start:  # done before the snapshot this run resumes from
                 advance(batch.n_counted)
                 continue
@@ -276,7 +298,10 @@ def analyze(
                 types = type_lut[ids] if type_lut is not None else ids
                 meta = {"token_id": ids, "document": docs_ix, "window": windows, "position": positions}
                 keys = (windows << POSITION_BITS) | positions
-                stats.update(stack, hs, counted, types, meta, keys=keys)
+                calib = None
+                if batch.head and pool > head:
+                    calib = (b.window_index < head).to(device)[:, None].expand(B, T)
+                stats.update(stack, hs, counted, types, meta, keys=keys, calibration=calib)
                 n_seen[stack] += int(counted.sum())
             progress_state["tokens_done"] += batch.n_counted
             progress_state["next_batch"] = index + 1
@@ -427,11 +452,21 @@ def token_type_table(tokenizer, token_types: str):
     index the sorted list of distinct strings.
     """
     vocab_size = len(tokenizer)
-    pieces = tokenizer.convert_ids_to_tokens(list(range(vocab_size)))
-    pieces = ["" if p is None else str(p) for p in pieces]
+
+    def texts(ids):
+        return np.asarray(["" if p is None else str(p) for p in tokenizer.convert_ids_to_tokens(ids)], dtype=object)
+
     if token_types == "id":
-        arr = np.asarray(pieces, dtype=object)
-        return None, lambda ids: arr[np.asarray(ids, dtype=np.int64)]
+        # Only the ids that occur are converted (the whole vocabulary costs ~0.05 s).
+        def id_text(ids):
+            ids = np.asarray(ids, dtype=np.int64)
+            if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+                raise IndexError(f"token id out of the vocabulary (size {vocab_size})")
+            uniq, inverse = np.unique(ids, return_inverse=True)
+            return texts(uniq.tolist())[inverse.reshape(ids.shape)]
+
+        return None, id_text
+    pieces = texts(list(range(vocab_size))).tolist()
     stripped = [_strip_markers(p) for p in pieces]
     strings = sorted(set(stripped))
     index = {t: i for i, t in enumerate(strings)}
