@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -146,14 +147,20 @@ def main() -> None:
         run = json.loads((tmp / "out" / "run.json").read_text())
         rows.append((b_wall, e_wall, json.loads(b_out)["stream_s"], run["timings_s"]["stream"],
                      run["timings_s"]["metrics"]))
+    for i, (bw, ew, bs, es, _) in enumerate(rows):
+        print(f"run {i + 1}: whole {bw:.2f} s vs {ew:.2f} s ({ew / bw:.3f}), stream {bs:.2f} s vs {es:.2f} s ({es / bs:.3f})")
     b_wall = min(r[0] for r in rows)
     e_wall = min(r[1] for r in rows)
     b_stream = min(r[2] for r in rows)
     e_stream = min(r[3] for r in rows)
+    med = statistics.median
     print(f"model {Path(model).name}, {args.tokens} tokens, id-sample {args.id_sample}, seq_len {args.seq_len}, batch {args.batch_size}, "
           f"torch threads {os.cpu_count()} cores, best of {args.repeats}")
-    print(f"whole process: forward-only loop {b_wall:.1f} s, embgeom run {e_wall:.1f} s, ratio {e_wall / b_wall:.3f}")
-    print(f"streaming part: forward-only {b_stream:.1f} s, embgeom {e_stream:.1f} s, ratio {e_stream / b_stream:.3f}")
+    print(f"whole process: forward-only loop {b_wall:.1f} s, embgeom run {e_wall:.1f} s, ratio {e_wall / b_wall:.3f} "
+          f"(medians {med(r[0] for r in rows):.1f} s, {med(r[1] for r in rows):.1f} s, "
+          f"ratio {med(r[1] for r in rows) / med(r[0] for r in rows):.3f})")
+    print(f"streaming part: forward-only {b_stream:.1f} s, embgeom {e_stream:.1f} s, ratio {e_stream / b_stream:.3f} "
+          f"(medians ratio {med(r[3] for r in rows) / med(r[2] for r in rows):.3f})")
     print(f"embgeom: {args.tokens / e_stream:,.0f} tokens/s while streaming; metrics after the stream "
           f"(eigenvalues, per-type tables, ID on {args.id_sample} sampled positions): {min(r[4] for r in rows):.1f} s")
     print(f"peak RSS of the children: {e_rss / 1024:.0f} MiB (max over both)")
