@@ -170,6 +170,30 @@ def test_token_types_and_decomposition(tiny_models, lee_corpus, token_types):
             assert row["mv_slope"] == pytest.approx(slope, rel=1e-3, abs=1e-9)
 
 
+def test_token_types_none_keeps_every_other_column_and_no_type_table(tiny_models, lee_corpus, tmp_path):
+    """--token-types none: no per-type accumulators (memory constant in the number of
+    types), the per-type columns NaN, an empty tokens table with the usual columns,
+    and every other column identical to a run with types."""
+    from embgeom.plots import plot_runs
+
+    texts = lee_corpus.read_text().splitlines()[:6]
+    lm = load_model(str(tiny_models["gpt2"]), device="cpu")
+    with_types = analyze(lm, texts, seq_len=64, batch_size=3, id_sample=200)
+    without = analyze(lm, texts, seq_len=64, batch_size=3, id_sample=200, token_types="none")
+    per_type = ["V_within", "V_between", "mv_slope", "mv_intercept", "mv_r2", "mv_pearson", "q_cv", "n_types"]
+    assert without.layers[per_type].isna().all().all()
+    assert with_types.layers[per_type].notna().any().all()
+    other = [c for c in with_types.layers.columns if c not in per_type]
+    pd.testing.assert_frame_equal(without.layers[other], with_types.layers[other])
+    assert len(without.tokens) == 0 and list(without.tokens.columns) == list(with_types.tokens.columns)
+    assert without.run["counts"]["token_types"] is None
+    out = without.save(tmp_path / "none", figures=False)
+    again = Result.load(out)
+    assert len(again.tokens) == 0
+    written = plot_runs([again], tmp_path / "figs")
+    assert written and not any("mv_scatter" in p.name for p in written)
+
+
 def test_outlier_calibration_does_not_depend_on_batch_size(tiny_models, lee_corpus):
     texts = lee_corpus.read_text().splitlines()[:10]
     lm = load_model(str(tiny_models["gpt2"]), device="cpu")

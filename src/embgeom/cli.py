@@ -40,7 +40,7 @@ def run(
     device_map: Optional[str] = typer.Option(None, "--device-map", help="auto: spread a model too large for one device over all devices (accelerate)."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16 (statistics are float64)."),
     id_sample: int = typer.Option(10000, "--id-sample", help="Token positions sampled for intrinsic dimension."),
-    token_types: str = typer.Option("id", "--token-types", help="id (vocabulary id) or string (surface form)."),
+    token_types: str = typer.Option("id", "--token-types", help="id (vocabulary id), string (surface form), or none: no per-type statistics, so memory stays constant however many types a long run meets."),
     seed: int = typer.Option(0, "--seed"),
     exclude_special: bool = typer.Option(False, "--exclude-special", help="Do not count special tokens."),
     exclude_positions: List[int] = typer.Option([], "--exclude-positions", help="Window positions not counted (0 = first; -1 = last); repeatable."),

@@ -20,7 +20,7 @@ from .distributed import Shard
 from .models import LoadedModel, load_model
 from .snapshot import Snapshots, check_interval
 from .progress import token_progress
-from .results import Result, layers_frame
+from .results import Result, empty_tokens_frame, layers_frame
 from .stats.layers import VIEWS, LayerStatistics
 from .windows import POSITION_BITS, Window, WindowPlan, iter_batches, iter_windows, pad_token_id, validate_plan
 
@@ -75,8 +75,8 @@ class AnalysisConfig:
         positive_int("batch_size", self.batch_size)
         if isinstance(self.id_sample, bool) or not isinstance(self.id_sample, (int, np.integer)) or self.id_sample < 0:
             raise EmbgeomError(f"--id-sample must be a non-negative integer, got {self.id_sample!r}")
-        if self.token_types not in ("id", "string"):
-            raise EmbgeomError(f"--token-types must be 'id' or 'string', got {self.token_types!r}")
+        if self.token_types not in ("id", "string", "none"):
+            raise EmbgeomError(f"--token-types must be 'id', 'string' or 'none', got {self.token_types!r}")
         if not (isinstance(self.outlier_factor, (int, float)) and math.isfinite(self.outlier_factor) and self.outlier_factor > 1):
             raise EmbgeomError(f"--outlier-factor must be a number greater than 1, got {self.outlier_factor!r}")
         if self.encoding_errors not in ("strict", "replace", "ignore"):
@@ -195,7 +195,8 @@ def analyze(
     )
     validate_plan(plan, facts.max_length)
 
-    type_of, type_text = token_type_table(tok, cfg.token_types)
+    with_types = cfg.token_types != "none"
+    type_of, type_text = token_type_table(tok, cfg.token_types) if with_types else (None, None)
 
     # Pre-pass with the tokenizer alone: validates the corpus before any model work,
     # gives the progress bar its total and sizes the per-type accumulators.
@@ -215,7 +216,8 @@ def analyze(
             head = n_windows
         docs_used.add(w.doc)
         ids = np.asarray(w.ids, dtype=np.int64)
-        seen_types.update(np.unique(ids[w.counted]).tolist())
+        if with_types:
+            seen_types.update(np.unique(ids[w.counted]).tolist())
         if kept is not None:
             kept_tokens += len(ids) + 64  # a window object costs about as much as 64 tokens
             if kept_tokens > KEEP_WINDOW_TOKENS or ids.size and int(ids.max()) > np.iinfo(np.int32).max:
@@ -225,6 +227,8 @@ def analyze(
     if n_counted == 0:
         raise EmbgeomError("no token is counted: the corpus is empty after tokenization or every position is excluded")
     n_types_expected = len({int(type_of[i]) for i in seen_types}) if type_of is not None else len(seen_types)
+    if not with_types:
+        n_types_expected = None
     corpus_record = _corpus_record(corpus)
     t_count = time.perf_counter() - t1
 
@@ -254,12 +258,13 @@ def analyze(
         shard.check_all(problem)
         if state is not None:
             stats = LayerStatistics.from_state_dict(state["statistics"], device=device,
-                                                    type_capacity=n_types_expected + 1)
+                                                    type_capacity=(n_types_expected or 0) + 1)
             progress_state = {k: state[k] for k in progress_state}
             resumed_from = sum(shard.all_gather(int(state["tokens_done"])))
     if stats is None:
         stats = LayerStatistics(facts.n_layers, facts.width, device, outlier_factor=cfg.outlier_factor,
-                                type_capacity=n_types_expected + 1, id_sample=cfg.id_sample, seed=cfg.seed)
+                                with_types=with_types, type_capacity=(n_types_expected or 0) + 1,
+                                id_sample=cfg.id_sample, seed=cfg.seed)
     type_lut = torch.as_tensor(type_of, device=device) if type_of is not None else None
     pad = pad_token_id(tok)
     gather = shard.gather_tensors if shard.world > 1 else None
@@ -337,14 +342,17 @@ def analyze(
                 if n == 0:
                     per_view[view] = (n, None, None, None)
                 elif done is not None and n == done[0]:
-                    per_view[view] = (n, done[1], done[2], done[3].copy())
+                    per_view[view] = (n, done[1], done[2], None if done[3] is None else done[3].copy())
                 else:
                     lam_out: list = []
                     values = acc.moments.metrics(eigenvalues_out=lam_out)
-                    dec = acc.types.decomposition()
-                    values.update(V_within=dec["V_within"], V_between=dec["V_between"])
-                    values.update(acc.types.tradeoff(min_count=cfg.min_count, max_count=cfg.max_count))
-                    done = per_view[view] = (n, values, lam_out[0], acc.types.table())
+                    table = None
+                    if acc.types is not None:  # --token-types none: those columns stay NaN
+                        dec = acc.types.decomposition()
+                        values.update(V_within=dec["V_within"], V_between=dec["V_between"])
+                        values.update(acc.types.tradeoff(min_count=cfg.min_count, max_count=cfg.max_count))
+                        table = acc.types.table()
+                    done = per_view[view] = (n, values, lam_out[0], table)
             for view in VIEWS:
                 n, values, lam, table = per_view[view]
                 ident = dict(model=name, revision=rev, step=step, stack=stack, layer=layer)
@@ -358,14 +366,18 @@ def analyze(
                 rows.append(row)
                 spectrum_rows.append(pd.DataFrame(dict(ident, view=view, rank=np.arange(1, len(lam) + 1),
                                                        eigenvalue=lam)))
-                table.insert(0, "view", view)
-                table.insert(0, "layer", layer)
-                table.insert(0, "stack", stack)
-                token_frames.append(table)
+                if table is not None:
+                    table.insert(0, "view", view)
+                    table.insert(0, "layer", layer)
+                    table.insert(0, "stack", stack)
+                    token_frames.append(table)
     layers = layers_frame(rows)
     spectrum = pd.concat(spectrum_rows, ignore_index=True)
-    tokens = pd.concat(token_frames, ignore_index=True)
-    tokens.insert(2, "token", type_text(tokens["token_id"].to_numpy()))
+    tokens = pd.concat(token_frames, ignore_index=True) if token_frames else empty_tokens_frame()
+    if type_text is not None:
+        tokens.insert(2, "token", type_text(tokens["token_id"].to_numpy()))
+    else:
+        tokens.insert(2, "token", pd.Series([], dtype=object))
     for col, value in (("step", step), ("revision", rev), ("model", name)):
         tokens.insert(0, col, value)
     outliers = outlier_table(stats.outlier_records(), tok, name, rev)

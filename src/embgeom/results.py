@@ -43,6 +43,17 @@ def layers_frame(rows: list[dict]) -> pd.DataFrame:
     return df[LAYER_COLUMNS + extra]
 
 
+def empty_tokens_frame() -> pd.DataFrame:
+    """The per-type table with no rows (``--token-types none``): same columns and
+    dtypes as a filled one, before the model and token texts are added."""
+    return pd.DataFrame({
+        "stack": pd.Series([], dtype=object), "layer": pd.Series([], dtype="int64"),
+        "view": pd.Series([], dtype=object), "token_id": pd.Series([], dtype="int64"),
+        "n": pd.Series([], dtype="int64"), "Q": pd.Series([], dtype="float64"),
+        "M": pd.Series([], dtype="float64"), "V": pd.Series([], dtype="float64"),
+    })
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     with atomic_writer(path) as fh:
         fh.write(text)
