@@ -20,6 +20,7 @@ from .distributed import Shard
 from .models import LoadedModel, load_model
 from .snapshot import Snapshots, check_interval
 from .progress import token_progress
+from ._heap import HeapTrimmer
 from .results import Result, empty_tokens_frame, layers_frame
 from .stats.layers import VIEWS, LayerStatistics
 from .windows import POSITION_BITS, Window, WindowPlan, iter_batches, iter_windows, pad_token_id, validate_plan
@@ -273,6 +274,7 @@ def analyze(
     with token_progress(n_counted, enabled=progress and shard.is_main, description=loaded.name) as advance, \
             torch.no_grad():
         windows = iter(kept) if kept is not None else iter_windows(docs(), tok, plan)
+        trim_heap = HeapTrimmer()
         # The calibration windows are batched apart (their batches come first), in a
         # pool rounded up to whole batches: no short batch of leftovers, so the
         # forward passes are those of a plain loop. Only the first `head` windows
@@ -311,6 +313,7 @@ def analyze(
             progress_state["tokens_done"] += batch.n_counted
             progress_state["next_batch"] = index + 1
             advance(batch.n_counted)
+            trim_heap()
             if snaps is not None and stats.calibrated and snaps.due():
                 snaps.save({"statistics": stats.state_dict(), **progress_state})
     stats.finish(gather)
