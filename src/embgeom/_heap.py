@@ -34,16 +34,17 @@ def _malloc_trim():
 
 class HeapTrimmer:
     """Call after every batch; trims at most once every `every_s` seconds (a trim
-    walks the heap: milliseconds)."""
+    walks the heap: milliseconds), or now with ``force=True`` (at the end of the
+    stream, so the metrics start from a trimmed heap whatever the corpus size)."""
 
     def __init__(self, every_s: float = 5.0):
         self.every_s = float(every_s)
         self._last = time.monotonic()
         self.trims = 0
 
-    def __call__(self) -> None:
+    def __call__(self, force: bool = False) -> None:
         now = time.monotonic()
-        if now - self._last < self.every_s:
+        if not force and now - self._last < self.every_s:
             return
         self._last = now
         trim = _malloc_trim()

@@ -317,6 +317,7 @@ def analyze(
             if snaps is not None and stats.calibrated and snaps.due():
                 snaps.save({"statistics": stats.state_dict(), **progress_state})
     stats.finish(gather)
+    trim_heap(force=True)
     n_padded = progress_state["n_padded"]
     threads = None
     if shard.world > 1:
