@@ -9,6 +9,7 @@ reports its own peak resident memory; tokens per second come from run.json
     .venv/bin/python benchmarks/scale.py --model minilm --tokens 20000 100000 500000
     .venv/bin/python benchmarks/scale.py --model smollm2 --tokens 20000
     .venv/bin/python benchmarks/scale.py --model minilm --tokens 100000 --ranks 1 2
+    .venv/bin/python benchmarks/scale.py --model minilm --token-types none   # no per-type tables
 """
 from __future__ import annotations
 
@@ -60,7 +61,8 @@ def measure(model: str, corpus: Path, tokens: int, ranks: int, args) -> dict:
     out = Path(tempfile.mkdtemp(prefix=f"embgeom-scale-{tokens}-{ranks}-"))
     run_args = ["run", model, "--corpus", str(corpus), "--out", str(out), "--max-tokens", str(tokens),
                 "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--id-sample",
-                str(args.id_sample), "--device", "cpu", "--no-progress", "--no-figures"]
+                str(args.id_sample), "--device", "cpu", "--no-progress", "--no-figures",
+                "--token-types", args.token_types]
     me = [sys.executable, str(Path(__file__).resolve())]
     cmd = me + (["--child"] if ranks == 1 else ["--launch", str(ranks)]) + ["--", *run_args]
     t = time.perf_counter()
@@ -76,7 +78,7 @@ def measure(model: str, corpus: Path, tokens: int, ranks: int, args) -> dict:
         "stream_s": run["timings_s"]["stream"], "metrics_s": run["timings_s"]["metrics"],
         "tok_per_s_stream": n / run["timings_s"]["stream"], "tok_per_s_whole": n / wall,
         "peak_rss_mib": report["peak_rss_kib"] / 1024, "accumulator_mib": run["accumulator_bytes"] / 2**20,
-        "token_types": run["counts"]["token_types"],
+        "token_types": run["counts"]["token_types"] or 0,
     }
 
 
@@ -94,6 +96,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--id-sample", type=int, default=10000)
+    ap.add_argument("--token-types", default="id", help="id, string or none (no per-type statistics)")
     ap.add_argument("--corpus", type=Path, default=None, help="default: the whole gensim Wikipedia sample")
     args = ap.parse_args()
     corpus = args.corpus
