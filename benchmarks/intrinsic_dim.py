@@ -10,8 +10,8 @@ takes longer than ``--skdim-repeat-below`` seconds; the first embgeom call of th
 process, which loads its compiled loops, is timed and printed apart), prints the ratio of the
 times and the relative difference of the estimates, times ``twonn`` once more with the
 compiled k-NN loops switched off (the torch path, as on a GPU or without numba), says
-whether the compiled path overlapped each tile's product with the scan of the previous
-tile (``_PIPELINE`` in ``embgeom.metrics.neighbors``), and reports this machine's float32 and bfloat16 matrix-multiply throughput
+whether the compiled path ran its tiles on two lanes (``_LANES`` in
+``embgeom.metrics.neighbors``), and reports this machine's float32 and bfloat16 matrix-multiply throughput
 (torch.mm of 4096², the ceilings) next to the throughput the k-NN achieves. It also
 checks the k-NN itself: the bf16 candidate path against the float32 one (both exact:
 the difference must be 0), how many rows the bf16 bound could not certify (those take
@@ -69,15 +69,16 @@ def matmul_gflops(size=4096, repeat=5, dtype=torch.float32):
 def knn_flops(n, d, block=2048, split=False):
     """Float32 multiply-add flops the k-NN performs: the upper triangle of
     block × block tiles (each tile serves its rows and its columns); with ``split``
-    (the compiled path) a diagonal block of at least 4 × 256 points is two diagonal
-    tiles of its halves and the tile between them."""
+    (the compiled path) a diagonal block of at least 2 × ``_SPLIT_MIN`` points is two
+    diagonal tiles of its halves and the tile between them. (The compiled path's two
+    lanes use blocks of ``_LANE_BLOCK``: pass that as ``block``.)"""
     group = 16
     n_pad = -(-n // group) * group
     b = max(group, block // group * group)
     sizes = [min(b, n_pad - s) for s in range(0, n_pad, b)]
     total = 0
     for i, si in enumerate(sizes):
-        if split and si >= 4 * nbmod._SPLIT_MIN:
+        if split and si >= 2 * nbmod._SPLIT_MIN:
             h = si // 2 // group * group
             total += 2 * (h * h + (si - h) ** 2 + h * (si - h)) * d
         else:
@@ -277,9 +278,10 @@ def main(argv=None):
         t20, dist = _best(lambda: knn_distances(Xt, 20), args.repeat)
         info20 = dict(nbmod._LAST)
         tb, res = _best(lambda: intrinsic_dimensions(distances=dist), args.repeat)
-        fl = knn_flops(n, d, split=compiled and nbmod._SPLIT_DIAG)
+        lanes = compiled and info20.get("lanes")
+        fl = knn_flops(n, d, block=nbmod._LANE_BLOCK if lanes else 2048, split=compiled and nbmod._SPLIT_DIAG)
         ceil = ceiling16 if info20.get("precision") == "bf16" else ceiling
-        pipe = "; products and scans pipelined: k=2 %s, k=20 %s" % (info2.get("pipelined"), info20.get("pipelined"))
+        pipe = "; two lanes: k=2 %s, k=20 %s" % (info2.get("lanes"), info20.get("lanes"))
         print(f"{'':>6} {'':>4} | k-NN ({info20.get('precision')} candidates{pipe if compiled else ''}) k=2: {t2:.3f}s = {fl / t2 / 1e9:.0f} GFLOP/s, "
               f"k=20: {t20:.3f}s = {fl / t20 / 1e9:.0f} GFLOP/s ({100 * fl / t20 / 1e9 / ceil:.0f}% of the "
               f"{info20.get('precision')} ceiling; {fl / 1e9:.1f} GFLOP in the symmetric tiles, "

@@ -109,20 +109,13 @@ if AVAILABLE:  # pragma: no branch
             big = mx[j] if mx[j] > big else big
         return acc / max(m, 1), big
 
-    @numba.njit(cache=True, nogil=True, parallel=True, fastmath=_FM)
-    def prep_bf16(x, rows, centre, scale, A, B, nhat, ne, parts):  # pragma: no cover - compiled
-        """One pass over the distinct points ``i`` (row ``rows[i]`` of ``x``): the
-        centred, scaled float64 coordinates ``xc = (x − centre)·scale``,
-        ``x32 = float32(xc)`` and ``a = bf16(x32)`` (round to nearest even); writes the
-        bits of ``a`` into ``A[i, :d]`` and of ``−a`` into ``B[i, :d]`` (uint16 views),
-        ``nhat[i] = ‖xc‖²`` and ``ne[i] = ‖x32 − a‖`` (both float64; ``x32 − a`` is
-        exact). Returns the largest ``|x|`` per part of points (``parts`` boundaries).
-        A NaN or infinite coordinate makes ``nhat[i]`` non-finite."""
+    @numba.njit(cache=True, nogil=True, fastmath=_FM)
+    def prep_bf16_parts(x, rows, centre, scale, A, B, nhat, ne, parts, c0, c1, am):  # pragma: no cover
+        """Parts ``c0 … c1 − 1`` of :func:`prep_bf16` (serial); writes their ``am``."""
         d = x.shape[1]
-        P = parts.shape[0] - 1
-        am = np.zeros(P)
-        for c in prange(P):
-            mx = np.zeros(d)
+        mx = np.empty(d)
+        for c in range(c0, c1):
+            mx[:] = 0.0
             for i in range(parts[c], parts[c + 1]):
                 src = rows[i]
                 sn = 0.0
@@ -148,6 +141,20 @@ if AVAILABLE:  # pragma: no branch
             for j in range(d):
                 m = mx[j] if mx[j] > m else m
             am[c] = m
+
+    @numba.njit(cache=True, nogil=True, parallel=True)
+    def prep_bf16(x, rows, centre, scale, A, B, nhat, ne, parts):  # pragma: no cover - compiled
+        """One pass over the distinct points ``i`` (row ``rows[i]`` of ``x``): the
+        centred, scaled float64 coordinates ``xc = (x − centre)·scale``,
+        ``x32 = float32(xc)`` and ``a = bf16(x32)`` (round to nearest even); writes the
+        bits of ``a`` into ``A[i, :d]`` and of ``−a`` into ``B[i, :d]`` (uint16 views),
+        ``nhat[i] = ‖xc‖²`` and ``ne[i] = ‖x32 − a‖`` (both float64; ``x32 − a`` is
+        exact). Returns the largest ``|x|`` per part of points (``parts`` boundaries).
+        A NaN or infinite coordinate makes ``nhat[i]`` non-finite."""
+        P = parts.shape[0] - 1
+        am = np.zeros(P)
+        for c in prange(P):
+            prep_bf16_parts(x, rows, centre, scale, A, B, nhat, ne, parts, c, c + 1, am)
         return am
 
     @numba.njit(cache=True, nogil=True, parallel=True, fastmath=_FM)
@@ -440,6 +447,89 @@ if AVAILABLE:  # pragma: no branch
 
     _GD = 16  # most members of a strided group on diagonal tiles
 
+    @numba.njit(cache=True, nogil=True)
+    def _diag_rows(t, i0, n, keys, idx, cnt, tau, G, u_o, sigma, delta, k, is16, r0, r1):  # pragma: no cover
+        """Rows ``r0 … r1 − 1`` of :func:`tile_diag` (serial)."""
+        nc = min(t.shape[1], n - i0)
+        p = keys.shape[1]
+        # at least 4(p + 1) groups, so that the p + 1 smallest minima leave most groups
+        # out (with too few groups, large p would collect and sort most of the row)
+        gd = max(1, min(_GD, nc // (4 * (p + 1))))
+        S = nc // gd
+        rem = S * gd
+        big = _I32(2147483647)
+        scratch = np.empty(k)
+        gm = np.empty(max(S, 1), dtype=t.dtype)
+        cand = np.empty(nc, dtype=np.int64)
+        gl = np.empty(max(S, 1), dtype=np.int64)
+        lv = np.empty(p, dtype=np.float32)
+        li = np.empty(p, dtype=np.int64)
+        for r in range(r0, r1):
+            g = i0 + r
+            row = t[r]
+            z = 0
+            if S < p + 1:  # a narrow tile: every key is a candidate
+                for c in range(nc):
+                    cand[z] = c
+                    z += 1
+            else:
+                _group_mins(row, gm, S, gd)
+                hi = _I32(gm[0])
+                lo = big  # smallest non-negative group minimum
+                for q in range(S):
+                    v = _I32(gm[q])
+                    hi = v if v > hi else hi
+                    vp = v if v >= 0 else big
+                    lo = vp if vp < lo else lo
+                if _count_le(gm, S, _I32(0)) >= p + 1:  # T is raised to +0 anyway
+                    lo = _I32(0)
+                    hi = lo
+                while lo < hi:  # smallest T with at least p + 1 group minima ≤ T
+                    mid = lo + (hi - lo) // 2
+                    if _count_le(gm, S, mid) >= p + 1:
+                        hi = mid
+                    else:
+                        lo = mid + 1
+                T = max(lo, _I32(0))
+                ng = 0
+                for q in range(S):  # the groups that can hold a candidate
+                    gl[ng] = q
+                    ng += _I32(gm[q]) <= T
+                for e in range(ng):
+                    q = gl[e]
+                    for m in range(gd):
+                        c = q + m * S
+                        cand[z] = c
+                        z += _I32(row[c]) <= T
+                for c in range(rem, nc):
+                    cand[z] = c
+                    z += _I32(row[c]) <= T
+            # the p smallest candidates, sorted (a point's own key is skipped)
+            m_ = 0
+            for e in range(z):
+                c = cand[e]
+                if i0 + c == g:
+                    continue
+                v = _as_key(row[c], is16)
+                if m_ < p:
+                    pos = m_
+                    m_ += 1
+                elif v >= lv[p - 1]:
+                    continue
+                else:
+                    pos = p - 1
+                while pos > 0 and lv[pos - 1] > v:
+                    lv[pos] = lv[pos - 1]
+                    li[pos] = li[pos - 1]
+                    pos -= 1
+                lv[pos] = v
+                li[pos] = i0 + c
+            for e in range(m_):
+                keys[g, e] = lv[e]
+                idx[g, e] = li[e]
+            cnt[g] = m_
+            _tighten(g, keys, idx, cnt, tau, G, u_o, sigma, delta, k, scratch)
+
     @numba.njit(cache=True, nogil=True, parallel=True)
     def tile_diag(t, i0, n, keys, idx, cnt, tau, G, u_o, sigma, delta, k, is16):  # pragma: no cover
         """A diagonal tile ``t`` (bits of the keys of points ``i0 + r`` against
@@ -453,93 +543,121 @@ if AVAILABLE:  # pragma: no branch
         on the integer screen, and raised to +0, which only widens it) only the groups
         whose minimum is ≤ T can hold any of the p smallest; their members ≤ T are
         collected without branches and sorted into the list. Rows and columns ≥ ``n``
-        (padding) are skipped."""
+        (padding) are skipped. Rows are independent: chunks of them run in parallel."""
         nr = min(t.shape[0], n - i0)
-        nc = min(t.shape[1], n - i0)
-        p = keys.shape[1]
-        # at least 4(p + 1) groups, so that the p + 1 smallest minima leave most groups
-        # out (with too few groups, large p would collect and sort most of the row)
-        gd = max(1, min(_GD, nc // (4 * (p + 1))))
-        S = nc // gd
-        rem = S * gd
         nchunk = min(nr, 64)
-        big = _I32(2147483647)
         for ch in prange(nchunk):
-            scratch = np.empty(k)
-            gm = np.empty(max(S, 1), dtype=t.dtype)
-            cand = np.empty(nc, dtype=np.int64)
-            gl = np.empty(max(S, 1), dtype=np.int64)
-            lv = np.empty(p, dtype=np.float32)
-            li = np.empty(p, dtype=np.int64)
-            r0 = ch * nr // nchunk
-            r1 = (ch + 1) * nr // nchunk
-            for r in range(r0, r1):
-                g = i0 + r
-                row = t[r]
-                z = 0
-                if S < p + 1:  # a narrow tile: every key is a candidate
-                    for c in range(nc):
-                        cand[z] = c
-                        z += 1
-                else:
-                    _group_mins(row, gm, S, gd)
-                    hi = _I32(gm[0])
-                    lo = big  # smallest non-negative group minimum
-                    for q in range(S):
-                        v = _I32(gm[q])
-                        hi = v if v > hi else hi
-                        vp = v if v >= 0 else big
-                        lo = vp if vp < lo else lo
-                    if _count_le(gm, S, _I32(0)) >= p + 1:  # T is raised to +0 anyway
-                        lo = _I32(0)
-                        hi = lo
-                    while lo < hi:  # smallest T with at least p + 1 group minima ≤ T
-                        mid = lo + (hi - lo) // 2
-                        if _count_le(gm, S, mid) >= p + 1:
-                            hi = mid
-                        else:
-                            lo = mid + 1
-                    T = max(lo, _I32(0))
-                    ng = 0
-                    for q in range(S):  # the groups that can hold a candidate
-                        gl[ng] = q
-                        ng += _I32(gm[q]) <= T
-                    for e in range(ng):
-                        q = gl[e]
-                        for m in range(gd):
-                            c = q + m * S
-                            cand[z] = c
-                            z += _I32(row[c]) <= T
-                    for c in range(rem, nc):
-                        cand[z] = c
-                        z += _I32(row[c]) <= T
-                # the p smallest candidates, sorted (a point's own key is skipped)
-                m_ = 0
-                for e in range(z):
-                    c = cand[e]
-                    if i0 + c == g:
-                        continue
-                    v = _as_key(row[c], is16)
-                    if m_ < p:
-                        pos = m_
-                        m_ += 1
-                    elif v >= lv[p - 1]:
-                        continue
-                    else:
-                        pos = p - 1
-                    while pos > 0 and lv[pos - 1] > v:
-                        lv[pos] = lv[pos - 1]
-                        li[pos] = li[pos - 1]
-                        pos -= 1
-                    lv[pos] = v
-                    li[pos] = i0 + c
-                for e in range(m_):
-                    keys[g, e] = lv[e]
-                    idx[g, e] = li[e]
-                cnt[g] = m_
-                _tighten(g, keys, idx, cnt, tau, G, u_o, sigma, delta, k, scratch)
+            _diag_rows(t, i0, n, keys, idx, cnt, tau, G, u_o, sigma, delta, k, is16,
+                       ch * nr // nchunk, (ch + 1) * nr // nchunk)
+
+    @numba.njit(cache=True, nogil=True)
+    def tile_diag1(t, i0, n, keys, idx, cnt, tau, G, u_o, sigma, delta, k, is16):  # pragma: no cover
+        """:func:`tile_diag` on the calling thread alone (no hand-over to numba's thread
+        pool, whose wake-ups stall when the other cores are busy)."""
+        _diag_rows(t, i0, n, keys, idx, cnt, tau, G, u_o, sigma, delta, k, is16, 0, min(t.shape[0], n - i0))
 
     _CW = 256  # columns per task of the columns' side of tile_off
+
+    @numba.njit(cache=True, nogil=True)
+    def _off_setup(t, i0, j0, n, keys, cnt, tau, is16):  # pragma: no cover - compiled
+        """The columns' screens as the tile starts, and the band arrays of :func:`tile_off`."""
+        nr = min(t.shape[0], n - i0)
+        nc = min(t.shape[1], n - j0)
+        p = keys.shape[1]
+        nb = (nr + _GS - 1) // _GS
+        thrc = np.empty(nc, dtype=t.dtype)
+        for c in range(nc):  # the screens fit the tile's integer type
+            thrc[c] = _screen_bits(j0 + c, keys, cnt, tau, p, is16)
+        hits = np.empty((nb, nc), dtype=np.int32)
+        hmask = np.empty((nb, nc), dtype=np.uint32)
+        nh = np.zeros(nb, dtype=np.int64)
+        return thrc, hits, hmask, nh
+
+    @numba.njit(cache=True, nogil=True)
+    def _off_bands(t, i0, j0, n, keys, idx, cnt, tau, G, u_o, sigma, delta, k, is16, thrc, hits, hmask, nh,
+                   ba, bb):  # pragma: no cover - compiled
+        """Bands ``ba … bb − 1`` of the rows' side of :func:`tile_off` (serial)."""
+        nr = min(t.shape[0], n - i0)
+        nc = thrc.shape[0]
+        p = keys.shape[1]
+        S = nc // _GS
+        rem = S * _GS
+        gm = np.empty(max(S, 1), dtype=t.dtype)
+        mk = np.empty(nc, dtype=np.uint32)
+        for b in range(ba, bb):
+            ra = b * _GS
+            rb = min(ra + _GS, nr)
+            for c in range(nc):
+                mk[c] = 0
+            for r in range(ra, rb):
+                row = t[r]
+                bit = np.uint32(1) << np.uint32(r - ra)
+                for c in range(nc):
+                    mk[c] |= bit if row[c] <= thrc[c] else np.uint32(0)
+                g = i0 + r
+                thr = _screen_bits(g, keys, cnt, tau, p, is16)
+                _group_mins(row, gm, S, _GS)
+                if _count_le(gm, S, thr) > 0:
+                    for q in range(S):
+                        if _I32(gm[q]) <= thr:
+                            for m in range(_GS):
+                                c = q + m * S
+                                if _I32(row[c]) <= thr:
+                                    pos = _offer(g, _as_key(row[c], is16), j0 + c, keys, idx, cnt, tau, p)
+                                    if pos >= 0:
+                                        if pos < k:  # the first k changed (only they make the bound)
+                                            _tighten_first(g, keys, idx, cnt, tau, G, u_o, sigma, delta, k)
+                                        thr = _screen_bits(g, keys, cnt, tau, p, is16)
+                for c in range(rem, nc):
+                    if _I32(row[c]) <= thr:
+                        pos = _offer(g, _as_key(row[c], is16), j0 + c, keys, idx, cnt, tau, p)
+                        if pos >= 0:
+                            if pos < k:  # the first k changed (only they make the bound)
+                                _tighten_first(g, keys, idx, cnt, tau, G, u_o, sigma, delta, k)
+                            thr = _screen_bits(g, keys, cnt, tau, p, is16)
+            h = 0
+            for c in range(nc):
+                hits[b, h] = c
+                hmask[b, h] = mk[c]
+                h += mk[c] != 0
+            nh[b] = h
+
+    @numba.njit(cache=True, nogil=True)
+    def _off_cols(t, i0, j0, keys, idx, cnt, tau, G, u_o, sigma, delta, k, is16, hits, hmask, nh,
+                  c0, c1):  # pragma: no cover - compiled
+        """Columns ``c0 … c1 − 1`` of the columns' side of :func:`tile_off` (serial)."""
+        p = keys.shape[1]
+        thr2 = np.empty(c1 - c0, dtype=np.int32)
+        for c in range(c0, c1):
+            thr2[c - c0] = _screen_bits(j0 + c, keys, cnt, tau, p, is16)
+        for b in range(nh.shape[0]):
+            ra = b * _GS
+            hb = hits[b]
+            # the hits of a band ascend by column: find this range's start
+            lo = 0
+            hi = nh[b]
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if hb[mid] < c0:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            for e in range(lo, nh[b]):
+                c = hb[e]
+                if c >= c1:
+                    break
+                g = j0 + c
+                mask = np.uint32(hmask[b, e])
+                while mask != 0:
+                    low = np.uint32(mask & np.uint32(np.uint32(~mask) + np.uint32(1)))
+                    r = ra + _ctz32(low)
+                    mask = np.uint32(mask ^ low)
+                    if _I32(t[r, c]) <= thr2[c - c0]:
+                        pos = _offer(g, _as_key(t[r, c], is16), i0 + r, keys, idx, cnt, tau, p)
+                        if pos >= 0:
+                            if pos < k:  # the first k changed (only they make the bound)
+                                _tighten_first(g, keys, idx, cnt, tau, G, u_o, sigma, delta, k)
+                            thr2[c - c0] = _screen_bits(g, keys, cnt, tau, p, is16)
 
     @numba.njit(cache=True, nogil=True, parallel=True)
     def tile_off(t, i0, j0, n, keys, idx, cnt, tau, G, u_o, sigma, delta, k, is16):  # pragma: no cover
@@ -555,96 +673,26 @@ if AVAILABLE:  # pragma: no branch
         the tile started (screens only tighten, so that is a superset). The marked
         entries are then offered by column tasks, against the columns' current
         screens. Rows and columns ≥ ``n`` (padding) are skipped."""
-        nr = min(t.shape[0], n - i0)
-        nc = min(t.shape[1], n - j0)
-        p = keys.shape[1]
-        S = nc // _GS
-        rem = S * _GS
-        nb = (nr + _GS - 1) // _GS
-        thrc = np.empty(nc, dtype=t.dtype)
-        for c in range(nc):  # the screens fit the tile's integer type
-            thrc[c] = _screen_bits(j0 + c, keys, cnt, tau, p, is16)
-        hits = np.empty((nb, nc), dtype=np.int32)
-        hmask = np.empty((nb, nc), dtype=np.uint32)
-        nh = np.zeros(nb, dtype=np.int64)
+        thrc, hits, hmask, nh = _off_setup(t, i0, j0, n, keys, cnt, tau, is16)
+        nb = nh.shape[0]
+        nc = thrc.shape[0]
         nchunk = min(nb, 64)
         for ch in prange(nchunk):
-            gm = np.empty(max(S, 1), dtype=t.dtype)
-            mk = np.empty(nc, dtype=np.uint32)
-            ba = ch * nb // nchunk
-            bb = (ch + 1) * nb // nchunk
-            for b in range(ba, bb):
-                ra = b * _GS
-                rb = min(ra + _GS, nr)
-                for c in range(nc):
-                    mk[c] = 0
-                for r in range(ra, rb):
-                    row = t[r]
-                    bit = np.uint32(1) << np.uint32(r - ra)
-                    for c in range(nc):
-                        mk[c] |= bit if row[c] <= thrc[c] else np.uint32(0)
-                    g = i0 + r
-                    thr = _screen_bits(g, keys, cnt, tau, p, is16)
-                    _group_mins(row, gm, S, _GS)
-                    if _count_le(gm, S, thr) > 0:
-                        for q in range(S):
-                            if _I32(gm[q]) <= thr:
-                                for m in range(_GS):
-                                    c = q + m * S
-                                    if _I32(row[c]) <= thr:
-                                        pos = _offer(g, _as_key(row[c], is16), j0 + c, keys, idx, cnt, tau, p)
-                                        if pos >= 0:
-                                            if pos < k:  # the first k changed (only they make the bound)
-                                                _tighten_first(g, keys, idx, cnt, tau, G, u_o, sigma, delta, k)
-                                            thr = _screen_bits(g, keys, cnt, tau, p, is16)
-                    for c in range(rem, nc):
-                        if _I32(row[c]) <= thr:
-                            pos = _offer(g, _as_key(row[c], is16), j0 + c, keys, idx, cnt, tau, p)
-                            if pos >= 0:
-                                if pos < k:  # the first k changed (only they make the bound)
-                                    _tighten_first(g, keys, idx, cnt, tau, G, u_o, sigma, delta, k)
-                                thr = _screen_bits(g, keys, cnt, tau, p, is16)
-                h = 0
-                for c in range(nc):
-                    hits[b, h] = c
-                    hmask[b, h] = mk[c]
-                    h += mk[c] != 0
-                nh[b] = h
+            _off_bands(t, i0, j0, n, keys, idx, cnt, tau, G, u_o, sigma, delta, k, is16, thrc, hits, hmask, nh,
+                       ch * nb // nchunk, (ch + 1) * nb // nchunk)
         ntask = (nc + _CW - 1) // _CW
         for task in prange(ntask):
-            c0 = task * _CW
-            c1 = min(c0 + _CW, nc)
-            thr2 = np.empty(c1 - c0, dtype=np.int32)
-            for c in range(c0, c1):
-                thr2[c - c0] = _screen_bits(j0 + c, keys, cnt, tau, p, is16)
-            for b in range(nb):
-                ra = b * _GS
-                hb = hits[b]
-                # the hits of a band ascend by column: find this task's range
-                lo = 0
-                hi = nh[b]
-                while lo < hi:
-                    mid = (lo + hi) // 2
-                    if hb[mid] < c0:
-                        lo = mid + 1
-                    else:
-                        hi = mid
-                for e in range(lo, nh[b]):
-                    c = hb[e]
-                    if c >= c1:
-                        break
-                    g = j0 + c
-                    mask = np.uint32(hmask[b, e])
-                    while mask != 0:
-                        low = np.uint32(mask & np.uint32(np.uint32(~mask) + np.uint32(1)))
-                        r = ra + _ctz32(low)
-                        mask = np.uint32(mask ^ low)
-                        if _I32(t[r, c]) <= thr2[c - c0]:
-                            pos = _offer(g, _as_key(t[r, c], is16), i0 + r, keys, idx, cnt, tau, p)
-                            if pos >= 0:
-                                if pos < k:  # the first k changed (only they make the bound)
-                                    _tighten_first(g, keys, idx, cnt, tau, G, u_o, sigma, delta, k)
-                                thr2[c - c0] = _screen_bits(g, keys, cnt, tau, p, is16)
+            _off_cols(t, i0, j0, keys, idx, cnt, tau, G, u_o, sigma, delta, k, is16, hits, hmask, nh,
+                      task * _CW, min(task * _CW + _CW, nc))
+
+    @numba.njit(cache=True, nogil=True)
+    def tile_off1(t, i0, j0, n, keys, idx, cnt, tau, G, u_o, sigma, delta, k, is16):  # pragma: no cover
+        """:func:`tile_off` on the calling thread alone (see :func:`tile_diag1`)."""
+        thrc, hits, hmask, nh = _off_setup(t, i0, j0, n, keys, cnt, tau, is16)
+        _off_bands(t, i0, j0, n, keys, idx, cnt, tau, G, u_o, sigma, delta, k, is16, thrc, hits, hmask, nh,
+                   0, nh.shape[0])
+        _off_cols(t, i0, j0, keys, idx, cnt, tau, G, u_o, sigma, delta, k, is16, hits, hmask, nh,
+                  0, thrc.shape[0])
 
     @numba.njit(cache=True, nogil=True)
     def _ctz32(x):  # pragma: no cover - compiled
@@ -694,6 +742,61 @@ if AVAILABLE:  # pragma: no branch
             lo = 0.0
         return np.sqrt(2.0 * lo) - delta
 
+    @numba.njit(cache=True, nogil=True)
+    def resolve_rows(x, rows, keys, idx, cnt, k, to_scaled, u_o, sigma, delta, out_sq, out_nb, ok, need,
+                     i0, i1):  # pragma: no cover - compiled
+        """Points ``i0 … i1 − 1`` of :func:`resolve` (serial)."""
+        p = keys.shape[1]
+        q = min(p, k)
+        s = np.empty(p)
+        nb = np.empty(p, dtype=np.int64)
+        for i in range(i0, i1):
+            c = cnt[i]
+            a = rows[i]
+            ev = min(q, c)
+            for t in range(ev):
+                # insertion by exact distance (stable: ties keep the key order)
+                v = _sqd(x, a, rows[idx[i, t]])
+                j = idx[i, t]
+                pos = t
+                while pos > 0 and s[pos - 1] > v:
+                    s[pos] = s[pos - 1]
+                    nb[pos] = nb[pos - 1]
+                    pos -= 1
+                s[pos] = v
+                nb[pos] = j
+            for t in range(ev, q):
+                s[t] = np.inf
+                nb[t] = 0
+            kth = np.sqrt(s[k - 1] * to_scaled) if k <= q else np.inf
+            m = 0
+            for t in range(c):
+                if _low(keys[i, t], u_o, sigma, delta) < kth:
+                    m += 1
+                else:
+                    break  # keys ascend, so do their lower bounds
+            need[i] = m
+            good = np.isfinite(s[k - 1]) if k <= q else False
+            if q == p:
+                good = good and _low(keys[i, p - 1], u_o, sigma, delta) >= kth
+            elif m > q:
+                for t in range(q, m):
+                    v = _sqd(x, a, rows[idx[i, t]])
+                    j = idx[i, t]
+                    pos = t
+                    while pos > 0 and s[pos - 1] > v:
+                        s[pos] = s[pos - 1]
+                        nb[pos] = nb[pos - 1]
+                        pos -= 1
+                    s[pos] = v
+                    nb[pos] = j
+                new_kth = np.sqrt(s[k - 1] * to_scaled)
+                good = np.isfinite(s[k - 1]) and (m < p or _low(keys[i, p - 1], u_o, sigma, delta) >= new_kth)
+            ok[i] = good
+            for t in range(k):
+                out_sq[i, t] = s[t]
+                out_nb[i, t] = nb[t]
+
     @numba.njit(cache=True, nogil=True, parallel=True)
     def resolve(x, rows, keys, idx, cnt, k, to_scaled, u_o, sigma, delta, out_sq, out_nb, ok, need):  # pragma: no cover
         """Exact distances of the candidates and the certificate (as ``_resolve``).
@@ -705,57 +808,8 @@ if AVAILABLE:  # pragma: no branch
         among all ``p``). ``ok[i]``: every point not evaluated is provably no closer
         than the k-th exact neighbour. Writes ``out_sq`` (u, k) ascending and
         ``out_nb`` (u, k) (indices into the u points)."""
-        u, p = keys.shape
-        q = min(p, k)
+        u = keys.shape[0]
         nchunk = min(u, 256)
         for ch in prange(nchunk):
-            s = np.empty(p)
-            nb = np.empty(p, dtype=np.int64)
-            i0 = ch * u // nchunk
-            i1 = (ch + 1) * u // nchunk
-            for i in range(i0, i1):
-                c = cnt[i]
-                a = rows[i]
-                ev = min(q, c)
-                for t in range(ev):
-                    # insertion by exact distance (stable: ties keep the key order)
-                    v = _sqd(x, a, rows[idx[i, t]])
-                    j = idx[i, t]
-                    pos = t
-                    while pos > 0 and s[pos - 1] > v:
-                        s[pos] = s[pos - 1]
-                        nb[pos] = nb[pos - 1]
-                        pos -= 1
-                    s[pos] = v
-                    nb[pos] = j
-                for t in range(ev, q):
-                    s[t] = np.inf
-                    nb[t] = 0
-                kth = np.sqrt(s[k - 1] * to_scaled) if k <= q else np.inf
-                m = 0
-                for t in range(c):
-                    if _low(keys[i, t], u_o, sigma, delta) < kth:
-                        m += 1
-                    else:
-                        break  # keys ascend, so do their lower bounds
-                need[i] = m
-                good = np.isfinite(s[k - 1]) if k <= q else False
-                if q == p:
-                    good = good and _low(keys[i, p - 1], u_o, sigma, delta) >= kth
-                elif m > q:
-                    for t in range(q, m):
-                        v = _sqd(x, a, rows[idx[i, t]])
-                        j = idx[i, t]
-                        pos = t
-                        while pos > 0 and s[pos - 1] > v:
-                            s[pos] = s[pos - 1]
-                            nb[pos] = nb[pos - 1]
-                            pos -= 1
-                        s[pos] = v
-                        nb[pos] = j
-                    new_kth = np.sqrt(s[k - 1] * to_scaled)
-                    good = np.isfinite(s[k - 1]) and (m < p or _low(keys[i, p - 1], u_o, sigma, delta) >= new_kth)
-                ok[i] = good
-                for t in range(k):
-                    out_sq[i, t] = s[t]
-                    out_nb[i, t] = nb[t]
+            resolve_rows(x, rows, keys, idx, cnt, k, to_scaled, u_o, sigma, delta, out_sq, out_nb, ok, need,
+                         ch * u // nchunk, (ch + 1) * u // nchunk)

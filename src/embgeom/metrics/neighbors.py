@@ -33,7 +33,8 @@ candidates, with a proven error bound deciding what must be checked in float64:
    other tile a strided group minimum screens the entries, only those whose lower
    bound is ≤ ``τ_i`` are looked at, and ``τ_i`` tightens as candidates accumulate. A
    point skipped by the screen is provably farther than the k-th neighbour. Memory:
-   one ``block_size²`` tile (two where the compiled path pipelines) plus ``n × p`` candidates and the two bf16 operands (or
+   one ``block_size²`` tile (on the compiled path's two lanes, two tiles of at most
+   ``1024²``) plus ``n × p`` candidates and the two bf16 operands (or
    one float32 copy); never an ``n × n`` matrix, and no n × d float64 temporary (the
    centring, rounding and the fallback's keys work on chunks of rows; the screen
    expands the groups that pass a slice at a time).
@@ -58,9 +59,9 @@ few columns proposes duplicates (the full hash and a comparison decide among the
 it cannot separate); one pass over the distinct rows centres them (on the mean of a
 sample of them: any centre keeps the distances), rounds them to the operands and
 finds the largest magnitude and any NaN/inf; each tile is read once, every row's (and
-column's) candidates kept in a sorted list whose threshold tightens at once (where it
-pays, a worker thread scans one tile while the next tile's product is computed, each
-on one core); the exact distances and the certificate are one loop per row. float32 input is read as it is
+column's) candidates kept in a sorted list whose threshold tightens at once (on two
+threads, two lanes each compute a tile's product and scan it, one core each, and the
+scans of tiles that share no points overlap); the exact distances and the certificate are one loop per row. float32 input is read as it is
 (its exact distances are those of its float64 values; no float64 copy). The bounds
 and the certificate are the same; only speed differs. Elsewhere (CUDA, or without
 numba) everything is torch: on a CUDA tensor the whole computation runs on the GPU, with
@@ -72,7 +73,9 @@ cannot be switched off, the bound ``c`` is widened to bf16 input rounding instea
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
+import os
+import queue
+import threading
 from contextlib import contextmanager
 
 import numpy as np
@@ -855,34 +858,173 @@ def _groups_compiled(xn: np.ndarray):
     return reps, pos[rep]
 
 
-# Compiled path: the products (torch, one thread) overlap the scans of the previous
-# tile (numba, one thread, in a worker thread). Measured on 2 cores (AMX bf16): it
-# wins where the scans cost about as much as the products, i.e. few blocks (the
-# 1024-point tiles of split diagonal blocks gain little from a second matmul thread)
-# or large k (more candidates to sort); with many blocks and small k the two-thread
-# products are faster.
-_PIPELINE = True
-_PIPE_BLOCKS = 5  # pipeline up to this many blocks ...
-_PIPE_K = 10  # ... or from this k on
+# Compiled path on two threads: two lanes (this thread and a persistent helper), each
+# computing a tile's product with torch on one thread and then scanning it with the
+# serial compiled loops; the scans run one at a time, in the plan's order. Measured on
+# 2 cores (AMX bf16): the 1024-point tiles of split diagonal blocks gain nothing from a
+# second matmul thread, and a parallel scan hands each launch to numba's pool (stalls
+# of milliseconds when the other core is busy); two single-threaded lanes keep both
+# cores on products and overlap every scan with the other lane's product.
+_LANES = True
+_LANE_BLOCK = 1024  # points per tile side on the lanes (at most block_size)
 
 
-@contextmanager
-def _one_thread_each():
-    """A worker thread for the tile scans, one numba thread, and torch on one thread in
-    this thread for the products, restored afterwards: each runtime keeps one core
-    busy and neither spin-waits for the other."""
+class _Helper:
+    """A daemon thread, started on first use and kept for the process, that runs the
+    second lane (a thread per call would cost its start-up every call)."""
+
+    def __init__(self):
+        self.pid = os.getpid()
+        self.jobs = queue.SimpleQueue()
+        threading.Thread(target=self._loop, name="embgeom-knn-lane", daemon=True).start()
+
+    def _loop(self):
+        while True:
+            fn, box, done = self.jobs.get()
+            try:
+                fn()
+            except BaseException as exc:  # handed to the caller
+                box.append(exc)
+            finally:
+                done.set()
+
+    def submit(self, fn):
+        box, done = [], threading.Event()
+        self.jobs.put((fn, box, done))
+        return box, done
+
+
+_HELPER: list = []
+_HELPER_LOCK = threading.Lock()
+
+
+def _helper() -> _Helper:
+    # a forked child inherits the list but not the thread: start its own
+    with _HELPER_LOCK:
+        if not _HELPER or _HELPER[0].pid != os.getpid():
+            _HELPER[:] = [_Helper()]
+        return _HELPER[0]
+
+
+def _round_robin(m: int):
+    """The pairs ``a < b`` of ``m`` blocks in rounds (circle method): within a round
+    no block occurs twice."""
+    ring = list(range(m)) + ([None] if m % 2 else [])
+    out = []
+    for _ in range(len(ring) - 1):
+        for e in range(len(ring) // 2):
+            a, b = ring[e], ring[-1 - e]
+            if a is not None and b is not None:
+                out.append((min(a, b), max(a, b)))
+        ring = [ring[0], ring[-1]] + ring[1:-1]
+    return out
+
+
+def _scan_deps(plan):
+    """For each tile of ``plan``, the earlier tiles it must be scanned after: for each
+    diagonal tile's points among its own, the last earlier tile that also holds them.
+    Tiles that share no points touch disjoint lists, so any schedule that keeps these
+    orders ends in the state of the plan scanned one tile after another."""
+    units = sorted({tl[0] for tl in plan if tl[0] == tl[2]})  # starts of the diagonal tiles
+    last = {}
+    deps = []
+    for e, (i0, i1, j0, j1) in enumerate(plan):
+        mine = [u for u in units if i0 <= u < i1 or j0 <= u < j1]
+        deps.append(sorted({last[u] for u in mine if u in last}))
+        for u in mine:
+            last[u] = e
+    return deps
+
+
+def _run_lanes(plan, deps, product, scan):
+    """Run ``scan(product(s, tile), tile)`` for every tile of ``plan`` on two lanes
+    (``s`` = the lane's buffer): each lane takes the next tile, computes its product,
+    then scans it once the tiles ``deps[e]`` are scanned (the other lane's scan of a
+    tile sharing no points may run meanwhile). torch runs on one thread in this lane
+    (restored afterwards) and in the helper's."""
+    cond = threading.Condition()
+    done = [False] * len(plan)
+    state = [0, False]  # next tile to take, aborted
+
+    def lane(s):
+        try:
+            while True:
+                with cond:
+                    e = state[0]
+                    state[0] += 1
+                if e >= len(plan) or state[1]:
+                    return
+                t = product(s, plan[e])
+                with cond:
+                    while not state[1] and not all(done[f] for f in deps[e]):
+                        cond.wait()
+                    if state[1]:
+                        return
+                scan(t, plan[e])
+                with cond:
+                    done[e] = True
+                    cond.notify_all()
+        except BaseException:
+            with cond:  # release the other lane
+                state[1] = True
+                cond.notify_all()
+            raise
+
     prev = torch.get_num_threads()
-    pool = ThreadPoolExecutor(1)
+    torch.set_num_threads(1)
     try:
-        pool.submit(_kernels.set_threads, 1).result()
-        torch.set_num_threads(1)
-        yield pool
+        def helper_lane():
+            # torch's thread count is per thread (OpenMP): one here too, set each time
+            # (torch may re-initialise a thread's count from the global setting)
+            torch.set_num_threads(1)
+            lane(1)
+
+        box, fin = _helper().submit(helper_lane)
+        try:
+            lane(0)
+        finally:
+            fin.wait()  # the helper may still be reading a buffer
+        if box:
+            raise box[0]
     finally:
         torch.set_num_threads(prev)
-        pool.shutdown(wait=True)
 
 
-_SPLIT_DIAG = True  # compiled path: split diagonal blocks of ≥ 4·_SPLIT_MIN points in halves
+def _shared(fn, m: int):
+    """``fn(c)`` for ``c = 0 … m − 1``, on this thread and the helper, each taking the
+    next ``c``: where the other core is busy this thread does most of the work itself
+    instead of waiting for a share that was handed out in advance (as a parallel loop
+    would). ``fn`` must release the GIL (compiled, nogil)."""
+    lock = threading.Lock()
+    nxt = [0]
+
+    def lane():
+        while True:
+            with lock:
+                c = nxt[0]
+                nxt[0] += 1
+            if c >= m:
+                return
+            fn(c)
+
+    box, fin = _helper().submit(lane)
+    try:
+        lane()
+    finally:
+        fin.wait()
+    if box:
+        raise box[0]
+
+
+def _shares() -> bool:
+    """Whether the per-point passes run through :func:`_shared` (with the lanes)."""
+    return _LANES and torch.get_num_threads() == 2
+
+
+_SHARE_PARTS = 16  # pieces of a per-point pass shared between the two threads
+
+
+_SPLIT_DIAG = True  # compiled path: split diagonal blocks of ≥ 2·_SPLIT_MIN points in halves
 _SPLIT_MIN = 256
 
 
@@ -896,9 +1038,10 @@ def _candidates_compiled(tile_fn, tile_dtype, bounds, n, n_pad, p, k, delta, blo
     tiles, once per row). What a skipped or dropped key proves is as in
     :func:`_candidates` (see :class:`_Running`). Diagonal blocks come first (each
     point's list starts there), a large one as two diagonal tiles of its halves and
-    the tile between them. Where it pays (see ``_PIPELINE``) the product of the next
-    tile is computed while a worker thread scans the previous one; the scans still run
-    one at a time, in the same order, so the result is the same."""
+    the tile between them; the tiles between blocks follow in rounds of disjoint pairs.
+    On two threads (see ``_LANES``) the tiles are at most ``_LANE_BLOCK`` points a side
+    and run on two lanes; a scan waits for the earlier tiles that share its points, so
+    the result is that of the plan scanned one tile after another."""
     keys = np.full((n, p), np.inf, dtype=np.float32)
     idx = np.zeros((n, p), dtype=np.int64)
     cnt = np.zeros(n, dtype=np.int32)
@@ -907,8 +1050,14 @@ def _candidates_compiled(tile_fn, tile_dtype, bounds, n, n_pad, p, k, delta, blo
     u_o, sigma = float(bounds.u_o), float(bounds.sigma)
     is16 = tile_dtype == torch.bfloat16
     view = torch.int16 if is16 else torch.int32
-    bs = min(block, n_pad)
     starts = list(range(0, n_pad, block))
+    lanes = _LANES and n_pad > _GROUP and torch.get_num_threads() == 2
+    if lanes:
+        # tiles of equal, moderate size: a lane's product is as fast per key as on
+        # 2048-point tiles, and the last tiles leave the other lane little to wait for
+        block = min(block, _LANE_BLOCK)
+        starts = list(range(0, n_pad, block))
+    bs = min(block, n_pad)
 
     # Diagonal blocks first: they seed the lists and thresholds. A block is split in
     # two halves (two diagonal tiles and the off-diagonal tile between them), which
@@ -916,47 +1065,39 @@ def _candidates_compiled(tile_fn, tile_dtype, bounds, n, n_pad, p, k, delta, blo
     plan, halves = [], []
     for i0 in starts:
         i1 = min(i0 + block, n_pad)
-        m = i0 + ((i1 - i0) // 2 // _GROUP) * _GROUP if _SPLIT_DIAG and i1 - i0 >= 4 * _SPLIT_MIN else i1
+        m = i0 + ((i1 - i0) // 2 // _GROUP) * _GROUP if _SPLIT_DIAG and i1 - i0 >= 2 * _SPLIT_MIN else i1
         for a0, a1 in ((i0, m), (m, i1)) if m < i1 else ((i0, i1),):
             plan.append((a0, a1, a0, a1))
         if m < i1:
             halves.append((i0, m, m, i1))
     plan += halves
-    for a, i0 in enumerate(starts):
-        for j0 in starts[a + 1 :]:
-            plan.append((i0, min(i0 + block, n_pad), j0, min(j0 + block, n_pad)))
+    # then the tiles between blocks, in rounds that pair every block at most once, so
+    # that consecutive tiles share no points (their scans can run at the same time)
+    for a, b in _round_robin(len(starts)):
+        plan.append((starts[a], min(starts[a] + block, n_pad), starts[b], min(starts[b] + block, n_pad)))
 
-    def scan(t, i0, i1, j0, j1):
-        if i0 == j0:
-            _nk.tile_diag(t, i0, n, keys, idx, cnt, tau, G, u_o, sigma, delta, k, is16)
-        else:
-            _nk.tile_off(t, i0, j0, n, keys, idx, cnt, tau, G, u_o, sigma, delta, k, is16)
+    lanes = lanes and len(plan) > 1
+    _LAST["lanes"] = bool(lanes)
+    bufs = [torch.empty(bs * bs, dtype=tile_dtype) for _ in range(2 if lanes else 1)]
+    diag, off = (_nk.tile_diag1, _nk.tile_off1) if lanes else (_nk.tile_diag, _nk.tile_off)
 
-    pipe = (_PIPELINE and len(plan) > 1 and torch.get_num_threads() >= 2
-            and (n_pad <= _PIPE_BLOCKS * block or k >= _PIPE_K))
-    nbuf = 2 if pipe else 1
-    _LAST["pipelined"] = bool(pipe)
-    bufs = [torch.empty(bs * bs, dtype=tile_dtype) for _ in range(nbuf)]
-
-    def tile(s, i0, i1, j0, j1):
+    def product(s, tl):
+        i0, i1, j0, j1 = tl
         out = bufs[s][: (i1 - i0) * (j1 - j0)].view(i1 - i0, j1 - j0)
         return tile_fn(i0, i1, j0, j1, out).view(view).numpy()
 
-    if nbuf == 1:
+    def scan(t, tl):
+        i0, _, j0, _ = tl
+        if i0 == j0:
+            diag(t, i0, n, keys, idx, cnt, tau, G, u_o, sigma, delta, k, is16)
+        else:
+            off(t, i0, j0, n, keys, idx, cnt, tau, G, u_o, sigma, delta, k, is16)
+
+    if lanes:
+        _run_lanes(plan, _scan_deps(plan), product, scan)
+    else:
         for tl in plan:
-            scan(tile(0, *tl), *tl)
-        return keys, idx, cnt
-    pending = [None, None]  # the scan reading each buffer
-    with _one_thread_each() as worker:
-        for e, tl in enumerate(plan):
-            s = e % 2
-            if pending[s] is not None:
-                pending[s].result()  # the scan of the tile this buffer held is done
-            t = tile(s, *tl)
-            pending[s] = worker.submit(scan, t, *tl)
-        for f in pending:
-            if f is not None:
-                f.result()
+            scan(product(0, tl), tl)
     return keys, idx, cnt
 
 
@@ -984,7 +1125,8 @@ def _knn_core_compiled(X, xn, rows, k, block, margin, precision, name):
         guess, centre = 1.0, np.zeros(d)  # NaN/inf in the sample: the pass below raises
     elif guess > 2.0 ** 400 or 0.0 < guess < 2.0 ** -400:
         return None  # extreme magnitudes (see knn)
-    parts = _parts(u)
+    share = _shares() and u >= _SHARE_PARTS
+    parts = np.linspace(0, u, _SHARE_PARTS + 1).astype(np.int64) if share else _parts(u)
     nhat = np.empty(u)
     e_done = None
     while True:
@@ -998,7 +1140,12 @@ def _knn_core_compiled(X, xn, rows, k, block, margin, precision, name):
             Au = A.view(torch.int16).numpy().view(np.uint16)
             Bu = B.view(torch.int16).numpy().view(np.uint16)
             ne = np.empty(u)
-            am = _nk.prep_bf16(xn, rows, centre, scale, Au, Bu, nhat, ne, parts)
+            if share:
+                am = np.zeros(_SHARE_PARTS)
+                _shared(lambda c: _nk.prep_bf16_parts(xn, rows, centre, scale, Au, Bu, nhat, ne, parts, c, c + 1,
+                                                      am), _SHARE_PARTS)
+            else:
+                am = _nk.prep_bf16(xn, rows, centre, scale, Au, Bu, nhat, ne, parts)
         else:
             x32 = torch.empty((n_pad, d), dtype=torch.float32)
             x32[u:] = 0.0
@@ -1034,8 +1181,12 @@ def _knn_core_compiled(X, xn, rows, k, block, margin, precision, name):
     out_nb = np.empty((u, k), dtype=np.int64)
     ok = np.empty(u, dtype=np.bool_)
     need = np.empty(u, dtype=np.int64)
-    _nk.resolve(xn, rows, keys, idx, cnt, k, to_scaled, float(bounds.u_o), float(bounds.sigma), delta,
-                out_sq, out_nb, ok, need)
+    rargs = (xn, rows, keys, idx, cnt, k, to_scaled, float(bounds.u_o), float(bounds.sigma), delta, out_sq, out_nb,
+             ok, need)
+    if share:
+        _shared(lambda c: _nk.resolve_rows(*rargs, parts[c], parts[c + 1]), _SHARE_PARTS)
+    else:
+        _nk.resolve(*rargs)
     q = min(p, k)
     bad = np.flatnonzero(~ok)
     _LAST.update(precision=precision, n=u, k=k, p=p, fallback_rows=int(bad.size),
@@ -1114,7 +1265,11 @@ def _knn_compiled(X, k, block, margin, precision, name):
         nb_n = np.empty((n, k), dtype=np.int64)
         _nk.expand(sq_u.numpy(), nb_u.numpy(), group, counts, k, sq_n, nb_n)
         sq, nb = torch.from_numpy(sq_n), torch.from_numpy(nb_n)
-    dist = sq.sqrt_()
+    # numpy's square root (correctly rounded, as torch's): torch runs this on its
+    # thread pool, whose wake-up costs milliseconds when the other cores are busy
+    sq_np = sq.numpy()
+    np.sqrt(sq_np, out=sq_np)
+    dist = sq
     if e0:
         dist.mul_(2.0 ** (e0 // 2)).mul_(2.0 ** (e0 - e0 // 2))
     return dist, nb
@@ -1239,7 +1394,7 @@ def knn(X, k: int, *, block_size: int = 2048, margin: int | None = None, name: s
     k : number of neighbours, ``1 ≤ k ≤ n − 1``. The point itself is never its own
         neighbour (excluded by index); exact duplicates are neighbours at distance 0.
     block_size : rows (and columns) per tile. Memory: one ``block_size²`` tile
-        (two where the compiled CPU path overlaps products and scans; bf16 or
+        (on the compiled CPU path with two threads, two of at most 1024²; bf16 or
         float32, plus screening buffers of a fraction of it), ``n · (k +
         margin) · 12`` bytes of candidates, and the operands: with bf16 two bf16
         copies of X (``2 n (d + 4) · 2`` bytes), with float32 one float32 copy. On the
