@@ -14,6 +14,10 @@ import pandas as pd  # noqa: E402
 from .errors import EmbgeomError  # noqa: E402
 from .results import METRIC_COLUMNS  # noqa: E402
 
+# PNG settings of every figure. zlib level 1 instead of 6: a run's 25 figures save in
+# 8.5 s instead of 10.1 s, for files ~7% larger.
+PNG = {"dpi": 110, "pil_kwargs": {"compress_level": 1}}
+
 LABELS = {
     "Q": "Q = mean ‖x‖²",
     "M": "M = ‖mean‖²",
@@ -94,7 +98,7 @@ def plot_profiles(layers: pd.DataFrame, path: Path, metrics: list[str] | None = 
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), frameon=False)
     fig.tight_layout(rect=(0, 0.04 + 0.02 * math.ceil(len(labels) / 4), 1, 1))
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, **PNG)
     plt.close(fig)
     return path
 
@@ -104,7 +108,7 @@ def plot_metric(layers: pd.DataFrame, metric: str, path: Path) -> Path:
     _draw_metric(ax, layers, metric)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, **PNG)
     plt.close(fig)
     return path
 
@@ -116,7 +120,7 @@ def _slug(*parts) -> str:
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, **PNG)
     plt.close(fig)
     return path
 

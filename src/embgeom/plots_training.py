@@ -24,6 +24,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from .plots import PNG  # noqa: E402
+
 HEATMAPS = [  # (column, view, title)
     ("anisotropy", "all", "anisotropy λ₁/Σλ, all tokens"),
     ("anisotropy", "inliers", "anisotropy λ₁/Σλ, inliers"),
@@ -94,7 +96,7 @@ def plot_heatmaps(d: pd.DataFrame, path: Path, title: str) -> Path | None:
         ax.set_title(t, fontsize=10)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, **PNG)
     plt.close(fig)
     return path
 
@@ -147,7 +149,7 @@ def plot_dynamics(d: pd.DataFrame, loss: pd.DataFrame | None, path: Path, title:
     axes.flat[panels.index("anisotropy")].legend(fontsize=7)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, **PNG)
     plt.close(fig)
     return path
 
