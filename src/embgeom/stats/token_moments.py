@@ -290,8 +290,7 @@ class TokenMoments:
         self._device = torch.device(device) if device is not None else None
         self._k = 0  # distinct types stored; rows 0..k-1 in order of first appearance
         self._counts = None  # (cap,) int64
-        self._mean = None  # (cap, d) float64, the tensor of _mean_store
-        self._mean_store = None
+        self._mean_store = None  # the (cap, d) float64 means: see the _mean property
         self._m2 = None  # (cap,) float64: Σ ‖x − μ_t‖²
         self._sorted_ids = None  # (k,) int64 ascending
         self._sorted_rows = None  # (k,) int64: row of each sorted id
@@ -309,6 +308,13 @@ class TokenMoments:
     @property
     def device(self):
         return self._device
+
+    @property
+    def _mean(self):
+        """The (cap, d) float64 means (None before the first batch). Derived from
+        the store on every use and never kept elsewhere, so that the store can move
+        its mapping when it grows."""
+        return None if self._mean_store is None else self._mean_store.tensor
 
     @property
     def n_types(self) -> int:
@@ -336,7 +342,6 @@ class TokenMoments:
         # Means of unused rows are never read (a new row's mean is written before
         # use), so they stay uninitialised: no page is touched before it is needed.
         self._mean_store = _RowStore(cap, self.dim, dev)
-        self._mean = self._mean_store.tensor
         self._m2 = torch.zeros(cap, dtype=_F64, device=dev)
         self._sorted_ids = torch.zeros(0, dtype=_I64, device=dev)
         self._sorted_rows = torch.zeros(0, dtype=_I64, device=dev)
@@ -353,9 +358,7 @@ class TokenMoments:
             return new
 
         self._counts = grow(self._counts, torch.zeros(new_cap, dtype=_I64, device=dev))
-        self._mean = None  # the store may move its mapping only without other views
         self._mean_store = self._mean_store.grown(new_cap, k)
-        self._mean = self._mean_store.tensor
         self._m2 = grow(self._m2, torch.zeros(new_cap, dtype=_F64, device=dev))
 
     def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
@@ -718,10 +721,11 @@ class TokenMoments:
         device = torch.device(device)
         self._device = device
         if self._mean is not None:
-            for name in ("_counts", "_mean", "_m2", "_sorted_ids", "_sorted_rows"):
+            for name in ("_counts", "_m2", "_sorted_ids", "_sorted_rows"):
                 setattr(self, name, getattr(self, name).to(device))
-            if self._mean is not self._mean_store.tensor:
-                self._mean_store = _RowStore.wrap(self._mean)
+            moved = self._mean.to(device)
+            if moved is not self._mean:
+                self._mean_store = _RowStore.wrap(moved)
         return self
 
     def __repr__(self) -> str:
