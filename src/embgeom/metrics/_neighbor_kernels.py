@@ -330,6 +330,26 @@ if AVAILABLE:  # pragma: no branch
         return x32
 
     @numba.njit(cache=True, nogil=True)
+    def _insert_pair(vals, ids, m, cap, v, j):  # pragma: no cover - compiled
+        """Insert value v with its index j into the ascending list vals[:m] (ids[:m]
+        alongside), after any equal values (stable), keeping at most `cap` entries.
+        Returns the new length; the list is unchanged when full and v ≥ its last."""
+        if m < cap:
+            pos = m
+            m += 1
+        elif v >= vals[cap - 1]:
+            return m
+        else:
+            pos = cap - 1
+        while pos > 0 and vals[pos - 1] > v:
+            vals[pos] = vals[pos - 1]
+            ids[pos] = ids[pos - 1]
+            pos -= 1
+        vals[pos] = v
+        ids[pos] = j
+        return m
+
+    @numba.njit(cache=True, nogil=True)
     def _tighten(g, keys, idx, cnt, tau, G, u_o, sigma, delta, k, scratch):  # pragma: no cover - compiled
         """tau[g] = min(tau[g], threshold of the k-th smallest upper bound among g's
         current candidates) (_Running.tighten)."""
@@ -510,20 +530,7 @@ if AVAILABLE:  # pragma: no branch
                 c = cand[e]
                 if i0 + c == g:
                     continue
-                v = _as_key(row[c], is16)
-                if m_ < p:
-                    pos = m_
-                    m_ += 1
-                elif v >= lv[p - 1]:
-                    continue
-                else:
-                    pos = p - 1
-                while pos > 0 and lv[pos - 1] > v:
-                    lv[pos] = lv[pos - 1]
-                    li[pos] = li[pos - 1]
-                    pos -= 1
-                lv[pos] = v
-                li[pos] = i0 + c
+                m_ = _insert_pair(lv, li, m_, p, _as_key(row[c], is16), i0 + c)
             for e in range(m_):
                 keys[g, e] = lv[e]
                 idx[g, e] = li[e]
@@ -756,15 +763,7 @@ if AVAILABLE:  # pragma: no branch
             ev = min(q, c)
             for t in range(ev):
                 # insertion by exact distance (stable: ties keep the key order)
-                v = _sqd(x, a, rows[idx[i, t]])
-                j = idx[i, t]
-                pos = t
-                while pos > 0 and s[pos - 1] > v:
-                    s[pos] = s[pos - 1]
-                    nb[pos] = nb[pos - 1]
-                    pos -= 1
-                s[pos] = v
-                nb[pos] = j
+                _insert_pair(s, nb, t, p, _sqd(x, a, rows[idx[i, t]]), idx[i, t])
             for t in range(ev, q):
                 s[t] = np.inf
                 nb[t] = 0
@@ -781,15 +780,7 @@ if AVAILABLE:  # pragma: no branch
                 good = good and _low(keys[i, p - 1], u_o, sigma, delta) >= kth
             elif m > q:
                 for t in range(q, m):
-                    v = _sqd(x, a, rows[idx[i, t]])
-                    j = idx[i, t]
-                    pos = t
-                    while pos > 0 and s[pos - 1] > v:
-                        s[pos] = s[pos - 1]
-                        nb[pos] = nb[pos - 1]
-                        pos -= 1
-                    s[pos] = v
-                    nb[pos] = j
+                    _insert_pair(s, nb, t, p, _sqd(x, a, rows[idx[i, t]]), idx[i, t])
                 new_kth = np.sqrt(s[k - 1] * to_scaled)
                 good = np.isfinite(s[k - 1]) and (m < p or _low(keys[i, p - 1], u_o, sigma, delta) >= new_kth)
             ok[i] = good
