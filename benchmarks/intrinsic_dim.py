@@ -44,6 +44,10 @@ from embgeom.metrics.intrinsic_dim import intrinsic_dimensions, mle_id, twonn
 from embgeom.metrics.neighbors import knn_distances
 from embgeom.stats import _kernels as kmod
 
+# Time the compiled loops from the first call, not the default "auto" rule (which
+# keeps the torch path until its extra time repays loading numba).
+kmod.ENABLED = True
+
 
 _MEDIAN = [float("nan")]  # median of the last _best's runs
 

@@ -33,9 +33,9 @@ def path(request, monkeypatch):
 
     from embgeom.stats import _kernels
 
+    monkeypatch.setattr(_kernels, "ENABLED", request.param == "compiled")
     if request.param == "compiled":
         assert _kernels.use_kernels(torch.device("cpu"))  # numba is a dependency: the loops serve the CPU
-    monkeypatch.setattr(_kernels, "ENABLED", request.param == "compiled")
     return request.param
 
 

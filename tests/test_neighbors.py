@@ -151,7 +151,7 @@ def test_duplicates_expand(path):
         assert (same.sum(1) >= torch.clamp(copies, max=k)).all()
 
 
-@pytest.mark.skipif(not _nk.AVAILABLE, reason="numba is not installed")
+@pytest.mark.skipif(not _kernels.AVAILABLE, reason="numba is not installed")
 def test_compiled_groups_match_torch_dedupe():
     rng = np.random.default_rng(14)
     X = rng.standard_normal((300, 20))
@@ -167,7 +167,7 @@ def test_compiled_groups_match_torch_dedupe():
     assert _nb._groups_compiled(rng.standard_normal((50, 4))) is None
 
 
-@pytest.mark.skipif(not (_nk.AVAILABLE and BF16), reason="no numba or no bf16 products that keep the bound")
+@pytest.mark.skipif(not (_kernels.AVAILABLE and BF16), reason="no numba or no bf16 products that keep the bound")
 def test_compiled_bf16_operands_keep_the_bound():
     """The compiled pass and per-point terms (prep_bf16, finish_bf16) give keys that
     satisfy lower(r) ≤ ‖x_i − x_j‖²/2 ≤ upper(r) on every pair, on data built to stress

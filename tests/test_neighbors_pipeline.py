@@ -50,7 +50,7 @@ def test_lanes_match_serial_scans(monkeypatch, two_threads, k, precision):
 def test_lanes_with_a_slow_helper(monkeypatch, two_threads):
     """Scans wait for the earlier tiles that share their points, whichever lane is
     behind: a helper that stalls before each scan changes nothing."""
-    real_diag, real_off = _nb._nk.tile_diag1, _nb._nk.tile_off1
+    real_diag, real_off = _nb._compiled_loops().tile_diag1, _nb._compiled_loops().tile_off1
 
     def slow(fn):
         def run(*a):
@@ -61,8 +61,8 @@ def test_lanes_with_a_slow_helper(monkeypatch, two_threads):
 
     X = np.random.default_rng(11).standard_normal((600, 10))
     (d0, i0), _ = _both(monkeypatch, X, 3, block_size=64)
-    monkeypatch.setattr(_nb._nk, "tile_diag1", slow(real_diag))
-    monkeypatch.setattr(_nb._nk, "tile_off1", slow(real_off))
+    monkeypatch.setattr(_nb._compiled_loops(), "tile_diag1", slow(real_diag))
+    monkeypatch.setattr(_nb._compiled_loops(), "tile_off1", slow(real_off))
     monkeypatch.setattr(_nb, "_LANES", True)
     d1, i1 = knn(X, 3, block_size=64)
     assert _nb._LAST["lanes"]
@@ -72,18 +72,18 @@ def test_lanes_with_a_slow_helper(monkeypatch, two_threads):
 def test_lanes_error_restores_threads(monkeypatch, two_threads):
     """An error inside a scan (in either lane) reaches the caller; torch's thread count
     is restored and the next call works."""
-    real = _nb._nk.tile_off1
+    real = _nb._compiled_loops().tile_off1
 
     def boom(*a):
         raise RuntimeError("scan failed")
 
     X = np.random.default_rng(5).standard_normal((300, 8))
     monkeypatch.setattr(_nb, "_LANES", True)
-    monkeypatch.setattr(_nb._nk, "tile_off1", boom)
+    monkeypatch.setattr(_nb._compiled_loops(), "tile_off1", boom)
     with pytest.raises(RuntimeError, match="scan failed"):
         knn(X, 2, block_size=64)
     assert torch.get_num_threads() == 2
-    monkeypatch.setattr(_nb._nk, "tile_off1", real)
+    monkeypatch.setattr(_nb._compiled_loops(), "tile_off1", real)
     _check(X, 2, block_size=64)
     assert _nb._LAST["lanes"]
 

@@ -2,22 +2,34 @@
 __version__ = "0.1.0"
 
 from .errors import EmbgeomError
-from .metrics.intrinsic_dim import mle_id, twonn, twonn_ml
-from .metrics.spectrum import anisotropy
-from .pipeline import AnalysisConfig, analyze
-from .results import Result
-from .stats.moments import Moments
-from .stats.token_moments import TokenMoments
 
-__all__ = [
-    "AnalysisConfig",
-    "EmbgeomError",
-    "Moments",
-    "Result",
-    "TokenMoments",
-    "analyze",
-    "anisotropy",
-    "mle_id",
-    "twonn",
-    "twonn_ml",
-]
+# The public names, imported on first use (PEP 562): `import embgeom` and the
+# command line's --help need not import torch, pandas or transformers.
+_EXPORTS = {
+    "AnalysisConfig": ".pipeline",
+    "analyze": ".pipeline",
+    "Result": ".results",
+    "Moments": ".stats.moments",
+    "TokenMoments": ".stats.token_moments",
+    "anisotropy": ".metrics.spectrum",
+    "mle_id": ".metrics.intrinsic_dim",
+    "twonn": ".metrics.intrinsic_dim",
+    "twonn_ml": ".metrics.intrinsic_dim",
+}
+
+__all__ = ["EmbgeomError", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'embgeom' has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(module, __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -84,7 +84,24 @@ import torch
 from .._validate import as_float_matrix
 from ..errors import EmbgeomError
 from ..stats import _kernels
-from . import _neighbor_kernels as _nk
+
+# The compiled loops (._neighbor_kernels), imported by the first compiled call:
+# importing numba costs about a second per process.
+_nk = None
+
+# From this many points on, a kNN alone repays loading the compiled loops (in the
+# default "auto" mode of embgeom.stats._kernels): ID estimation on thousands of sampled
+# positions calls it once per layer.
+COMPILED_MIN_POINTS = 4096
+
+
+def _compiled_loops():
+    global _nk
+    if _nk is None:
+        from . import _neighbor_kernels as module
+
+        _nk = module
+    return _nk
 
 __all__ = ["knn", "knn_distances"]
 
@@ -1231,6 +1248,7 @@ def _knn_compiled(X, k, block, margin, precision, name):
     """:func:`knn` on the CPU with the compiled passes (``embgeom.stats._kernels.LOCK``
     held). Reads float32 or float64 input as it is (no float64 copy): the exact
     distances are those of its float64 values."""
+    _compiled_loops()
     X = X.detach()
     if X.dtype not in (torch.float32, torch.float64):
         X = X.to(torch.float64)
@@ -1431,7 +1449,9 @@ def knn(X, k: int, *, block_size: int = 2048, margin: int | None = None, name: s
     if precision not in ("auto", "bf16", "fp32"):
         raise EmbgeomError(f"precision must be 'auto', 'bf16' or 'fp32', got {precision!r}")
     block = max(_GROUP, (block_size // _GROUP) * _GROUP)
-    if _kernels.use_kernels(X.device):
+    compiled = (_kernels.want_kernels(X.device) if n >= COMPILED_MIN_POINTS
+                else _kernels.use_kernels(X.device))
+    if compiled:
         with _kernels.parallel():
             return _knn_compiled(X, k, block, margin, precision, name)
     X64 = X.to(torch.float64)

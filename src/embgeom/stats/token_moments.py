@@ -498,6 +498,8 @@ class TokenMoments:
             self._update_torch(x, g, rows, new_pos)
         self._commit_rows(ids.index_select(0, new_pos))
         self.n += nb
+        if not compiled and dev.type == "cpu":
+            _kernels.count_torch_rows(nb)  # in "auto" mode, long runs switch to the compiled loops
         return self
 
     @staticmethod
