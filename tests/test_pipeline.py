@@ -249,3 +249,25 @@ def test_windows_kept_from_the_count_equal_a_second_tokenization(tiny_models, le
     pd.testing.assert_frame_equal(kept.layers, again.layers)
     pd.testing.assert_frame_equal(kept.tokens, again.tokens)
     assert kept.run["outliers"]["median_norm"] == again.run["outliers"]["median_norm"]
+
+
+def test_figures_drawn_by_workers_equal_those_drawn_here(tiny_models, lee_corpus, tmp_path, monkeypatch):
+    """plot_runs in forked workers writes the same files, byte for byte, as in one
+    process, and an error inside a worker reaches the caller."""
+    import embgeom.plots as plots
+
+    texts = lee_corpus.read_text().splitlines()[:6]
+    lm = load_model(str(tiny_models["gpt2"]), device="cpu")
+    res = analyze(lm, texts, seq_len=64, batch_size=3, id_sample=200)
+    here = plots.plot_runs([res], tmp_path / "here", workers=1)
+    forked = plots.plot_runs([res], tmp_path / "forked", workers=2)
+    assert [p.name for p in here] == [p.name for p in forked] and len(here) >= 20
+    for a, b in zip(here, forked):
+        assert a.read_bytes() == b.read_bytes(), a.name
+
+    def broken(*args, **kwargs):
+        raise EmbgeomError("spectrum figure failed")
+
+    monkeypatch.setattr(plots, "plot_spectrum", broken)
+    with pytest.raises(EmbgeomError, match="spectrum figure failed"):
+        plots.plot_runs([res], tmp_path / "broken", workers=2)

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -291,9 +294,13 @@ def plot_outliers(outliers: pd.DataFrame, n_layers: int, path: Path, title: str,
     return _save(fig, path)
 
 
-def plot_runs(results, figdir, layer: int | None = None) -> list[Path]:
+def plot_runs(results, figdir, layer: int | None = None, workers: int | None = None) -> list[Path]:
     """Every figure for one or several results (Result objects), overlaid. `layer`:
-    the layer of the per-type figures (default: each model's middle layer)."""
+    the layer of the per-type figures (default: each model's middle layer).
+    `workers`: processes drawing figures at once (default: the usable cores, at most
+    4; 1 draws them here). Each figure is independent and matplotlib draws on one
+    core, so on Linux forked workers share them out (a run's 25 figures: about half
+    the time on 2 cores)."""
     if layer is not None:
         for r in results:
             for (model, _, stack), g in _groups(r.layers):
@@ -303,38 +310,84 @@ def plot_runs(results, figdir, layer: int | None = None) -> list[Path]:
                                        "choose one every model has, or leave it out for each model's middle layer")
     figdir = Path(figdir)
     figdir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in _draw_all(figure_tasks(results, figdir, layer), workers):
+        written.extend(path if isinstance(path, list) else [path])
+    return [w for w in written if w is not None]
+
+
+def figure_tasks(results, figdir: Path, layer: int | None = None) -> list[tuple]:
+    """The figures of `plot_runs` as (function, args, kwargs) tasks, each writing one
+    file (the training figures: one task writing several)."""
     layers = pd.concat([r.layers for r in results], ignore_index=True)
-    written = [plot_profiles(layers, figdir / "layer_profiles.png")]
+    tasks = [(plot_profiles, (layers, figdir / "layer_profiles.png"), {})]
     for metric in plottable_metrics(layers):
-        written.append(plot_metric(layers, metric, figdir / f"profile_{metric}.png"))
-    written.append(plot_anisotropy_id(layers, figdir / "anisotropy_id.png"))
-    written.append(plot_tradeoff_depth(layers, figdir / "tradeoff_depth.png"))
-    written.append(plot_within_share(layers, figdir / "within_share.png"))
+        tasks.append((plot_metric, (layers, metric, figdir / f"profile_{metric}.png"), {}))
+    tasks.append((plot_anisotropy_id, (layers, figdir / "anisotropy_id.png"), {}))
+    tasks.append((plot_tradeoff_depth, (layers, figdir / "tradeoff_depth.png"), {}))
+    tasks.append((plot_within_share, (layers, figdir / "within_share.png"), {}))
     for r in results:
         for (model, revision, stack), g in _groups(r.layers):
             tag = _slug(model, revision, stack)
             title = f"{model} {stack}" + (f" @{revision}" if revision else "")
-            written.append(plot_variance_shares(g, figdir / f"shares_{tag}.png", title))
+            tasks.append((plot_variance_shares, (g, figdir / f"shares_{tag}.png", title), {}))
             if r.tokens is not None and len(r.tokens):
                 t = r.tokens[(r.tokens["model"] == model) & (r.tokens["stack"] == stack)]
                 if "revision" in t.columns:
                     t = t[t["revision"].fillna("").astype(str) == revision]
                 run = r.run or {}
                 config = run.get("config") or ((run.get("runs") or [{}])[0] or {}).get("config") or {}
-                written.append(plot_mv_scatter(t, g, figdir / f"mv_scatter_{tag}.png", layer=layer,
-                                               min_count=int(config.get("min_count", 10)),
-                                               max_count=int(config.get("max_count", 100000))))
-                written.append(plot_types_vs_count(t, g, figdir / f"types_vs_count_{tag}.png", layer=layer))
+                tasks.append((plot_mv_scatter, (t, g, figdir / f"mv_scatter_{tag}.png"),
+                              dict(layer=layer, min_count=int(config.get("min_count", 10)),
+                                   max_count=int(config.get("max_count", 100000)))))
+                tasks.append((plot_types_vs_count, (t, g, figdir / f"types_vs_count_{tag}.png"), dict(layer=layer)))
             if r.spectrum is not None and len(r.spectrum):
                 sp = r.spectrum[(r.spectrum["model"] == model) & (r.spectrum["stack"] == stack)]
-                written.append(plot_spectrum(sp, figdir / f"spectrum_{tag}.png", title))
+                tasks.append((plot_spectrum, (sp, figdir / f"spectrum_{tag}.png", title), {}))
             if r.outliers is not None and len(r.outliers):
                 o = r.outliers[(r.outliers["model"] == model) & (r.outliers["stack"] == stack)]
-                written.append(plot_outliers(o, int(g["n_layers"].iloc[0]), figdir / f"outliers_{tag}.png", title))
+                tasks.append((plot_outliers, (o, int(g["n_layers"].iloc[0]), figdir / f"outliers_{tag}.png", title),
+                              {}))
 
     # ---- geometry over training (checkpoint sweeps, GeometryCallback): see plots_training.py
     if "step" in layers.columns and pd.to_numeric(layers["step"], errors="coerce").dropna().nunique() > 1:
         from .plots_training import plot_training
 
-        written.extend(plot_training(results, figdir))
-    return [w for w in written if w is not None]
+        tasks.append((plot_training, (results, figdir), {}))
+    return tasks
+
+
+_TASKS: list = []  # read by forked workers, which inherit it (nothing is pickled but an index)
+
+
+def _draw_one(i: int):
+    fn, args, kwargs = _TASKS[i]
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        plt.close("all")
+
+
+def _default_workers() -> int:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 4))
+
+
+def _draw_all(tasks: list, workers: int | None) -> list:
+    """Run the figure tasks, in forked worker processes where that helps; results
+    in task order. Fork is used only on Linux (macOS's system libraries are not
+    fork-safe; spawn would re-import everything, costing more than it saves)."""
+    global _TASKS
+    workers = _default_workers() if workers is None else max(1, int(workers))
+    workers = min(workers, len(tasks))
+    if workers < 2 or not sys.platform.startswith("linux"):
+        return [fn(*args, **kwargs) for fn, args, kwargs in tasks]
+    _TASKS = tasks
+    try:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            return pool.map(_draw_one, range(len(tasks)), chunksize=1)
+    finally:
+        _TASKS = []
