@@ -6,6 +6,9 @@ import torch
 from embgeom.stats.layers import LayerStatistics
 from reference import two_pass
 
+# Every test on both paths of the per-type accumulators (compiled loops and torch).
+pytestmark = pytest.mark.usefixtures("path")
+
 
 def synthetic_stream(rng, n_batches=6, B=4, T=50, d=16, huge_every=25):
     """Isotropic vectors; every `huge_every`-th position of each window is a massive

@@ -88,7 +88,7 @@ def test_precisions_and_margins_exact(path, precision):
     _check(X.astype(np.float32), 4, precision=precision, block_size=96)  # float32 input, read as it is
 
 
-def test_paths_agree():
+def test_paths_agree(monkeypatch):
     """The compiled and torch paths give the same distances (up to the summation order
     of the exact float64 sums) and the same TwoNN estimate."""
     rng = np.random.default_rng(3)
@@ -96,11 +96,8 @@ def test_paths_agree():
     X[:30] = X[500:530]
     got = {}
     for enabled in (True, False):
-        _kernels.ENABLED = enabled
-        try:
-            got[enabled] = (knn(X, 20, block_size=256)[0], twonn(X))
-        finally:
-            _kernels.ENABLED = True
+        monkeypatch.setattr(_kernels, "ENABLED", enabled)
+        got[enabled] = (knn(X, 20, block_size=256)[0], twonn(X))
     np.testing.assert_allclose(got[True][0].numpy(), got[False][0].numpy(), rtol=1e-13, atol=0)
     assert got[True][1] == pytest.approx(got[False][1], rel=1e-12)
 

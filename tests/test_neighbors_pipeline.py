@@ -15,7 +15,14 @@ from embgeom.stats import _kernels
 
 from test_neighbors import _check, _tricky
 
-pytestmark = pytest.mark.skipif(not _kernels.use_kernels(torch.device("cpu")), reason="numba unavailable")
+pytestmark = pytest.mark.skipif(not _kernels.AVAILABLE, reason="numba unavailable")
+
+
+@pytest.fixture(autouse=True)
+def compiled_loops(monkeypatch):
+    """These tests are about the compiled path: used whatever the input size (the
+    default "auto" rule would keep small inputs on the torch path)."""
+    monkeypatch.setattr(_kernels, "ENABLED", True)
 
 
 @pytest.fixture

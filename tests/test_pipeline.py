@@ -134,7 +134,7 @@ def test_hub_id_with_revisions_from_local_cache(tiny_models, lee_corpus, tmp_pat
 
 
 @pytest.mark.parametrize("token_types", ["id", "string"])
-def test_token_types_and_decomposition(tiny_models, lee_corpus, token_types):
+def test_token_types_and_decomposition(tiny_models, lee_corpus, token_types, path):
     from embgeom.pipeline import token_type_table
     from reference import hidden_vectors_with_ids, per_type
 

@@ -91,14 +91,17 @@ def count_torch_rows(rows: int) -> None:
             _load()
 
 
+# What this module hands out from _compiled (anything else is an ordinary
+# AttributeError, so that probing this module never imports numba).
+_COMPILED_NAMES = frozenset(
+    {"numba", "group_ids", "lookup_rows", "insert_sorted", "type_residual_sums", "merge_type_sums"})
+
+
 def __getattr__(name: str):
     """The compiled loops (and numba itself) as attributes of this module."""
-    if name.startswith("__"):
-        raise AttributeError(name)
-    try:
-        return getattr(_load(), name)
-    except AttributeError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    if name not in _COMPILED_NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(_load(), name)
 
 
 # The workqueue layer must not be entered from two threads at once.
