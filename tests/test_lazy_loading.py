@@ -50,7 +50,7 @@ def test_public_names_load_on_first_use():
 
 
 def test_token_moments_switch_to_compiled_loops_after_enough_rows():
-    """In "auto" mode the torch path serves the first AUTO_ROWS rows, then the
+    """In "auto" mode the torch path serves the first AUTO_WORK floats, then the
     compiled loops load and serve the rest; the state equals a run on the torch
     path alone to rounding."""
     out = run_python("""
@@ -61,7 +61,7 @@ def test_token_moments_switch_to_compiled_loops_after_enough_rows():
         from embgeom.stats.token_moments import TokenMoments
 
         assert _kernels.ENABLED == "auto"
-        _kernels.AUTO_ROWS = 1000
+        _kernels.AUTO_WORK = 1000 * 16  # 1,000 rows of width 16
         rng = np.random.default_rng(3)
         batches = [(torch.from_numpy(rng.standard_normal((400, 16)).astype(np.float32) + 50),
                     torch.from_numpy(rng.integers(0, 30, 400))) for _ in range(6)]
@@ -121,7 +121,7 @@ def test_explicit_modes_ignore_the_rule(mode):
         from embgeom.stats.token_moments import TokenMoments
 
         _kernels.ENABLED = {mode}
-        _kernels.AUTO_ROWS = 10
+        _kernels.AUTO_WORK = 10
         TokenMoments(4).update(torch.ones(50, 4), torch.arange(50) % 3)
         print("numba" in sys.modules)
     """)

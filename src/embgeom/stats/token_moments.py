@@ -499,7 +499,7 @@ class TokenMoments:
         self._commit_rows(ids.index_select(0, new_pos))
         self.n += nb
         if not compiled and dev.type == "cpu":
-            _kernels.count_torch_rows(nb)  # in "auto" mode, long runs switch to the compiled loops
+            _kernels.count_torch_work(nb, self.dim)  # in "auto" mode, long runs switch to the compiled loops
         return self
 
     @staticmethod
