@@ -121,7 +121,10 @@ def main() -> None:
 
     if args.baseline_worker:
         baseline(args.model, args.corpus, args.seq_len, args.batch_size, args.tokens)
-        return
+        # `embgeom` ends with a fast exit (no interpreter teardown, ~1.2 s after a
+        # model was loaded); so does this loop, so that the two compare like for like.
+        sys.stdout.flush()
+        os._exit(0)
 
     from embgeom.packaged import minilm_path, smollm2_gguf_path
     from embgeom.wiki import write_demo_corpus
