@@ -207,7 +207,7 @@ def test_disk_full_while_writing_a_snapshot(tiny_models, lee_corpus, tmp_path, c
     assert not list((out / "snapshots").glob("*.tmp*"))  # no half-written snapshot left behind
 
 
-def test_console_command_exits_fast_with_the_same_status_and_output(tiny_models, lee_corpus, tmp_path):
+def test_console_command_exits_fast_with_the_same_status_output_and_progress(tiny_models, lee_corpus, tmp_path):
     """`python -m embgeom` (like the `embgeom` script) skips the interpreter teardown
     after flushing: same exit status, complete output and files."""
     import subprocess
@@ -217,9 +217,12 @@ def test_console_command_exits_fast_with_the_same_status_and_output(tiny_models,
         return subprocess.run([sys.executable, "-m", "embgeom", *args], capture_output=True, text=True, timeout=300)
 
     ok = run("run", str(tiny_models["gpt2"]), "--corpus", str(lee_corpus), "--out", str(tmp_path / "out"),
-             "--seq-len", "32", "--max-tokens", "400", "--no-progress", "--no-figures", "--id-sample", "0")
+             "--seq-len", "32", "--max-tokens", "400", "--no-figures", "--id-sample", "0")
     assert ok.returncode == 0, ok.stderr
     assert "layers.csv" in ok.stderr and (tmp_path / "out" / "layers.csv").exists()
+    # both progress bars, drawn to the end: tokens streamed, then layers whose metrics are done
+    assert "400/400 tokens" in ok.stderr and "tok/s" in ok.stderr
+    assert "metrics" in ok.stderr and "4/4 layers" in ok.stderr
     bad = run("run", str(tiny_models["gpt2"]), "--corpus", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o2"))
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and "does not exist" in bad.stderr

@@ -19,7 +19,7 @@ from .extract import decoder_inputs, forward_hidden
 from .distributed import Shard
 from .models import LoadedModel, load_model
 from .snapshot import Snapshots, check_interval
-from .progress import token_progress
+from .progress import layer_progress, token_progress
 from ._heap import HeapTrimmer
 from .results import Result, empty_tokens_frame, layers_frame
 from .stats.layers import VIEWS, LayerStatistics
@@ -334,47 +334,50 @@ def analyze(
     t3 = time.perf_counter()
     rev = revision or ""
     rows, spectrum_rows, token_frames = [], [], []
-    for stack, L in facts.n_layers.items():
-        for layer in range(L + 1):
-            # Inliers first: then 'all' merges the few outliers into the inliers'
-            # own accumulators (no copy of the per-type table), and a layer
-            # without outliers computes everything once for both views.
-            per_view, done = {}, None
-            for view in ("inliers", "all"):
-                acc = stats.view(view, stack, layer, in_place=True)
-                n = acc.moments.n
-                if n == 0:
-                    per_view[view] = (n, None, None, None)
-                elif done is not None and n == done[0]:
-                    per_view[view] = (n, done[1], done[2], None if done[3] is None else done[3].copy())
-                else:
-                    lam_out: list = []
-                    values = acc.moments.metrics(eigenvalues_out=lam_out)
-                    table = None
-                    if acc.types is not None:  # --token-types none: those columns stay NaN
-                        dec = acc.types.decomposition()
-                        values.update(V_within=dec["V_within"], V_between=dec["V_between"])
-                        values.update(acc.types.tradeoff(min_count=cfg.min_count, max_count=cfg.max_count))
-                        table = acc.types.table()
-                    done = per_view[view] = (n, values, lam_out[0], table)
-            for view in VIEWS:
-                n, values, lam, table = per_view[view]
-                ident = dict(model=name, revision=rev, step=step, stack=stack, layer=layer)
-                row = dict(ident, n_layers=L, depth=layer / L, view=view, n_tokens=n)
-                if n == 0:
+    n_layer_rows = sum(L + 1 for L in facts.n_layers.values())
+    with layer_progress(n_layer_rows, enabled=progress, description=f"{loaded.name} metrics") as advance_layer:
+        for stack, L in facts.n_layers.items():
+            for layer in range(L + 1):
+                # Inliers first: then 'all' merges the few outliers into the inliers'
+                # own accumulators (no copy of the per-type table), and a layer
+                # without outliers computes everything once for both views.
+                per_view, done = {}, None
+                for view in ("inliers", "all"):
+                    acc = stats.view(view, stack, layer, in_place=True)
+                    n = acc.moments.n
+                    if n == 0:
+                        per_view[view] = (n, None, None, None)
+                    elif done is not None and n == done[0]:
+                        per_view[view] = (n, done[1], done[2], None if done[3] is None else done[3].copy())
+                    else:
+                        lam_out: list = []
+                        values = acc.moments.metrics(eigenvalues_out=lam_out)
+                        table = None
+                        if acc.types is not None:  # --token-types none: those columns stay NaN
+                            dec = acc.types.decomposition()
+                            values.update(V_within=dec["V_within"], V_between=dec["V_between"])
+                            values.update(acc.types.tradeoff(min_count=cfg.min_count, max_count=cfg.max_count))
+                            table = acc.types.table()
+                        done = per_view[view] = (n, values, lam_out[0], table)
+                for view in VIEWS:
+                    n, values, lam, table = per_view[view]
+                    ident = dict(model=name, revision=rev, step=step, stack=stack, layer=layer)
+                    row = dict(ident, n_layers=L, depth=layer / L, view=view, n_tokens=n)
+                    if n == 0:
+                        rows.append(row)
+                        continue
+                    row.update(values)
+                    if cfg.id_sample > 0:
+                        row.update(stats.intrinsic_dimension(stack, layer, view))
                     rows.append(row)
-                    continue
-                row.update(values)
-                if cfg.id_sample > 0:
-                    row.update(stats.intrinsic_dimension(stack, layer, view))
-                rows.append(row)
-                spectrum_rows.append(pd.DataFrame(dict(ident, view=view, rank=np.arange(1, len(lam) + 1),
-                                                       eigenvalue=lam)))
-                if table is not None:
-                    table.insert(0, "view", view)
-                    table.insert(0, "layer", layer)
-                    table.insert(0, "stack", stack)
-                    token_frames.append(table)
+                    spectrum_rows.append(pd.DataFrame(dict(ident, view=view, rank=np.arange(1, len(lam) + 1),
+                                                           eigenvalue=lam)))
+                    if table is not None:
+                        table.insert(0, "view", view)
+                        table.insert(0, "layer", layer)
+                        table.insert(0, "stack", stack)
+                        token_frames.append(table)
+                advance_layer(1)
     layers = layers_frame(rows)
     spectrum = pd.concat(spectrum_rows, ignore_index=True)
     tokens = pd.concat(token_frames, ignore_index=True) if token_frames else empty_tokens_frame()

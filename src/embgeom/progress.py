@@ -1,4 +1,5 @@
-"""A rich progress bar over counted tokens: done, tokens per second, time left."""
+"""rich progress bars on stderr: counted tokens while streaming (done, tokens per
+second, time left), then layers while the end-of-run metrics are computed."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -22,23 +23,28 @@ class _TokensPerSecond(ProgressColumn):
 
 
 @contextmanager
-def token_progress(total: int, enabled: bool = True, description: str = "tokens"):
-    """Yield `advance(n)`; draws a bar on stderr when enabled."""
+def _bar(columns, total: int, enabled: bool, description: str):
+    """Yield `advance(n)`; draws the bar when enabled."""
     if not enabled:
         yield lambda n: None
         return
     from rich.console import Console
 
-    columns = (
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("tokens"),
-        _TokensPerSecond(),
-        TimeElapsedColumn(),
-        TextColumn("left"),
-        TimeRemainingColumn(),
-    )
     with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n: bar.advance(task, n)
+
+
+def token_progress(total: int, enabled: bool = True, description: str = "tokens"):
+    """Counted tokens streamed: done of total, tokens per second, elapsed, left."""
+    return _bar((TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
+                 _TokensPerSecond(), TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn()),
+                total, enabled, description)
+
+
+def layer_progress(total: int, enabled: bool = True, description: str = "metrics"):
+    """Layers whose end-of-run metrics (spectra, per-type tables, intrinsic
+    dimension) are done: for wide models these take minutes after the stream."""
+    return _bar((TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("layers"),
+                 TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn()),
+                total, enabled, description)
