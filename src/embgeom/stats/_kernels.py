@@ -23,9 +23,9 @@ to import numba and load that code. Hence three modes, in ``ENABLED``:
   at width 384, 1.8 µs at 576), so the accumulators report the floats they sent
   through torch (:func:`count_torch_work`) and the loops are loaded once that extra
   time has reached the loading cost (``AUTO_WORK`` floats, ~0.8M rows at width 384);
-  from then on they serve everything. A short run never pays the second, a long one pays at most
-  twice the optimum. Callers that know their work is large (the kNN of thousands of
-  points) ask for the loops at once with :func:`want_kernels`.
+  from then on they serve everything. A short run never pays the second, a long one
+  pays at most twice the optimum. Callers that know their work is large (the kNN of
+  thousands of points) ask for the loops at once with :func:`want_kernels`.
 
 Both paths agree to rounding (tests compare each against float64 references), so a
 switch in the middle of a run changes no result beyond the last bits.
@@ -60,11 +60,6 @@ def _load():
 
         _compiled = module
     return _compiled
-
-
-def loaded() -> bool:
-    """Whether the compiled loops have been imported in this process."""
-    return _compiled is not None
 
 
 def use_kernels(device) -> bool:
