@@ -126,3 +126,34 @@ def test_fully_counted_batches_read_in_place_match_gathered_ones():
         t = types.numpy()[counted.numpy()]
         for tid in np.unique(t):
             assert tab.loc[tid, "n"] == (t == tid).sum()
+
+
+@pytest.mark.parametrize("first", ["all", "inliers"])
+def test_intrinsic_dimension_of_both_views_from_one_search(first):
+    """The all view's k-NN extends the inliers' (a few massive activations added):
+    its estimates equal those of a search of all sampled points, whichever view is
+    asked for first, and the inliers' equal a search of the inliers."""
+    from embgeom.metrics.intrinsic_dim import intrinsic_dimensions
+
+    rng = np.random.default_rng(4)
+    stream = list(synthetic_stream(rng, n_batches=8, T=100))
+    stats = LayerStatistics({"decoder": 1}, 16, outlier_factor=10.0, id_sample=600, seed=3)
+    for i, (h, counted, types) in enumerate(stream):
+        if i == 2:
+            stats.calibrate()
+        hidden = [torch.from_numpy(h).float(), torch.from_numpy(2 * h).float()]
+        keys = torch.arange(i * 400, (i + 1) * 400).reshape(4, 100)
+        stats.update("decoder", hidden, torch.from_numpy(counted), torch.from_numpy(types), keys=keys)
+    stats.finish()
+    for layer in (0, 1):
+        X = torch.from_numpy(stats.samples["decoder"].layer(layer))
+        inlier = torch.linalg.vector_norm(X, dim=1) <= 10.0 * stats.median_norm["decoder"][layer]
+        assert 0 < int((~inlier).sum()) <= 64  # a few outliers in the sample: the extension is used
+        order = [first, "inliers" if first == "all" else "all"]
+        got = {view: stats.intrinsic_dimension("decoder", layer, view) for view in order}
+        want = {"all": intrinsic_dimensions(X), "inliers": intrinsic_dimensions(X[inlier])}
+        for view in order:
+            assert got[view]["id_n"] == want[view]["id_n"]
+            for key in ("id_twonn", "id_twonn_ml", "id_mle"):
+                assert got[view][key] == pytest.approx(want[view][key], rel=1e-12, abs=0), (view, key)
+        assert "inliers_dist" not in stats._id_cache[("decoder", layer)]  # freed once both views are done

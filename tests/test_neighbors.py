@@ -209,3 +209,30 @@ def test_fallback_rows_both_paths(path):
     assert 30 <= _nb._LAST["fallback_rows"] < len(X) // 2
     _check(rng.standard_normal((300, 6)), 20, precision="bf16", margin=0, block_size=128)
     assert _nb._LAST["fallback_rows"] == 300  # p = k: nothing certifies, everything falls back
+
+
+@pytest.mark.parametrize("k", [1, 2, 20])
+def test_extending_a_subsets_search_equals_searching_everything(path, k):
+    """extend_knn_distances: the subset's k-NN merged with exact distances to the
+    points outside equals a search of all points, when the points outside are mixed
+    in among the others (so they are neighbours of inside points), with exact copies
+    inside, outside and across, and when the subset has fewer than k other points."""
+    from embgeom.metrics.neighbors import extend_knn_distances, knn_distances
+
+    rng = np.random.default_rng(k)
+    X = rng.standard_normal((700, 12)) + 50.0
+    X[10:15] = X[3]          # copies inside
+    X[600:604] = X[601]      # copies among the points outside ...
+    X[650] = X[20]           # ... and across
+    inside = np.ones(700, dtype=bool)
+    inside[rng.choice(700, 40, replace=False)] = False
+    inside[600:604] = False
+    inside[650] = False
+    for mask in (inside, np.arange(700) < 5):  # the second: a subset of 5 < k + 1 points
+        sub = knn_distances(X[mask], min(k, int(mask.sum()) - 1))
+        got = extend_knn_distances(X, torch.from_numpy(mask), sub, k)
+        want = knn_distances(X, k)
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-13, atol=0)
+    with pytest.raises(EmbgeomError, match="inside_distances"):
+        extend_knn_distances(X, torch.from_numpy(inside), sub, k)  # distances of another subset

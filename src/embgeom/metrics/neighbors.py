@@ -1484,6 +1484,56 @@ def knn(X, k: int, *, block_size: int = 2048, margin: int | None = None, name: s
     return dist, nb
 
 
+def extend_knn_distances(X, inside, inside_distances, k: int, name: str = "X") -> torch.Tensor:
+    """Exact k-NN distances of every point of ``X`` among all of ``X``, from those of a
+    subset among itself: when only a few points are added to a searched set (the
+    massive-activation tokens that the ``all`` view adds to the ``inliers``), there is
+    no need to search again.
+
+    ``inside``: (n,) bool, the subset. ``inside_distances``: (m, q) ascending exact
+    distances of the subset's points (in row order) to their nearest others in the
+    subset, with q ≥ min(k, m − 1) (as :func:`knn_distances` gives). Each of the
+    n − m points outside is compared with every point, in float64 by differences (the
+    exact distances :func:`knn` uses); each inside point's list is merged with its
+    distances to them. Cost O((n − m)·n·d). Returns (n, min(k, n − 1)) float64,
+    ascending per row, on ``X``'s device: the same distances as ``knn_distances(X, k)``
+    up to the rounding of the sums (exact copies stay at distance 0, as there)."""
+    X = as_float_matrix(X, name=name)
+    n = X.shape[0]
+    k = _check_k(k, n)
+    inside = torch.as_tensor(inside, device=X.device)
+    if inside.dtype != torch.bool or inside.shape != (n,):
+        raise EmbgeomError(f"inside must be an (n,) = ({n},) bool mask, got {inside.dtype} {tuple(inside.shape)}")
+    m = int(inside.sum())
+    q_needed = min(k, m - 1)
+    if m < 2 or inside_distances.ndim != 2 or inside_distances.shape[0] != m or inside_distances.shape[1] < q_needed:
+        raise EmbgeomError(f"inside_distances must be ({m}, ≥{max(q_needed, 0)}) for a subset of {m} points, "
+                           f"got {tuple(inside_distances.shape)}")
+    out_rows = (~inside).nonzero().squeeze(1)
+    n_out = int(out_rows.shape[0])
+    # (n − m, n) exact squared distances of the points outside to every point
+    if _kernels.use_kernels(X.device):  # the compiled loop of the search's own exact distances
+        xs = X.detach()
+        xs = (xs if xs.dtype in (torch.float32, torch.float64) else xs.to(torch.float64)).contiguous()
+        a = np.repeat(out_rows.numpy(), n)
+        b = np.tile(np.arange(n, dtype=np.int64), n_out)
+        flat = np.empty(n_out * n)
+        with _kernels.parallel():
+            _compiled_loops().pair_sq(xs.numpy(), a, b, flat)
+        sq = torch.from_numpy(flat).view(n_out, n)
+    else:
+        everyone = torch.arange(n, device=X.device)
+        sq = _exact_sq(X.to(torch.float64), out_rows, everyone.expand(n_out, n))
+    sq[torch.arange(n_out, device=X.device), out_rows] = math.inf  # not their own neighbour
+    to_out = sq.sqrt_()
+    dist = torch.empty((n, k), dtype=torch.float64, device=X.device)
+    dist[out_rows] = torch.topk(to_out, k, dim=1, largest=False, sorted=True).values
+    in_rows = inside.nonzero().squeeze(1)
+    merged = torch.cat([inside_distances[:, :q_needed].to(X.device, torch.float64), to_out[:, in_rows].T], dim=1)
+    dist[in_rows] = torch.topk(merged, k, dim=1, largest=False, sorted=True).values
+    return dist
+
+
 def knn_distances(X, k: int, *, block_size: int = 2048, margin: int | None = None, name: str = "X",
                   precision: str = "auto") -> torch.Tensor:
     """Exact distances to the ``k`` nearest other points: (n, k) float64 torch tensor,

@@ -123,6 +123,7 @@ class LayerStatistics:
             the counted positions whose norms the median is taken over (default:
             all), so a batch may hold windows beyond the calibration ones.
         """
+        self._id_cache.clear()  # estimates of earlier data no longer hold
         flat = counted.reshape(-1)
         # Order does not matter to any accumulator (per-type sums follow the groups'
         # permutation), so a batch whose every position counts (no padding, no
@@ -258,9 +259,13 @@ class LayerStatistics:
     def intrinsic_dimension(self, stack: str, layer: int, view: str, k: int = 20,
                             discard_fraction: float = 0.1) -> dict:
         """The id_* columns of one layer and view, from the position sample (the
-        inliers view drops sampled positions above the layer's outlier limit)."""
+        inliers view drops sampled positions above the layer's outlier limit).
+
+        One k-NN search serves both views: the inliers are searched, and when the
+        sample holds a few outliers, the all view's k-NN extends the inliers' by
+        comparing those few with every point (exact, as a second search would be)."""
         from ..metrics.intrinsic_dim import intrinsic_dimensions
-        from ..metrics.neighbors import knn_distances
+        from ..metrics.neighbors import extend_knn_distances, knn_distances
 
         nan = float("nan")
         empty = dict(id_twonn=nan, id_twonn_ml=nan, id_twonn_ml_low=nan, id_twonn_ml_high=nan, id_mle=nan, id_n=0)
@@ -268,22 +273,35 @@ class LayerStatistics:
         if sample is None or len(sample) < 3:
             return empty
         X = torch.from_numpy(sample.layer(layer))
-        if view == "inliers":
-            limit = self.outlier_factor * self.median_norm[stack][layer]
-            keep = torch.linalg.vector_norm(X, dim=1) <= limit
-            if not bool(keep.all()):
-                X = X[keep]
+        limit = self.outlier_factor * self.median_norm[stack][layer]
+        keep = torch.linalg.vector_norm(X, dim=1) <= limit
+        n, m = X.shape[0], int(keep.sum())
         # The inliers are a subset of all points: the same count means the same
         # points, whichever view came first.
         cache = self._id_cache.setdefault((stack, layer), {})
-        if X.shape[0] in cache:
-            return cache[X.shape[0]]
-        if X.shape[0] < 3:
+        want = m if view == "inliers" else n
+        if want in cache:
+            return cache[want]
+        if want < 3:
             return empty
-        dist = knn_distances(X, min(k, X.shape[0] - 1))
-        out = intrinsic_dimensions(distances=dist, k=k, discard_fraction=discard_fraction)
-        cache[X.shape[0]] = out
-        return out
+
+        def estimate(dist):
+            return intrinsic_dimensions(distances=dist, k=k, discard_fraction=discard_fraction)
+
+        inliers_dist = cache.get("inliers_dist")
+        if inliers_dist is None and m >= 3 and (view == "inliers" or n - m <= max(64, n // 8)):
+            X_in = X if m == n else X[keep]
+            inliers_dist = cache["inliers_dist"] = knn_distances(X_in, min(k, m - 1))
+            cache[m] = estimate(inliers_dist)
+        if view == "inliers" or m == n:
+            return cache[want]
+        if inliers_dist is not None:  # a few outliers: extend the inliers' search
+            dist = extend_knn_distances(X, keep, inliers_dist, min(k, n - 1))
+        else:  # many: search them all
+            dist = knn_distances(X, min(k, n - 1))
+        cache[n] = estimate(dist)
+        cache.pop("inliers_dist", None)  # both views done
+        return cache[n]
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict:
