@@ -192,6 +192,22 @@ def test_two_ranks_equal_one(single_run, tiny_models, lee_corpus, tmp_path):
     assert not (out / "snapshots").exists()
 
 
+def test_more_ranks_than_batches(tiny_models, lee_corpus, tmp_path):
+    """Four ranks on a corpus of three batches: the rank with none still joins every
+    collective, and the result equals one process's."""
+    tiny = ["--max-tokens", "300", "--id-sample", "100"]
+    _cli(tiny_models["gpt2"], lee_corpus, tmp_path / "one", *tiny)
+    _cli(tiny_models["gpt2"], lee_corpus, tmp_path / "four", *tiny, torchrun=4)
+    one, four = (json.loads((tmp_path / d / "run.json").read_text()) for d in ("one", "four"))
+    assert four["processes"] == 4 and four["counts"] == one["counts"]
+    assert -(-one["counts"]["windows"] // 4) < 4  # fewer batches (of 4 windows) than ranks
+    la, lb = (pd.read_parquet(tmp_path / d / "layers.parquet") for d in ("one", "four"))
+    assert len(la) == len(lb) > 0
+    for col in la.columns:
+        if pd.api.types.is_float_dtype(la[col]):
+            np.testing.assert_allclose(lb[col].to_numpy(), la[col].to_numpy(), rtol=1e-9, atol=1e-12, err_msg=col)
+
+
 def test_sigkill_then_resume_equals_uninterrupted(single_run, tiny_models, lee_corpus, tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "embgeom", "run", str(tiny_models["gpt2"]), "--corpus", str(lee_corpus),
