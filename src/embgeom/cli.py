@@ -41,7 +41,8 @@ def run(
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16 (statistics are float64)."),
     id_sample: int = typer.Option(10000, "--id-sample", help="Token positions sampled for intrinsic dimension."),
     token_types: str = typer.Option("id", "--token-types", help="id (vocabulary id), string (surface form), or none: no per-type statistics, so memory stays constant however many types a long run meets."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Seed of the sampled positions for intrinsic dimension "
+                             "(the same positions in every layer, whatever the batching or ranks)."),
     exclude_special: bool = typer.Option(False, "--exclude-special", help="Do not count special tokens."),
     exclude_positions: List[int] = typer.Option([], "--exclude-positions", help="Window positions not counted (0 = first; -1 = last); repeatable."),
     outlier_factor: float = typer.Option(10.0, "--outlier-factor", help="Inliers: norm <= factor x median norm."),
@@ -53,7 +54,8 @@ def run(
     snapshot_every: float = typer.Option(300.0, "--snapshot-every", help="Seconds between crash-safe snapshots in OUT/snapshots (0: every batch)."),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last snapshot (same command otherwise)."),
     figures: bool = typer.Option(True, "--figures/--no-figures", help="Write PNG figures into OUT/figures."),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    progress: bool = typer.Option(True, "--progress/--no-progress",
+                                  help="Progress bars on stderr: tokens streamed, then layers' metrics."),
 ) -> None:
     """Analyse MODEL(s) over a corpus and write tables, figures and run.json to OUT.
 
@@ -120,7 +122,7 @@ def plot(
 def demo(
     out: Path = typer.Option(Path("demo-output"), "--out", help="Output directory."),
     max_tokens: int = typer.Option(20000, "--max-tokens", help="Counted tokens per model."),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
 ) -> None:
     """Analyse the packaged encoder (all-MiniLM-L6-v2) and decoder (SmolLM2-135M) on English Wikipedia text."""
     from .demo import run_demo
