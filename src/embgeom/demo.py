@@ -16,7 +16,7 @@ DEMO_ID_SAMPLE = 5000
 def run_demo(out, max_tokens: int = 20000, progress: bool = True, say=print, batch_size: int = 16):
     from .pipeline import analyze
     from .plots import plot_runs
-    from .results import prepare_out_dir
+    from .results import combine, prepare_out_dir
     from .wiki import write_demo_corpus
 
     out = prepare_out_dir(out)
@@ -31,6 +31,7 @@ def run_demo(out, max_tokens: int = 20000, progress: bool = True, say=print, bat
         res.save(out / short)
         results.append(res)
     written = plot_runs(results, out / "figures")
+    report = combine(results).write_report(out, out / "figures")
     say(f"tables: {out / 'minilm' / 'layers.csv'} and {out / 'smollm2' / 'layers.csv'}")
-    say(f"figures ({len(written)}): {out / 'figures'} (start with layer_profiles.png)")
+    say(f"figures ({len(written)}): {out / 'figures'} (start with layer_profiles.png); report: {report}")
     return results

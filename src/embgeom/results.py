@@ -103,12 +103,22 @@ class Result:
                 from .plots import plot_runs
 
                 plot_runs([self], out / "figures")
+            self.write_report(out, out / "figures" if figures else None)
             _atomic_write_text(out / "layers.csv", self.layers.to_csv(index=False))
         except OSError as exc:
             raise EmbgeomError(
                 f"writing results to {out} failed ({exc.strerror or exc}); free space or choose another --out"
             ) from None
         return out
+
+    def write_report(self, out, figures_dir=None) -> Path:
+        """Write OUT/report.md: the run, headline numbers and per-layer table read
+        off the tables, and links to the figures in `figures_dir` (see embgeom.report)."""
+        from .report import report_markdown
+
+        path = Path(out) / "report.md"
+        _atomic_write_text(path, report_markdown(self, figures_dir, base=Path(out)))
+        return path
 
     @classmethod
     def load(cls, out) -> "Result":

@@ -1,0 +1,66 @@
+"""report.md: written with every saved run, read off the tables, links only to
+figures that exist, deterministic, and sensible when metrics are missing."""
+import re
+
+import pandas as pd
+import pytest
+
+from embgeom import analyze
+from embgeom.models import load_model
+from embgeom.report import MAX_LAYER_TABLES, report_markdown
+from embgeom.results import Result, combine
+
+
+@pytest.fixture(scope="module")
+def gpt2_result(tiny_models, lee_corpus):
+    texts = lee_corpus.read_text().splitlines()[:8]
+    lm = load_model(str(tiny_models["gpt2"]), device="cpu")
+    return analyze(lm, texts, seq_len=48, batch_size=3, id_sample=300, outlier_factor=1.2)
+
+
+def test_saved_run_has_a_report_with_its_numbers_and_figures(gpt2_result, tmp_path):
+    out = gpt2_result.save(tmp_path / "run")
+    text = (out / "report.md").read_text()
+    layers = gpt2_result.layers
+    assert text.startswith(f"# embgeom report: {layers['model'].iloc[0]}")
+    assert "GPT2LMHeadModel (decoder, pre-LN), blocks: decoder 3, width 32" in text
+    # one table row per layer, with the anisotropy of both views as in layers.csv
+    rows = [line for line in text.splitlines() if re.match(r"\| \d+ \|", line)]
+    n_layers = int(layers["n_layers"].iloc[0])
+    assert len(rows) == n_layers + 1
+    a = layers[(layers["view"] == "all") & (layers["layer"] == 2)]["anisotropy"].iloc[0]
+    assert f"| 2 | {a:.3g} /" in text
+    peak = layers[layers["view"] == "all"]["anisotropy"].max()
+    assert f"Anisotropy peaks at **{peak:.3g}**" in text
+    # every image link points at a figure that was written
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert links and all((out / link).exists() for link in links)
+    if len(gpt2_result.outliers):
+        assert "massive activations" in text
+    # the same Result gives the same text
+    assert gpt2_result.write_report(out, out / "figures").read_text() == text
+
+
+def test_report_without_figures_or_per_type_statistics_or_id(tiny_models, lee_corpus, tmp_path):
+    texts = lee_corpus.read_text().splitlines()[:4]
+    lm = load_model(str(tiny_models["bert"]), device="cpu")
+    res = analyze(lm, texts, seq_len=48, batch_size=3, id_sample=0, token_types="none")
+    out = res.save(tmp_path / "bare", figures=False)
+    text = (out / "report.md").read_text()
+    assert "## Figures" not in text and "![" not in text
+    assert "Intrinsic dimension" not in text and "Variance within" not in text
+    rows = [line for line in text.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert rows and all(line.endswith("| – | – | – |") for line in rows)  # ID, V within / V, M–V slope
+    assert text == report_markdown(Result.load(out), None, base=out)  # reloaded tables give the same report
+
+
+def test_long_sweeps_get_one_summary_row_per_checkpoint(gpt2_result):
+    parts = []
+    for i in range(MAX_LAYER_TABLES + 2):
+        layers = gpt2_result.layers.assign(revision=f"step{i}", step=i)
+        parts.append(Result(layers=layers, run=gpt2_result.run))
+    text = report_markdown(combine(parts))
+    assert "## Checkpoints" in text and "## Layers" not in text
+    summary = [line for line in text.splitlines() if line.startswith("| gpt2 | step")]
+    assert len(summary) == MAX_LAYER_TABLES + 2
+    assert f"… and {MAX_LAYER_TABLES + 1} more runs" in text
