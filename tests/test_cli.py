@@ -28,6 +28,9 @@ def test_run_writes_tables_and_figures(tiny_models, lee_corpus, tmp_path, capsys
     code, err = run_cli(["plot", str(out), str(out), "--out", str(tmp_path / "figs")], capsys)
     assert code == 0, err
     assert (tmp_path / "figs" / "profile_anisotropy.png").exists()
+    assert (out / "report.md").exists()
+    report = (tmp_path / "figs" / "report.md").read_text()  # the runs side by side, figures beside it
+    assert "](layer_profiles.png)" in report and "## Layers: bert, encoder" in report
     # the per-type figures at a chosen layer; a layer the model lacks is refused
     code, err = run_cli(["plot", str(out), "--out", str(tmp_path / "figs1"), "--layer", "1"], capsys)
     assert code == 0, err

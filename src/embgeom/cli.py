@@ -107,15 +107,17 @@ def plot(
     out: Path = typer.Option(..., "--out", help="Directory for the figures."),
     layer: Optional[int] = typer.Option(None, "--layer", help="Layer of the per-type figures (M against V, Q/M/V against count); default: the middle one."),
 ) -> None:
-    """Figures of one or several runs, overlaid (e.g. an encoder against a decoder)."""
+    """Figures of one or several runs, overlaid (e.g. an encoder against a decoder),
+    and a report.md that reads them side by side."""
     from .plots import plot_runs
-    from .results import Result
+    from .results import Result, combine
 
     results = [Result.load(d) for d in dirs]
     if out.exists() and not out.is_dir():
         raise EmbgeomError(f"--out {out} is a file; name a directory for the figures")
     written = plot_runs(results, out, layer=layer)
-    _say(f"wrote {len(written)} figures to {out}")
+    report = combine(results).write_report(out, out)
+    _say(f"wrote {len(written)} figures and {report.name} to {out}")
 
 
 @app.command()
