@@ -126,3 +126,25 @@ def test_explicit_modes_ignore_the_rule(mode):
         print("numba" in sys.modules)
     """)
     assert out == str(mode)
+
+
+def test_a_sweep_of_small_knn_searches_switches_too():
+    """Small kNNs (below COMPILED_MIN_POINTS) run on torch, but count toward the same
+    budget: once their extra time reaches it, the compiled loops load."""
+    out = run_python('''
+        import sys
+        import numpy as np
+        from embgeom.metrics import neighbors
+        from embgeom.stats import _kernels
+
+        n, d = 300, 8
+        per_call = n * n * d // neighbors._KNN_WORK_DIVISOR
+        _kernels.AUTO_WORK = 3 * per_call
+        X = np.random.default_rng(1).standard_normal((n, d))
+        seen = []
+        for _ in range(4):
+            neighbors.knn(X, 2)
+            seen.append("numba" in sys.modules)
+        print(seen)
+    ''')
+    assert out == "[False, False, True, True]"

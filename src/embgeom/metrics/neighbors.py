@@ -1481,7 +1481,16 @@ def knn(X, k: int, *, block_size: int = 2048, margin: int | None = None, name: s
     dist = sq.sqrt_()
     if e0:
         dist.mul_(2.0 ** (e0 // 2)).mul_(2.0 ** (e0 - e0 // 2))
+    if X.device.type == "cpu":
+        # Toward the "auto" rule's budget: this search took ~n²d/90 ns more than the
+        # compiled one would have (measured 0.076 s at n = 2,000, d = 576), in the
+        # rule's unit of ~3 ns per float; a layer sweep of small searches switches.
+        _kernels.count_torch_work(1, n * n * d // _KNN_WORK_DIVISOR)
     return dist, nb
+
+
+# n·n·d / this = a torch-path kNN's extra time in count_torch_work's floats (~3 ns each).
+_KNN_WORK_DIVISOR = 90
 
 
 def extend_knn_distances(X, inside, inside_distances, k: int, name: str = "X") -> torch.Tensor:
