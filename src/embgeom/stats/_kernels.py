@@ -25,7 +25,8 @@ to import numba and load that code. Hence three modes, in ``ENABLED``:
   time has reached the loading cost (``AUTO_WORK`` floats, ~0.8M rows at width 384);
   from then on they serve everything. A short run never pays the second, a long one
   pays at most twice the optimum. Callers that know their work is large (the kNN of
-  thousands of points) ask for the loops at once with :func:`want_kernels`.
+  thousands of points) ask for the loops at once with :func:`want_kernels`; smaller
+  kNN searches report their estimated extra time in the same unit.
 
 Both paths agree to rounding (tests compare each against float64 references), so a
 switch in the middle of a run changes no result beyond the last bits.
