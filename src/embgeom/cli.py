@@ -191,8 +191,11 @@ def console_main() -> None:
     if run_exit_handlers is None:  # not CPython: the ordinary exit
         sys.exit(code)
     run_exit_handlers()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (`embgeom ... | head`) or stream
+            pass
     os._exit(code)
 
 
