@@ -16,6 +16,7 @@ import torch
 from . import __version__
 from .errors import EmbgeomError
 from .extract import decoder_inputs, forward_hidden
+from .metrics.tradeoff import norm_variance_tradeoff
 from .distributed import Shard
 from .models import LoadedModel, load_model
 from .snapshot import Snapshots, check_interval
@@ -356,8 +357,12 @@ def analyze(
                         if acc.types is not None:  # --token-types none: those columns stay NaN
                             dec = acc.types.decomposition()
                             values.update(V_within=dec["V_within"], V_between=dec["V_between"])
-                            values.update(acc.types.tradeoff(min_count=cfg.min_count, max_count=cfg.max_count))
                             table = acc.types.table()
+                            # the trade-off from the table's columns (TokenMoments.tradeoff
+                            # would gather every type's mean again)
+                            values.update(norm_variance_tradeoff(
+                                table["M"].to_numpy(), table["V"].to_numpy(), table["Q"].to_numpy(),
+                                table["n"].to_numpy(), min_count=cfg.min_count, max_count=cfg.max_count))
                         done = per_view[view] = (n, values, lam_out[0], table)
                 for view in VIEWS:
                     n, values, lam, table = per_view[view]
