@@ -639,13 +639,20 @@ class TokenMoments:
         # Overall mean, as an offset from the most frequent type's mean (pivot), so
         # far-from-origin means lose nothing; then a second, centred pass.
         pivot = self._mean[int(rows[int(torch.argmax(cnt))])].clone()
+        chunks = list(self._chunk_rows(k))
+        # One chunk (the usual case): gather the means once for both passes.
+        kept = [self._mean.index_select(0, rows).sub_(pivot)] if len(chunks) == 1 else None
+
+        def offsets(a, b):  # μ_t − pivot of rows a:b (a fresh tensor, or the kept one)
+            return kept[0] if kept else self._mean.index_select(0, rows[a:b]).sub_(pivot)
+
         mu_off = torch.zeros(self.dim, dtype=_F64, device=self._device)
-        for a, b in self._chunk_rows(k):
-            mu_off += cnt[a:b] @ (self._mean.index_select(0, rows[a:b]) - pivot)
+        for a, b in chunks:
+            mu_off += cnt[a:b] @ offsets(a, b)
         mu_off /= N
         between = 0.0
-        for a, b in self._chunk_rows(k):
-            dd = (self._mean.index_select(0, rows[a:b]) - pivot).sub_(mu_off)
+        for a, b in chunks:
+            dd = offsets(a, b).sub_(mu_off)
             between += float(cnt[a:b] @ dd.square_().sum(1))
         v_between = between / N
         return {"V": v_within + v_between, "V_within": v_within, "V_between": v_between}
