@@ -600,3 +600,23 @@ def test_many_types_without_capacity_hint_grow_exactly(path):
     pd.testing.assert_frame_equal(grown.table(), hinted.table(), check_exact=True)
     want, _ = reference(x.astype(np.float64), ids)
     assert_tables_close(grown.table(), want, 1e-7)
+
+
+def test_decomposition_in_many_chunks_equals_one(monkeypatch):
+    """Wide tables are read in chunks of rows (two passes, each gathering its chunk);
+    small chunks give the one-chunk answer to rounding, far from the origin too."""
+    rng = np.random.default_rng(12)
+    t = TokenMoments(8)
+    for _ in range(3):
+        t.update(rng.standard_normal((400, 8)) + 1e4, rng.integers(0, 90, 400))
+    one = t.decomposition()
+
+    def small_chunks(self, k):
+        for a in range(0, k, 7):
+            yield a, min(k, a + 7)
+
+    monkeypatch.setattr(TokenMoments, "_chunk_rows", small_chunks)
+    many = t.decomposition()
+    for key in ("V", "V_within", "V_between"):
+        assert many[key] == pytest.approx(one[key], rel=1e-12), key
+    assert one["V"] == pytest.approx(one["V_within"] + one["V_between"], rel=1e-15)
