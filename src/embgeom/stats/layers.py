@@ -293,6 +293,8 @@ class LayerStatistics:
             X_in = X if m == n else X[keep]
             inliers_dist = cache["inliers_dist"] = knn_distances(X_in, min(k, m - 1))
             cache[m] = estimate(inliers_dist)
+        if m == n:  # one set of points: both views are done
+            cache.pop("inliers_dist", None)
         if view == "inliers" or m == n:
             return cache[want]
         if inliers_dist is not None:  # a few outliers: extend the inliers' search
