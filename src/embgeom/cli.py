@@ -98,7 +98,7 @@ def run(
         result.save(out, figures=figures)
         shutil.rmtree(snapshots, ignore_errors=True)  # the results are written: nothing left to resume
         where = f"{out}/layers.csv ({len(result.layers)} rows)"
-    _say(f"wrote {where}" + (f" and figures in {out}/figures" if figures else ""))
+    _say(f"wrote {where}" + (f", figures in {out}/figures" if figures else "") + f"; read {out}/report.md first")
 
 
 @app.command()
