@@ -135,23 +135,6 @@ class Moments:
         self.n_nonzero += int(torch.count_nonzero(norms))
         return self
 
-    def _merge_parts(self, nb, nb_nonzero, bmean, centred, unit_sum, scatter=None) -> None:
-        """Chan et al. update with a part of nb vectors of mean `bmean`, given either
-        its centred rows `centred` (x − x̄) or its full `scatter` matrix. Only the
-        upper triangle of the state's scatter is kept up to date (see `_scatter_full`)."""
-        n = self.n + nb
-        delta = bmean - self._mean
-        self._mean.add_(delta, alpha=nb / n)
-        if scatter is not None:
-            self._scatter.add_(scatter)
-        else:
-            add_gram_upper(self._scatter, centred)
-        if self.n:
-            self._scatter.addr_(delta, delta, alpha=self.n * nb / n)
-        self._unit_sum.add_(unit_sum)
-        self.n = n
-        self.n_nonzero += nb_nonzero
-
     def _scatter_full(self) -> torch.Tensor:
         """Σ (x − μ)(x − μ)ᵀ, symmetric (the state keeps its upper triangle)."""
         return symmetric_from_upper(self._scatter)
@@ -167,8 +150,18 @@ class Moments:
         if self._mean is None:
             self._init_state(self._device if self._device is not None else other._device)
         dev = self._device
-        self._merge_parts(other.n, other.n_nonzero, other._mean.to(dev), None,
-                          other._unit_sum.to(dev), scatter=other._scatter_full().to(dev))
+        # Chan et al.: scatter of the union = both scatters + (n₁n₂/n) δδᵀ. Only the
+        # upper triangle of the state is kept up to date (see `_scatter_full`).
+        nb = other.n
+        n = self.n + nb
+        delta = other._mean.to(dev) - self._mean
+        self._mean.add_(delta, alpha=nb / n)
+        self._scatter.add_(other._scatter_full().to(dev))
+        if self.n:
+            self._scatter.addr_(delta, delta, alpha=self.n * nb / n)
+        self._unit_sum.add_(other._unit_sum.to(dev))
+        self.n = n
+        self.n_nonzero += other.n_nonzero
         return self
 
     # ------------------------------------------------------------------ results
