@@ -359,6 +359,7 @@ def test_tradeoff_matches_lstsq_and_corrcoef():
     for lo, hi in ((10, 100_000), (3, 50), (2, 2)):
         sel = tab[(tab["n"] >= lo) & (tab["n"] <= hi)]
         got = acc.tradeoff(min_count=lo, max_count=hi)
+        np.testing.assert_equal(acc.tradeoff(min_count=lo, max_count=hi, table=tab), got)  # from the caller's table: the same
         assert got["n_types"] == len(sel)
         if len(sel) < 2:
             assert math.isnan(got["mv_slope"])

@@ -16,7 +16,6 @@ import torch
 from . import __version__
 from .errors import EmbgeomError
 from .extract import decoder_inputs, forward_hidden
-from .metrics.tradeoff import norm_variance_tradeoff
 from .distributed import Shard
 from .models import LoadedModel, load_model
 from .snapshot import Snapshots, check_interval
@@ -358,11 +357,8 @@ def analyze(
                             dec = acc.types.decomposition()
                             values.update(V_within=dec["V_within"], V_between=dec["V_between"])
                             table = acc.types.table()
-                            # the trade-off from the table's columns (TokenMoments.tradeoff
-                            # would gather every type's mean again)
-                            values.update(norm_variance_tradeoff(
-                                table["M"].to_numpy(), table["V"].to_numpy(), table["Q"].to_numpy(),
-                                table["n"].to_numpy(), min_count=cfg.min_count, max_count=cfg.max_count))
+                            values.update(acc.types.tradeoff(min_count=cfg.min_count, max_count=cfg.max_count,
+                                                             table=table))
                         done = per_view[view] = (n, values, lam_out[0], table)
                 for view in VIEWS:
                     n, values, lam, table = per_view[view]

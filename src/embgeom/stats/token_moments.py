@@ -641,10 +641,10 @@ class TokenMoments:
         pivot = self._mean[int(rows[int(torch.argmax(cnt))])].clone()
         chunks = list(self._chunk_rows(k))
         # One chunk (the usual case): gather the means once for both passes.
-        kept = [self._mean.index_select(0, rows).sub_(pivot)] if len(chunks) == 1 else None
+        whole = self._mean.index_select(0, rows).sub_(pivot) if len(chunks) == 1 else None
 
-        def offsets(a, b):  # μ_t − pivot of rows a:b (a fresh tensor, or the kept one)
-            return kept[0] if kept else self._mean.index_select(0, rows[a:b]).sub_(pivot)
+        def offsets(a, b):  # μ_t − pivot of rows a:b (the second pass may overwrite it)
+            return whole if whole is not None else self._mean.index_select(0, rows[a:b]).sub_(pivot)
 
         mu_off = torch.zeros(self.dim, dtype=_F64, device=self._device)
         for a, b in chunks:
@@ -657,12 +657,17 @@ class TokenMoments:
         v_between = between / N
         return {"V": v_within + v_between, "V_within": v_within, "V_between": v_between}
 
-    def tradeoff(self, min_count: int = 10, max_count: int = 100_000) -> dict:
+    def tradeoff(self, min_count: int = 10, max_count: int = 100_000, table: pd.DataFrame | None = None) -> dict:
         """Norm–variance trade-off across the types with min_count ≤ n_t ≤ max_count:
         {'mv_slope', 'mv_intercept', 'mv_r2', 'mv_pearson', 'q_cv', 'n_types'}; see
         `embgeom.metrics.tradeoff.norm_variance_tradeoff` (NaN where fewer than two
-        types qualify or M has no spread)."""
-        _, n, Q, M, V = self._columns()
+        types qualify or M has no spread). `table`: this accumulator's ``table()``,
+        if the caller has it already (its columns are used instead of gathering every
+        type's mean again)."""
+        if table is None:
+            _, n, Q, M, V = self._columns()
+        else:
+            n, Q, M, V = (table[c].to_numpy() for c in ("n", "Q", "M", "V"))
         return norm_variance_tradeoff(M, V, Q, n, min_count=min_count, max_count=max_count)
 
     # ------------------------------------------------------------------ persistence
