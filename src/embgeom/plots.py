@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from .errors import EmbgeomError  # noqa: E402
-from .results import METRIC_COLUMNS  # noqa: E402
+from .results import METRIC_COLUMNS, groups_by_run  # noqa: E402
 
 # PNG settings of every figure. zlib level 1 instead of 6: a run's 25 figures save in
 # 8.5 s instead of 10.1 s, for files ~7% larger.
@@ -126,15 +126,6 @@ def _save(fig, path: Path) -> Path:
     fig.savefig(path, **PNG)
     plt.close(fig)
     return path
-
-
-def _groups(df: pd.DataFrame, keys=("model", "revision", "stack")):
-    df = df.copy()
-    for k in keys:
-        if k not in df.columns:
-            df[k] = ""
-    df["revision"] = df["revision"].fillna("").astype(str)
-    return df.groupby(list(keys), sort=False, dropna=False)
 
 
 def middle_layer(n_layers: int) -> int:
@@ -303,7 +294,7 @@ def plot_runs(results, figdir, layer: int | None = None, workers: int | None = N
     the time on 2 cores)."""
     if layer is not None:
         for r in results:
-            for (model, _, stack), g in _groups(r.layers):
+            for (model, _, stack), g in groups_by_run(r.layers):
                 L = int(g["n_layers"].iloc[0])
                 if isinstance(layer, bool) or not 0 <= layer <= L:
                     raise EmbgeomError(f"--layer {layer} is not a layer of {model} {stack} (0 to {L}); "
@@ -327,7 +318,7 @@ def figure_tasks(results, figdir: Path, layer: int | None = None) -> list[tuple]
     tasks.append((plot_tradeoff_depth, (layers, figdir / "tradeoff_depth.png"), {}))
     tasks.append((plot_within_share, (layers, figdir / "within_share.png"), {}))
     for r in results:
-        for (model, revision, stack), g in _groups(r.layers):
+        for (model, revision, stack), g in groups_by_run(r.layers):
             tag = _slug(model, revision, stack)
             title = f"{model} {stack}" + (f" @{revision}" if revision else "")
             tasks.append((plot_variance_shares, (g, figdir / f"shares_{tag}.png", title), {}))

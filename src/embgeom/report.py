@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from .results import groups_by_run
+
 # Per-layer tables are printed for at most this many (model, revision, stack) groups;
 # a longer sweep gets one summary row per group instead.
 MAX_LAYER_TABLES = 6
@@ -70,13 +72,6 @@ def _run_section(run: dict) -> list[str]:
     if run.get("resumed_from_tokens"):
         rows.append(("resumed", f"from a snapshot at {_fmt(run['resumed_from_tokens'])} tokens"))
     return ["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]
-
-
-def _groups(layers: pd.DataFrame):
-    keys = ["model", "revision", "stack"]
-    frame = layers.assign(revision=layers["revision"].fillna("").astype(str))
-    for key, g in frame.groupby(keys, sort=False):
-        yield key, g.sort_values("layer")
 
 
 def _peak(g: pd.DataFrame, col: str, fn=max):
@@ -155,7 +150,7 @@ def report_markdown(result, figures_dir: Path | None = None, base: Path | None =
     lines += ["Read off `layers.csv` (one row per model, stack, layer and view); `view = all` counts every "
               "token, `inliers` leaves out the massive-activation tokens. Column meanings: README.", ""]
     runs = _runs(result.run)
-    groups = list(_groups(layers))
+    groups = [(key, g.sort_values("layer")) for key, g in groups_by_run(layers)]
     few = len(groups) <= MAX_LAYER_TABLES
     for i, run in enumerate(runs if few else runs[:1]):
         label = Path(str((run.get("config") or {}).get("model", ""))).name or f"{i + 1}"

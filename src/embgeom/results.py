@@ -43,6 +43,17 @@ def layers_frame(rows: list[dict]) -> pd.DataFrame:
     return df[LAYER_COLUMNS + extra]
 
 
+def groups_by_run(df: pd.DataFrame, keys=("model", "revision", "stack")):
+    """`df` grouped by model, revision and stack (in order of appearance; a missing
+    key column counts as "", and so does a missing revision)."""
+    df = df.copy()
+    for k in keys:
+        if k not in df.columns:
+            df[k] = ""
+    df["revision"] = df["revision"].fillna("").astype(str)
+    return df.groupby(list(keys), sort=False, dropna=False)
+
+
 def empty_tokens_frame() -> pd.DataFrame:
     """The per-type table with no rows (``--token-types none``): same columns and
     dtypes as a filled one, before the model and token texts are added."""
