@@ -923,6 +923,18 @@ def _helper() -> _Helper:
         return _HELPER[0]
 
 
+def _on_both_threads(here, there) -> None:
+    """Run ``there()`` on the helper thread while ``here()`` runs on this one; return
+    once both are done, raising the helper's exception if it had one."""
+    box, fin = _helper().submit(there)
+    try:
+        here()
+    finally:
+        fin.wait()  # the helper may still be reading a buffer
+    if box:
+        raise box[0]
+
+
 def _round_robin(m: int):
     """The pairs ``a < b`` of ``m`` blocks in rounds (circle method): within a round
     no block occurs twice."""
@@ -996,13 +1008,7 @@ def _run_lanes(plan, deps, product, scan):
             torch.set_num_threads(1)
             lane(1)
 
-        box, fin = _helper().submit(helper_lane)
-        try:
-            lane(0)
-        finally:
-            fin.wait()  # the helper may still be reading a buffer
-        if box:
-            raise box[0]
+        _on_both_threads(lambda: lane(0), helper_lane)
     finally:
         torch.set_num_threads(prev)
 
@@ -1024,13 +1030,7 @@ def _shared(fn, m: int):
                 return
             fn(c)
 
-    box, fin = _helper().submit(lane)
-    try:
-        lane()
-    finally:
-        fin.wait()
-    if box:
-        raise box[0]
+    _on_both_threads(lane, lane)
 
 
 def _shares() -> bool:
@@ -1238,7 +1238,8 @@ def _bf16_of(x: float) -> int:
 
 def _pairs_compiled(X64, a, b):
     """Exact squared distances of the pairs (a[t], b[t]) of rows of the contiguous CPU
-    float64 ``X64``, by the compiled loop of :func:`_nk.resolve`."""
+    float64 (or float32, read as float64) ``X64``, by the compiled loop of
+    :func:`_nk.resolve`."""
     out = np.empty(a.shape[0])
     _nk.pair_sq(X64.numpy(), a.numpy(), b.numpy(), out)
     return torch.from_numpy(out)
@@ -1522,14 +1523,12 @@ def extend_knn_distances(X, inside, inside_distances, k: int, name: str = "X") -
     n_out = int(out_rows.shape[0])
     # (n − m, n) exact squared distances of the points outside to every point
     if _kernels.use_kernels(X.device):  # the compiled loop of the search's own exact distances
-        xs = X.detach()
-        xs = (xs if xs.dtype in (torch.float32, torch.float64) else xs.to(torch.float64)).contiguous()
-        a = np.repeat(out_rows.numpy(), n)
-        b = np.tile(np.arange(n, dtype=np.int64), n_out)
-        flat = np.empty(n_out * n)
+        xs = torch.from_numpy(_kernels.as_array(X.detach()))
+        a = out_rows.repeat_interleave(n)
+        b = torch.arange(n).repeat(n_out)
         with _kernels.parallel():
-            _compiled_loops().pair_sq(xs.numpy(), a, b, flat)
-        sq = torch.from_numpy(flat).view(n_out, n)
+            _compiled_loops()
+            sq = _pairs_compiled(xs, a, b).view(n_out, n)
     else:
         everyone = torch.arange(n, device=X.device)
         sq = _exact_sq(X.to(torch.float64), out_rows, everyone.expand(n_out, n))
