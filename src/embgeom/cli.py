@@ -168,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(130)
         raise
 
+
 def console_main() -> None:
     """The `embgeom` command (and `python -m embgeom`): `main`, then a fast exit.
 
