@@ -232,3 +232,26 @@ def test_console_command_exits_fast_with_the_same_status_output_and_progress(tin
     assert not (tmp_path / "o2" / "layers.csv").exists()
     usage = run("--help")
     assert usage.returncode == 0 and "Usage" in usage.stdout
+
+
+def test_statistics_too_large_for_memory_are_refused_before_the_stream(tiny_models, lee_corpus, tmp_path, capsys,
+                                                                       monkeypatch):
+    """The per-type tables' final size is known after the tokenizer pre-pass: a run
+    that cannot hold them is refused then, naming the sizes and the fix; with
+    --token-types none the same run fits."""
+    import json
+
+    from embgeom import memory
+
+    argv = ["run", str(tiny_models["gpt2"]), "--corpus", str(lee_corpus), "--max-tokens", "400", "--seq-len", "64",
+            "--no-progress", "--no-figures", "--id-sample", "0"]
+    code, err = run_cli([*argv, "--out", str(tmp_path / "none"), "--token-types", "none"], capsys)
+    assert code == 0, err
+    without_types = json.loads((tmp_path / "none" / "run.json").read_text())["planned_accumulator_bytes"]
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 2 * without_types)
+    code, err = run_cli([*argv, "--out", str(tmp_path / "none2"), "--token-types", "none"], capsys)
+    assert code == 0, err
+    out = tmp_path / "types"
+    code, err = run_cli([*argv, "--out", str(out)], capsys)
+    _assert_one_line_exit_2(code, err, "is available: exact per-type means for", out)
+    assert "--token-types none" in err and "hidden states x width" in err

@@ -311,3 +311,47 @@ def test_resume_accepts_a_touched_corpus_with_the_same_contents(tiny_models, lee
     corpus.write_text(corpus.read_text() + "one more line of text\n")
     with pytest.raises(EmbgeomError, match="corpus.sha256"):
         analyze(str(tiny_models["gpt2"]), str(corpus), resume=True, **opts)
+
+
+# ---------------------------------------------------------------- memory planning
+
+
+@pytest.mark.parametrize("token_types", ["id", "none"])
+def test_planned_accumulator_bytes_are_the_bytes_held(tiny_models, lee_corpus, token_types):
+    """The size the pre-pass plans (and checks against free memory) is what the run
+    holds at its end, with no outlier (their tables are the only unplanned part)."""
+    texts = lee_corpus.read_text().splitlines()[:8]
+    res = analyze(str(tiny_models["bert"]), texts, seq_len=48, batch_size=3, device="cpu", id_sample=50,
+                  outlier_factor=1e6, token_types=token_types)
+    assert sum(sum(c) for c in res.run["outliers"]["count"].values()) == 0
+    assert res.run["planned_accumulator_bytes"] == res.run["accumulator_bytes"]
+    n_types = res.run["counts"]["token_types"]
+    assert (n_types is None) == (token_types == "none")
+    d, hidden = res.run["model"]["width"], sum(n + 1 for n in res.run["model"]["n_layers"].values())
+    per_type = 0 if n_types is None else (8 * d + 16) * (n_types + 1) + 16 * n_types
+    assert res.run["accumulator_bytes"] == hidden * (2 * 8 * (d * d + 2 * d) + per_type + 50 * d * 4)
+
+
+def test_memory_check_counts_every_process_on_the_machine(monkeypatch):
+    from embgeom import memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1000)
+    memory.check_accumulators_fit(800, "cpu", n_types=5, n_hidden=3, width=4)  # 800 <= 0.9 * 1000
+    with pytest.raises(EmbgeomError, match=r"cpu, 2 processes"):
+        memory.check_accumulators_fit(800, "cpu", n_types=5, n_hidden=3, width=4, sharers=2)
+    with pytest.raises(EmbgeomError, match="smaller --id-sample"):
+        memory.check_accumulators_fit(950, "cpu", n_types=None, n_hidden=3, width=4)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: None)  # unknown: no refusal
+    memory.check_accumulators_fit(10**15, "cpu", n_types=5, n_hidden=3, width=4)
+
+
+def test_available_host_memory_is_read_and_capped_by_the_cgroup(monkeypatch):
+    from embgeom import memory
+
+    avail = memory.available_bytes("cpu")
+    if avail is None:
+        pytest.skip("no /proc/meminfo here")
+    meminfo = [line for line in open("/proc/meminfo") if line.startswith("MemAvailable:")][0]
+    assert abs(avail - int(meminfo.split()[1]) * 1024) < 2**30 or memory._cgroup_room() is not None
+    monkeypatch.setattr(memory, "_cgroup_room", lambda: 12345)
+    assert memory.available_bytes("cpu") == 12345

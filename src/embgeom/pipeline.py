@@ -17,6 +17,7 @@ from . import __version__
 from .errors import EmbgeomError
 from .extract import decoder_inputs, forward_hidden
 from .distributed import Shard
+from .memory import check_accumulators_fit, processes_on_this_machine
 from .models import LoadedModel, load_model
 from .snapshot import Snapshots, check_interval
 from .progress import layer_progress, token_progress
@@ -234,6 +235,10 @@ def analyze(
     t_count = time.perf_counter() - t1
 
     device = loaded.device
+    planned_bytes = LayerStatistics.planned_nbytes(facts.n_layers, facts.width, n_types_expected, cfg.id_sample)
+    check_accumulators_fit(planned_bytes, device, n_types=n_types_expected, width=facts.width,
+                           n_hidden=sum(n + 1 for n in facts.n_layers.values()),
+                           sharers=processes_on_this_machine() if shard.world > 1 else 1)
     is_ed = facts.kind == "encoder-decoder"
     head = head or n_windows
     name = name or loaded.name
@@ -414,6 +419,7 @@ def analyze(
             "count": {s: [int(stats.outliers[s][l].moments.n) for l in range(L + 1)] for s, L in facts.n_layers.items()},
         },
         "accumulator_bytes": int(stats.nbytes),
+        "planned_accumulator_bytes": int(planned_bytes),
         "processes": shard.world,
         "resumed_from_tokens": resumed_from,
         "snapshots": {"written": snaps.saved, "seconds": snaps.seconds, "every_s": snaps.every}

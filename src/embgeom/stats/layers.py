@@ -386,3 +386,17 @@ class LayerStatistics:
     def nbytes(self) -> int:
         acc = sum(a.nbytes for part in (self.inliers, self.outliers) for accs in part.values() for a in accs)
         return acc + sum(s.nbytes for s in self.samples.values())
+
+    @staticmethod
+    def planned_nbytes(n_layers: dict, width: int, n_types: int | None = None, id_sample: int = 0) -> int:
+        """``nbytes`` at the end of a run whose every layer meets `n_types` token types
+        (None: no per-type statistics) among its inliers, sized as the pipeline sizes
+        them (n_types + 1 rows), before any outlier's per-type rows (outliers are few:
+        their tables grow from nothing). Known before the stream starts, so a run
+        that cannot fit is refused before any model work."""
+        hidden = sum(n + 1 for n in n_layers.values())
+        per_layer = 2 * Moments.nbytes_for(width)  # inliers and outliers
+        if n_types is not None:
+            per_layer += TokenMoments.nbytes_for(width, n_types + 1, n_types)
+        sample = sum(PositionSample.nbytes_for(id_sample, n + 1, width) for n in n_layers.values()) if id_sample > 0 else 0
+        return hidden * per_layer + sample

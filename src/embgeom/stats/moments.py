@@ -266,7 +266,13 @@ class Moments:
 
     @property
     def nbytes(self) -> int:
-        return 8 * (self.dim * self.dim + 2 * self.dim)
+        return self.nbytes_for(self.dim)
+
+    @staticmethod
+    def nbytes_for(dim: int) -> int:
+        """Bytes of the float64 state at width `dim`: the d × d scatter, the mean and the
+        unit-vector sum."""
+        return 8 * (dim * dim + 2 * dim)
 
     def __repr__(self) -> str:
         return f"Moments(dim={self.dim}, n={self.n})"

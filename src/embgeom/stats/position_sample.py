@@ -145,7 +145,11 @@ class PositionSample:
     @property
     def nbytes(self) -> int:
         """Memory of the vector store: size × n_layers × dim × 4 bytes."""
-        return self.size * self.n_layers * self.dim * 4
+        return self.nbytes_for(self.size, self.n_layers, self.dim)
+
+    @staticmethod
+    def nbytes_for(size: int, n_layers: int, dim: int) -> int:
+        return size * n_layers * dim * 4
 
     @property
     def metadata_names(self) -> tuple[str, ...]:

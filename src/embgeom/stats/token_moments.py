@@ -334,6 +334,12 @@ class TokenMoments:
                 total += t.numel() * t.element_size()
         return total
 
+    @staticmethod
+    def nbytes_for(dim: int, capacity: int, types: int) -> int:
+        """``nbytes`` of an accumulator of width `dim` with `capacity` rows allocated and
+        `types` of them in use: (8·d + 16)·capacity + 16·types."""
+        return (8 * dim + 16) * capacity + 16 * types
+
     def _init_state(self, device) -> None:
         self._device = torch.device(device)
         cap = self._capacity_hint

@@ -1,0 +1,98 @@
+"""Will a run's accumulators fit where they live?
+
+Their final size is known before the stream starts: the tokenizer pre-pass counts
+the token types, and exact per-type statistics hold a float64 mean per type and
+layer. A run that cannot fit is refused then, with the numbers and the fix, rather
+than killed for memory hours later. On CPU the per-type rows are touched only as
+types appear, so such a run would otherwise fail late; on a GPU the rows are
+allocated at once and the failure would be an allocator traceback.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import EmbgeomError
+
+# Leave room for the batch, the forward pass's activations and everything else.
+USABLE_FRACTION = 0.9
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.1f} GiB"
+
+
+def _cgroup_room() -> int | None:
+    """Bytes this process's cgroup (v2) may still take, if it has a limit: inside a
+    container /proc/meminfo shows the host's memory, not the container's."""
+    try:
+        rel = Path("/proc/self/cgroup").read_text().split("\n")[0].split(":", 2)[2]
+        base = Path("/sys/fs/cgroup") / rel.lstrip("/")
+        limit = (base / "memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        return max(0, int(limit) - int((base / "memory.current").read_text()))
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _host_available() -> int | None:
+    """MemAvailable of /proc/meminfo, capped by the cgroup's room; None off Linux."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+                break
+        else:
+            return None
+    except (OSError, ValueError):
+        return None
+    room = _cgroup_room()
+    return avail if room is None else min(avail, room)
+
+
+def available_bytes(device) -> int | None:
+    """Bytes free for new allocations on `device` (a CUDA GPU: its free memory; the
+    CPU: the host's available memory), or None where that cannot be told."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except (RuntimeError, AssertionError):
+            return None
+    if device.type == "cpu":
+        return _host_available()
+    return None
+
+
+def check_accumulators_fit(nbytes: int, device, *, n_types: int | None, n_hidden: int, width: int,
+                           sharers: int = 1) -> None:
+    """Raise EmbgeomError when accumulators of `nbytes` (per process) cannot fit on
+    `device`. `sharers` processes on this machine each hold their own (torchrun
+    ranks on the CPU); `n_types`, `n_hidden` (hidden states over all stacks) and
+    `width` name the per-type tables in the message."""
+    free = available_bytes(device)
+    need = nbytes * (sharers if torch.device(device).type == "cpu" else 1)
+    if free is None or need <= USABLE_FRACTION * free:
+        return
+    where = f"{torch.device(device)}" + (f", {sharers} processes" if sharers > 1 else "")
+    if n_types is None:
+        raise EmbgeomError(
+            f"the statistics need about {_gib(need)} ({where}) but only {_gib(free)} is available; "
+            "pass a smaller --id-sample or free memory")
+    per_type = n_hidden * (8 * width + 32) * n_types * (sharers if torch.device(device).type == "cpu" else 1)
+    raise EmbgeomError(
+        f"the statistics need about {_gib(need)} ({where}) but only {_gib(free)} is available: exact per-type "
+        f"means for {n_types:,} token types x {n_hidden} hidden states x width {width} in float64 take "
+        f"{_gib(per_type)}; pass --token-types none (no per-type statistics), --token-types string "
+        "(fewer types) or a smaller --max-tokens")
+
+
+def processes_on_this_machine() -> int:
+    """torchrun's LOCAL_WORLD_SIZE, 1 outside torchrun."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    except ValueError:
+        return 1
