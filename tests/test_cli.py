@@ -115,6 +115,10 @@ def bad_inputs(tiny_models, lee_corpus, tmp_path):
         "negative snapshot interval": ([model, "--corpus", corpus, "--snapshot-every", "-1"], "--snapshot-every"),
         "min count above max count": ([model, "--corpus", corpus, "--min-count", "50", "--max-count", "5"],
                                       "--min-count"),
+        "type layer past the model": ([model, "--corpus", corpus, "--type-layers", "-1", "--type-layers", "40"],
+                                      "--type-layers 40 is not a layer"),
+        "type layers without types": ([model, "--corpus", corpus, "--type-layers", "0", "--token-types", "none"],
+                                      "drop one of the two"),
     }
 
 
@@ -122,7 +126,8 @@ CASES = ["missing model", "missing corpus", "empty corpus", "invalid utf-8", "mi
          "zero batch size", "negative max tokens", "non-numeric option", "seq-len past limit", "out is a file",
          "cuda without gpu", "unknown dtype", "non-finite hidden states", "corrupt weights", "not a gguf",
          "bad outlier factor", "missing tokenizer", "resume without snapshot", "bad device map",
-         "negative snapshot interval", "min count above max count"]
+         "negative snapshot interval", "min count above max count", "type layer past the model",
+         "type layers without types"]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -7,7 +7,7 @@ import pytest
 
 from embgeom import analyze
 from embgeom.models import load_model
-from embgeom.report import MAX_LAYER_TABLES, report_markdown
+from embgeom.report import MAX_LAYER_TABLES, _fmt, report_markdown
 from embgeom.results import Result, combine
 
 
@@ -64,3 +64,24 @@ def test_long_sweeps_get_one_summary_row_per_checkpoint(gpt2_result):
     summary = [line for line in text.splitlines() if line.startswith("| gpt2 | step")]
     assert len(summary) == MAX_LAYER_TABLES + 2
     assert f"… and {MAX_LAYER_TABLES + 1} more runs" in text
+
+
+def test_per_type_figures_and_report_follow_the_type_layers(tiny_models, lee_corpus, tmp_path):
+    """With --type-layers 1 3 on a 3-block model, the per-type figures default to the
+    typed layer nearest the middle (1), and the report's within-type line names the
+    first and last typed layers."""
+    from embgeom.plots import types_layer
+
+    texts = lee_corpus.read_text().splitlines()[:6]
+    res = analyze(str(tiny_models["gpt2"]), texts, seq_len=48, batch_size=3, device="cpu", id_sample=0,
+                  type_layers=(1, 3))
+    assert types_layer(res.tokens, 3) == 1 and types_layer(res.tokens, 3, layer=3) == 3
+    assert types_layer(res.tokens.iloc[:0], 3) == 1  # no per-type rows: the middle
+    out = res.save(tmp_path / "typed")
+    figs = {p.name for p in (out / "figures").iterdir()}
+    assert any(n.startswith("types_vs_count_") for n in figs) and any(n.startswith("mv_scatter_") for n in figs)
+    text = (out / "report.md").read_text()
+    layers = res.layers[res.layers["view"] == "all"].set_index("layer")
+    first = 100 * layers.loc[1, "V_within"] / layers.loc[1, "V"]
+    assert f"Variance within token types: {_fmt(first, 2)}% of the variance at layer 1," in text
+    assert text.split("Variance within token types:")[1].split("\n")[0].endswith("at layer 3.")

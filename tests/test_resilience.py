@@ -355,3 +355,51 @@ def test_available_host_memory_is_read_and_capped_by_the_cgroup(monkeypatch):
     assert abs(avail - int(meminfo.split()[1]) * 1024) < 2**30 or memory._cgroup_room() is not None
     monkeypatch.setattr(memory, "_cgroup_room", lambda: 12345)
     assert memory.available_bytes("cpu") == 12345
+
+
+def test_type_layers_keep_per_type_moments_where_asked_only():
+    rng = np.random.default_rng(7)
+    batches = list(_stream(rng))
+    full = _feed(_new_stats(), batches)
+    some = _feed(LayerStatistics({"decoder": 2}, 12, outlier_factor=10.0, id_sample=60, seed=3,
+                                 type_layers={"decoder": [2, 0, 2]}), batches)
+    assert some.type_layers == {"decoder": (0, 2)}
+    for view in ("all", "inliers"):
+        assert some.view(view, "decoder", 1).types is None
+        for layer in (0, 2):
+            pd.testing.assert_frame_equal(full.view(view, "decoder", layer).types.table(),
+                                          some.view(view, "decoder", layer).types.table())
+        for layer in range(3):
+            assert some.view(view, "decoder", layer).moments.metrics() == full.view(view, "decoder", layer).moments.metrics()
+    assert full.nbytes - some.nbytes == full.inliers["decoder"][1].types.nbytes + full.outliers["decoder"][1].types.nbytes
+    back = LayerStatistics.from_state_dict(some.state_dict())
+    assert back.type_layers == some.type_layers
+    with pytest.raises(EmbgeomError, match="different type_layers"):
+        back.merge(full)
+    with pytest.raises(EmbgeomError, match=r"type_layers\['decoder'\] holds 3, not a layer"):
+        LayerStatistics({"decoder": 2}, 12, type_layers={"decoder": [3]})
+
+
+def test_type_layers_in_a_run(tiny_models, lee_corpus):
+    """--type-layers 1 -1: per-type columns and tokens.parquet at those layers only,
+    equal to a full run's there, and the memory planned (and held) shrinks to match."""
+    texts = lee_corpus.read_text().splitlines()[:8]
+    opts = dict(seq_len=48, batch_size=3, device="cpu", id_sample=0, outlier_factor=1e6)
+    full = analyze(str(tiny_models["bert"]), texts, **opts)
+    some = analyze(str(tiny_models["bert"]), texts, type_layers=(1, -1), **opts)
+    L = int(full.layers["n_layers"].iloc[0])
+    assert set(some.tokens["layer"]) == {1, L}
+    typed = some.layers["layer"].isin([1, L])
+    type_cols = ["V_within", "V_between", "mv_slope", "mv_pearson", "q_cv", "n_types"]
+    assert some.layers.loc[~typed, type_cols].isna().all().all()
+    pd.testing.assert_frame_equal(some.layers[typed].reset_index(drop=True),  # n_types: float beside NaN
+                                  full.layers[full.layers["layer"].isin([1, L])].reset_index(drop=True),
+                                  check_dtype=False)
+    pd.testing.assert_frame_equal(some.tokens.reset_index(drop=True),
+                                  full.tokens[full.tokens["layer"].isin([1, L])].reset_index(drop=True))
+    assert some.run["planned_accumulator_bytes"] == some.run["accumulator_bytes"]
+    d, n_types = some.run["model"]["width"], some.run["counts"]["token_types"]
+    saved = (L + 1 - 2) * ((8 * d + 16) * (n_types + 1) + 16 * n_types)
+    assert full.run["accumulator_bytes"] - some.run["accumulator_bytes"] == saved
+    with pytest.raises(EmbgeomError, match=r"--type-layers 9 is not a layer of this model's encoder \(0 to 2"):
+        analyze(str(tiny_models["bert"]), texts, type_layers=(9,), **opts)

@@ -41,6 +41,7 @@ def run(
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16 (statistics are float64)."),
     id_sample: int = typer.Option(10000, "--id-sample", help="Token positions sampled for intrinsic dimension."),
     token_types: str = typer.Option("id", "--token-types", help="id (vocabulary id), string (surface form), or none: no per-type statistics, so memory stays constant however many types a long run meets."),
+    type_layers: List[int] = typer.Option([], "--type-layers", help="Keep per-type statistics only at these layers (0 = embeddings; -1 = last); repeatable. Per-type tables hold d float64 per type and layer, most of a long run's memory on a big model."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sampled positions for intrinsic dimension "
                              "(the same positions in every layer, whatever the batching or ranks)."),
     exclude_special: bool = typer.Option(False, "--exclude-special", help="Do not count special tokens."),
@@ -74,7 +75,7 @@ def run(
     prepare_out_dir(out)
     options = dict(
         max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, device=device, dtype=dtype,
-        id_sample=id_sample, token_types=token_types, seed=seed, exclude_special=exclude_special,
+        id_sample=id_sample, token_types=token_types, type_layers=tuple(type_layers) or None, seed=seed, exclude_special=exclude_special,
         exclude_positions=tuple(exclude_positions), outlier_factor=outlier_factor, text_field=text_field,
         encoding_errors=encoding_errors, device_map=device_map, min_count=min_count, max_count=max_count,
     )

@@ -71,8 +71,9 @@ def check_accumulators_fit(nbytes: int, device, *, n_types: int | None, n_hidden
                            sharers: int = 1) -> None:
     """Raise EmbgeomError when accumulators of `nbytes` (per process) cannot fit on
     `device`. `sharers` processes on this machine each hold their own (torchrun
-    ranks on the CPU); `n_types`, `n_hidden` (hidden states over all stacks) and
-    `width` name the per-type tables in the message."""
+    ranks on the CPU); `n_types`, `n_hidden` (the hidden states keeping per-type
+    statistics, over all stacks) and `width` name the per-type tables in the
+    message."""
     free = available_bytes(device)
     need = nbytes * (sharers if torch.device(device).type == "cpu" else 1)
     if free is None or need <= USABLE_FRACTION * free:
@@ -86,8 +87,8 @@ def check_accumulators_fit(nbytes: int, device, *, n_types: int | None, n_hidden
     raise EmbgeomError(
         f"the statistics need about {_gib(need)} ({where}) but only {_gib(free)} is available: exact per-type "
         f"means for {n_types:,} token types x {n_hidden} hidden states x width {width} in float64 take "
-        f"{_gib(per_type)}; pass --token-types none (no per-type statistics), --token-types string "
-        "(fewer types) or a smaller --max-tokens")
+        f"{_gib(per_type)}; keep them at a few layers (--type-layers 0 -1 ...), or pass --token-types none "
+        "(no per-type statistics), --token-types string (fewer types) or a smaller --max-tokens")
 
 
 def processes_on_this_machine() -> int:

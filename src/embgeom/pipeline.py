@@ -44,6 +44,7 @@ class AnalysisConfig:
     dtype: str = "float32"
     id_sample: int = 10000
     token_types: str = "id"
+    type_layers: tuple | None = None
     seed: int = 0
     exclude_special: bool = False
     exclude_positions: tuple = ()
@@ -62,6 +63,12 @@ class AnalysisConfig:
             raise EmbgeomError(f"unknown option(s) {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
         cfg = cls(**options)
         cfg.exclude_positions = tuple(int(p) for p in (cfg.exclude_positions or ()))
+        if cfg.type_layers is not None:
+            layers = (cfg.type_layers,) if isinstance(cfg.type_layers, (int, np.integer)) else tuple(cfg.type_layers)
+            bad = [v for v in layers if isinstance(v, bool) or not isinstance(v, (int, np.integer))]
+            if bad or not layers:
+                raise EmbgeomError(f"--type-layers takes layer numbers (negative: from the last), got {cfg.type_layers!r}")
+            cfg.type_layers = tuple(int(v) for v in layers)
         cfg.validate()
         return cfg
 
@@ -79,6 +86,9 @@ class AnalysisConfig:
             raise EmbgeomError(f"--id-sample must be a non-negative integer, got {self.id_sample!r}")
         if self.token_types not in ("id", "string", "none"):
             raise EmbgeomError(f"--token-types must be 'id', 'string' or 'none', got {self.token_types!r}")
+        if self.type_layers is not None and self.token_types == "none":
+            raise EmbgeomError("--type-layers chooses where per-type statistics are kept, but --token-types none "
+                               "keeps none; drop one of the two")
         if not (isinstance(self.outlier_factor, (int, float)) and math.isfinite(self.outlier_factor) and self.outlier_factor > 1):
             raise EmbgeomError(f"--outlier-factor must be a number greater than 1, got {self.outlier_factor!r}")
         if self.encoding_errors not in ("strict", "replace", "ignore"):
@@ -87,6 +97,23 @@ class AnalysisConfig:
             raise EmbgeomError(f"--device-map must be auto, balanced, balanced_low_0 or sequential, got {self.device_map!r}")
         if self.min_count < 1 or self.max_count < self.min_count:
             raise EmbgeomError(f"--min-count/--max-count must satisfy 1 <= min <= max, got {self.min_count}, {self.max_count}")
+
+
+def resolve_type_layers(type_layers: tuple | None, n_layers: dict) -> dict | None:
+    """{stack: layers keeping per-type statistics} from --type-layers (negative
+    numbers count from the last hidden state, -1 being the last); None: all."""
+    if type_layers is None:
+        return None
+    out = {}
+    for stack, L in n_layers.items():
+        chosen = set()
+        for v in type_layers:
+            if not -(L + 1) <= v <= L:
+                raise EmbgeomError(f"--type-layers {v} is not a layer of this model's {stack} (0 to {L}, "
+                                   f"or -1 to -{L + 1} counting from the last)")
+            chosen.add(v % (L + 1))
+        out[stack] = tuple(sorted(chosen))
+    return out
 
 
 def _documents(corpus, cfg: AnalysisConfig):
@@ -159,7 +186,7 @@ def analyze(
         "auto": if it exists). A snapshot made with other options, another model or
         corpus, or another number of processes is refused.
     **options : the fields of `AnalysisConfig` (max_tokens, seq_len, batch_size,
-        device, device_map, dtype, id_sample, token_types, seed, exclude_special,
+        device, device_map, dtype, id_sample, token_types, type_layers, seed, exclude_special,
         exclude_positions, outlier_factor, text_field, encoding_errors, min_count,
         max_count).
 
@@ -235,9 +262,12 @@ def analyze(
     t_count = time.perf_counter() - t1
 
     device = loaded.device
-    planned_bytes = LayerStatistics.planned_nbytes(facts.n_layers, facts.width, n_types_expected, cfg.id_sample)
+    type_layers = resolve_type_layers(cfg.type_layers, facts.n_layers)
+    planned_bytes = LayerStatistics.planned_nbytes(facts.n_layers, facts.width, n_types_expected, cfg.id_sample,
+                                                   type_layers)
     check_accumulators_fit(planned_bytes, device, n_types=n_types_expected, width=facts.width,
-                           n_hidden=sum(n + 1 for n in facts.n_layers.values()),
+                           n_hidden=sum(map(len, LayerStatistics.typed_layers(facts.n_layers, True,
+                                                                               type_layers).values())),
                            sharers=processes_on_this_machine() if shard.world > 1 else 1)
     is_ed = facts.kind == "encoder-decoder"
     head = head or n_windows
@@ -269,7 +299,8 @@ def analyze(
             resumed_from = sum(shard.all_gather(int(state["tokens_done"])))
     if stats is None:
         stats = LayerStatistics(facts.n_layers, facts.width, device, outlier_factor=cfg.outlier_factor,
-                                with_types=with_types, type_capacity=(n_types_expected or 0) + 1,
+                                with_types=with_types, type_layers=type_layers,
+                                type_capacity=(n_types_expected or 0) + 1,
                                 id_sample=cfg.id_sample, seed=cfg.seed)
     type_lut = torch.as_tensor(type_of, device=device) if type_of is not None else None
     pad = pad_token_id(tok)

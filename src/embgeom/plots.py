@@ -132,12 +132,22 @@ def middle_layer(n_layers: int) -> int:
     return n_layers // 2
 
 
+def types_layer(tokens: pd.DataFrame, n_layers: int, layer: int | None = None) -> int:
+    """The layer of the per-type figures: `layer` if given, else of the layers with
+    per-type statistics (all, unless --type-layers chose some) the nearest the middle."""
+    if layer is not None:
+        return layer
+    mid = middle_layer(n_layers)
+    have = set(int(v) for v in tokens["layer"].unique()) if len(tokens) else set()
+    return min(have, key=lambda v: (abs(v - mid), v)) if have else mid
+
+
 def plot_mv_scatter(tokens: pd.DataFrame, layers: pd.DataFrame, path: Path, layer: int | None = None,
                     min_count: int = 10, max_count: int = 100000) -> Path | None:
     """M(X_t) against V(X_t) per token type at one layer (middle by default), one
     panel per view, with the least-squares line, coloured by log10 n_t."""
     L = int(layers["n_layers"].iloc[0])
-    layer = middle_layer(L) if layer is None else layer
+    layer = types_layer(tokens, L, layer)
     views = [v for v in ("all", "inliers") if "view" not in tokens.columns or v in set(tokens["view"])]
     fig, axes = plt.subplots(1, len(views), figsize=(5.6 * len(views), 4.6), squeeze=False)
     drawn = False
@@ -216,7 +226,7 @@ def plot_within_share(layers: pd.DataFrame, path: Path) -> Path | None:
 
 def plot_types_vs_count(tokens: pd.DataFrame, layers: pd.DataFrame, path: Path, layer: int | None = None) -> Path | None:
     L = int(layers["n_layers"].iloc[0])
-    layer = middle_layer(L) if layer is None else layer
+    layer = types_layer(tokens, L, layer)
     t = tokens[tokens["layer"] == layer]
     if "view" in t.columns:
         t = t[t["view"] == "all"]

@@ -102,9 +102,10 @@ def _headlines(g: pd.DataFrame, outliers: pd.DataFrame | None, model: str, stack
                        f"to {_fmt(idc[0])} (layer {idc[1]}).")
         within = (all_v["V_within"] / all_v["V"]).dropna()
         if not within.empty:
-            first, last = within.iloc[0], within.iloc[-1]
-            out.append(f"- Variance within token types: {_fmt(100 * first, 2)}% of the variance at layer "
-                       f"{int(all_v['layer'].iloc[0])}, {_fmt(100 * last, 2)}% at layer {int(all_v['layer'].iloc[-1])}.")
+            first, last = within.index[0], within.index[-1]  # the first and last layers with per-type statistics
+            out.append(f"- Variance within token types: {_fmt(100 * within[first], 2)}% of the variance at layer "
+                       f"{int(all_v.loc[first, 'layer'])}, {_fmt(100 * within[last], 2)}% at layer "
+                       f"{int(all_v.loc[last, 'layer'])}.")
         slope = all_v[["layer", "mv_slope", "mv_r2", "n_types"]].dropna()
         if not slope.empty:
             mid = slope.iloc[len(slope) // 2]

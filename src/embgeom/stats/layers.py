@@ -73,6 +73,10 @@ class LayerStatistics:
         Batches are held back until `calibrate()` (or `finish()`) fixes the medians
         from them, then go into the accumulators like every later batch.
     with_types : keep per-token-type moments (paper B) too.
+    type_layers : {stack: layer indices (0 to n_layers)} keeping per-type moments;
+        a stack not named, or None, keeps them at every layer. Per-type tables hold
+        d float64 per type and layer, the bulk of a long run's memory, so a big
+        model may keep them at a few layers only.
     type_capacity : expected number of token types (rows allocated once).
     id_sample : positions kept (uniformly, by seeded hash of their keys) with their
         vectors in every layer, for intrinsic dimension; 0 keeps none.
@@ -80,7 +84,8 @@ class LayerStatistics:
     """
 
     def __init__(self, n_layers: dict, width: int, device=None, outlier_factor: float = 10.0,
-                 with_types: bool = True, type_capacity: int = 0, id_sample: int = 0, seed: int = 0):
+                 with_types: bool = True, type_capacity: int = 0, id_sample: int = 0, seed: int = 0,
+                 type_layers: dict | None = None):
         self.n_layers = dict(n_layers)
         self.width = width
         self.device = torch.device(device) if device is not None else None
@@ -88,14 +93,14 @@ class LayerStatistics:
         self.seed = int(seed)
         self.outlier_factor = float(outlier_factor)
         self.with_types = with_types
+        self.type_layers = self.typed_layers(self.n_layers, with_types, type_layers)
 
-        def part():
-            return {s: [LayerAccumulators.new(width, device, with_types, type_capacity) for _ in range(n + 1)]
-                    for s, n in self.n_layers.items()}
+        def part(capacity):
+            return {s: [LayerAccumulators.new(width, device, layer in self.type_layers[s], capacity)
+                        for layer in range(n + 1)] for s, n in self.n_layers.items()}
 
-        self.inliers = part()
-        self.outliers = {s: [LayerAccumulators.new(width, device, with_types) for _ in range(n + 1)]
-                         for s, n in self.n_layers.items()}
+        self.inliers = part(type_capacity)
+        self.outliers = part(0)
         self.median_norm: dict = {s: None for s in self.n_layers}  # stack -> list per layer
         self.calibrated_on: dict = {s: 0 for s in self.n_layers}
         self._pending = {s: _Pending() for s in self.n_layers}
@@ -104,6 +109,23 @@ class LayerStatistics:
         self._consumed: set = set()  # (stack, layer) whose outliers were merged into the inliers
         self.samples = {s: PositionSample(id_sample, n + 1, width, seed=seed) for s, n in self.n_layers.items()} \
             if id_sample > 0 else {}
+
+    @staticmethod
+    def typed_layers(n_layers: dict, with_types: bool, type_layers: dict | None) -> dict:
+        """{stack: sorted tuple of the layers keeping per-type moments}, validated."""
+        typed = {}
+        for s, n in n_layers.items():
+            chosen = None if type_layers is None else type_layers.get(s)
+            if not with_types:
+                typed[s] = ()
+            elif chosen is None:
+                typed[s] = tuple(range(n + 1))
+            else:
+                bad = [c for c in chosen if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c <= n]
+                if bad:
+                    raise EmbgeomError(f"type_layers[{s!r}] holds {bad[0]!r}, not a layer of this {s} (0 to {n})")
+                typed[s] = tuple(sorted(set(chosen)))
+        return typed
 
     # ----------------------------------------------------------------- updates
     def update(self, stack: str, hidden, counted: torch.Tensor, token_types: torch.Tensor,
@@ -221,8 +243,9 @@ class LayerStatistics:
             self.inliers[stack][layer].update(x, groups)
             return
         keep = ~out
-        g_in = TokenMoments.group(types[keep]) if self.with_types else None
-        g_out = TokenMoments.group(types[out]) if self.with_types else None
+        typed = self.inliers[stack][layer].types is not None
+        g_in = TokenMoments.group(types[keep]) if typed else None
+        g_out = TokenMoments.group(types[out]) if typed else None
         self.inliers[stack][layer].update(x[keep], g_in)
         self.outliers[stack][layer].update(x[out], g_out)
         row = {k: v[out].cpu() for k, v in metas.items()}
@@ -322,6 +345,7 @@ class LayerStatistics:
             "kind": "LayerStatistics", "version": 1,
             "n_layers": dict(self.n_layers), "width": self.width, "outlier_factor": self.outlier_factor,
             "with_types": self.with_types, "id_sample": self.id_sample, "seed": self.seed,
+            "type_layers": {st: list(v) for st, v in self.type_layers.items()},
             "median_norm": {s: list(m) for s, m in self.median_norm.items()},
             "calibrated_on": dict(self.calibrated_on),
             "inliers": part(self.inliers), "outliers": part(self.outliers),
@@ -335,7 +359,7 @@ class LayerStatistics:
         if not isinstance(sd, dict) or sd.get("kind") != "LayerStatistics":
             raise EmbgeomError("not a LayerStatistics state_dict (missing kind='LayerStatistics')")
         stats = cls(sd["n_layers"], sd["width"], device, outlier_factor=sd["outlier_factor"],
-                    with_types=sd["with_types"], id_sample=0, seed=sd["seed"])
+                    with_types=sd["with_types"], id_sample=0, seed=sd["seed"], type_layers=sd.get("type_layers"))
         stats.id_sample = int(sd["id_sample"])
 
         def part(p, capacity):
@@ -357,7 +381,7 @@ class LayerStatistics:
         calibrated with the same thresholds. Returns self."""
         if not isinstance(other, LayerStatistics):
             raise EmbgeomError(f"can only merge LayerStatistics, got {type(other).__name__}")
-        for name in ("n_layers", "width", "outlier_factor", "with_types", "id_sample", "seed"):
+        for name in ("n_layers", "width", "outlier_factor", "with_types", "type_layers", "id_sample", "seed"):
             if getattr(self, name) != getattr(other, name):
                 raise EmbgeomError(f"cannot merge LayerStatistics with different {name}: "
                                    f"{getattr(self, name)!r} vs {getattr(other, name)!r}")
@@ -388,15 +412,19 @@ class LayerStatistics:
         return acc + sum(s.nbytes for s in self.samples.values())
 
     @staticmethod
-    def planned_nbytes(n_layers: dict, width: int, n_types: int | None = None, id_sample: int = 0) -> int:
-        """``nbytes`` at the end of a run whose every layer meets `n_types` token types
-        (None: no per-type statistics) among its inliers, sized as the pipeline sizes
-        them (n_types + 1 rows), before any outlier's per-type rows (outliers are few:
-        their tables grow from nothing). Known before the stream starts, so a run
-        that cannot fit is refused before any model work."""
+    def planned_nbytes(n_layers: dict, width: int, n_types: int | None = None, id_sample: int = 0,
+                       type_layers: dict | None = None) -> int:
+        """``nbytes`` at the end of a run whose every typed layer (`type_layers`, as in
+        the constructor) meets `n_types` token types (None: no per-type statistics)
+        among its inliers, sized as the pipeline sizes them (n_types + 1 rows), before
+        any outlier's per-type rows (outliers are few: their tables grow from
+        nothing). Known before the stream starts, so a run that cannot fit is refused
+        before any model work."""
         hidden = sum(n + 1 for n in n_layers.values())
-        per_layer = 2 * Moments.nbytes_for(width)  # inliers and outliers
+        total = hidden * 2 * Moments.nbytes_for(width)  # inliers and outliers
         if n_types is not None:
-            per_layer += TokenMoments.nbytes_for(width, n_types + 1, n_types)
-        sample = sum(PositionSample.nbytes_for(id_sample, n + 1, width) for n in n_layers.values()) if id_sample > 0 else 0
-        return hidden * per_layer + sample
+            typed = LayerStatistics.typed_layers(n_layers, True, type_layers)
+            total += sum(map(len, typed.values())) * TokenMoments.nbytes_for(width, n_types + 1, n_types)
+        if id_sample > 0:
+            total += sum(PositionSample.nbytes_for(id_sample, n + 1, width) for n in n_layers.values())
+        return total
