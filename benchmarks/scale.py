@@ -10,6 +10,7 @@ reports its own peak resident memory; tokens per second come from run.json
     .venv/bin/python benchmarks/scale.py --model smollm2 --tokens 20000
     .venv/bin/python benchmarks/scale.py --model minilm --tokens 100000 --ranks 1 2
     .venv/bin/python benchmarks/scale.py --model minilm --token-types none   # no per-type tables
+    .venv/bin/python benchmarks/scale.py --model minilm --type-layers 0 3 6  # per-type tables at 3 of 7
 """
 from __future__ import annotations
 
@@ -63,6 +64,8 @@ def measure(model: str, corpus: Path, tokens: int, ranks: int, args) -> dict:
                 "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--id-sample",
                 str(args.id_sample), "--device", "cpu", "--no-progress", "--no-figures",
                 "--token-types", args.token_types]
+    for layer in args.type_layers or ():
+        run_args += ["--type-layers", str(layer)]
     me = [sys.executable, str(Path(__file__).resolve())]
     cmd = me + (["--child"] if ranks == 1 else ["--launch", str(ranks)]) + ["--", *run_args]
     t = time.perf_counter()
@@ -97,6 +100,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--id-sample", type=int, default=10000)
     ap.add_argument("--token-types", default="id", help="id, string or none (no per-type statistics)")
+    ap.add_argument("--type-layers", type=int, nargs="+", default=None,
+                    help="layers keeping per-type statistics (default: all)")
     ap.add_argument("--corpus", type=Path, default=None, help="default: the whole gensim Wikipedia sample")
     args = ap.parse_args()
     corpus = args.corpus
