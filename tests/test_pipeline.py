@@ -271,3 +271,41 @@ def test_figures_drawn_by_workers_equal_those_drawn_here(tiny_models, lee_corpus
     monkeypatch.setattr(plots, "plot_spectrum", broken)
     with pytest.raises(EmbgeomError, match="spectrum figure failed"):
         plots.plot_runs([res], tmp_path / "broken", workers=2)
+
+
+def test_hidden_states_of_different_widths(tmp_path, lee_corpus):
+    """OPT-350m's last hidden state is projected to the embedding width (project_out):
+    each layer is measured at its own width, against output_hidden_states."""
+    import torch
+    import transformers as tf
+
+    from conftest import build_tokenizer
+
+    tok = build_tokenizer("llama")
+    torch.manual_seed(0)
+    model = tf.OPTForCausalLM(tf.OPTConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
+                                           num_attention_heads=2, ffn_dim=64, max_position_embeddings=128,
+                                           word_embed_proj_dim=16, do_layer_norm_before=False))
+    model.save_pretrained(tmp_path / "opt")
+    tok.save_pretrained(tmp_path / "opt")
+    texts = lee_corpus.read_text().splitlines()[:5]
+    res = analyze(str(tmp_path / "opt"), texts, seq_len=48, batch_size=1, device="cpu", id_sample=200,
+                  outlier_factor=1e6)
+    facts = res.run["model"]
+    assert facts["width"] == 32 and facts["layer_widths"] == {"decoder": [32, 32, 16]}
+    assert facts["norm_placement"] == "post-LN"
+    assert res.run["planned_accumulator_bytes"] == res.run["accumulator_bytes"]
+    lm = load_model(str(tmp_path / "opt"), device="cpu")
+    windows = windows_of(texts, lm.tokenizer, 48, lm.facts.special_prefix, lm.facts.special_suffix)
+    ref = hidden_vectors(lm.model, windows)["main"]
+    rows = res.layers[res.layers["view"] == "all"].sort_values("layer")
+    for (_, row), X in zip(rows.iterrows(), ref):
+        want = two_pass(X)
+        for key in ("Q", "M", "V", "anisotropy", "mean_cosine"):
+            assert row[key] == pytest.approx(want[key], rel=1e-9), (row["layer"], key)
+        assert np.isfinite(row["id_twonn"]) and np.isfinite(row["V_within"])
+    (tmp_path / "out").mkdir()
+    assert "width 32 (decoder layer 2: 16)" in res.write_report(tmp_path / "out", None).read_text()
+    last = res.spectrum[(res.spectrum["layer"] == 2) & (res.spectrum["view"] == "all")]
+    assert len(last) == 16
+    assert set(res.tokens["layer"]) == {0, 1, 2}

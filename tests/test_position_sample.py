@@ -183,3 +183,41 @@ def test_errors(stream):
         pack_position_keys(-1, 0)
     with pytest.raises(EmbgeomError, match="token_offset"):
         pack_position_keys(0, 2**32)
+
+
+def test_layers_of_different_widths(stream):
+    """Hidden states of different widths (OPT-350m projects its last one): each layer
+    keeps its own width, and the sample is the one of uniform width cut to it, through
+    merges and a state round trip."""
+    keys, vecs, tok, offs = stream
+    dims = [D, D, 2]
+    whole = _run(stream, 250)
+
+    def narrow(idx, batch):
+        s = PositionSample(300, L, dims, seed=0)
+        for i in range(0, len(idx), batch):
+            j = idx[i : i + batch]
+            s.update(keys[j], [vecs[l, j][:, : dims[l]] for l in range(L)], {"token_id": tok[j], "position": offs[j]})
+        return s
+
+    one = narrow(torch.arange(N), 250)
+    assert one.dim == dims and one.nbytes == 300 * L * D * 4
+    assert np.array_equal(one.keys, whole.keys)
+    for l in range(L):
+        assert one.layer(l).shape == (300, dims[l])
+        assert np.array_equal(one.layer(l), whole.layer(l)[:, : dims[l]])
+    a, b = narrow(torch.arange(0, N, 2), 97), narrow(torch.arange(1, N, 2), 131)
+    merged = a.merge(b)
+    _same(one, merged)
+    buf = io.BytesIO()
+    torch.save(one.state_dict(), buf)
+    buf.seek(0)
+    _same(one, PositionSample.from_state_dict(torch.load(buf)))
+    with pytest.raises(EmbgeomError, match=r"vectors\[2\] must have shape \(n=4, dim=2\)"):
+        one.update(keys[:4] + 10**12, [vecs[l, :4] for l in range(L)])
+    with pytest.raises(EmbgeomError, match="widths differ"):
+        one.update(keys[:4] + 10**12, vecs[:, :4])
+    with pytest.raises(EmbgeomError, match="different dim"):
+        one.merge(_run(stream, 500))
+    with pytest.raises(EmbgeomError, match="n_layers=3 widths, got 2"):
+        PositionSample(10, L, [D, D])

@@ -31,16 +31,24 @@ class ModelFacts:
     model_type: str
     kind: str  # encoder | decoder | encoder-decoder
     n_layers: dict  # stack -> number of blocks (hidden states = n_layers + 1)
-    width: int
+    width: int  # of the hidden states (the most common one, where they differ)
     norm_placement: str  # pre-LN | post-LN | sandwich | none
     max_length: int | None
     dtype: str
     n_parameters: int
     special_prefix: list = field(default_factory=list)
     special_suffix: list = field(default_factory=list)
+    # {stack: width of each hidden state}, only where they differ (OPT-350m projects
+    # its last hidden state to the embedding width); None otherwise.
+    layer_widths: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def widths(self):
+        """What the accumulators are sized by: the width, or the per-layer widths."""
+        return self.layer_widths or self.width
 
 
 @dataclass
@@ -378,7 +386,10 @@ def inspect_model(model, tokenizer, source="object", path="", revision=None) -> 
         n_layers = {stack: len(h) - 1 for stack, h in hidden.items()}
     else:
         n_layers = {kind: first_stack_layers}
-    width = int(next(iter(hidden.values()))[-1].shape[-1])
+    per_layer = {stack: [int(h.shape[-1]) for h in hs] for stack, hs in zip(n_layers, hidden.values())}
+    every = [w for ws in per_layer.values() for w in ws]
+    width = max(set(every), key=every.count)
+    layer_widths = per_layer if len(set(every)) > 1 else None
     arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
     return ModelFacts(
         source=source,
@@ -395,4 +406,5 @@ def inspect_model(model, tokenizer, source="object", path="", revision=None) -> 
         n_parameters=int(sum(p.numel() for p in model.parameters())),
         special_prefix=prefix,
         special_suffix=suffix,
+        layer_widths=layer_widths,
     )

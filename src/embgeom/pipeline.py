@@ -263,7 +263,7 @@ def analyze(
 
     device = loaded.device
     type_layers = resolve_type_layers(cfg.type_layers, facts.n_layers)
-    planned_bytes = LayerStatistics.planned_nbytes(facts.n_layers, facts.width, n_types_expected, cfg.id_sample,
+    planned_bytes = LayerStatistics.planned_nbytes(facts.n_layers, facts.widths, n_types_expected, cfg.id_sample,
                                                    type_layers)
     check_accumulators_fit(planned_bytes, device, n_types=n_types_expected, width=facts.width,
                            n_hidden=sum(map(len, LayerStatistics.typed_layers(facts.n_layers, True,
@@ -298,7 +298,7 @@ def analyze(
             progress_state = {k: state[k] for k in progress_state}
             resumed_from = sum(shard.all_gather(int(state["tokens_done"])))
     if stats is None:
-        stats = LayerStatistics(facts.n_layers, facts.width, device, outlier_factor=cfg.outlier_factor,
+        stats = LayerStatistics(facts.n_layers, facts.widths, device, outlier_factor=cfg.outlier_factor,
                                 with_types=with_types, type_layers=type_layers,
                                 type_capacity=(n_types_expected or 0) + 1,
                                 id_sample=cfg.id_sample, seed=cfg.seed)

@@ -34,6 +34,13 @@ def _fmt(x, digits: int = 3) -> str:
     return f"{x:.{digits}g}"
 
 
+def _other_widths(layer_widths: dict | None, width) -> str:
+    """' (STACK layer L: W, ...)' for the hidden states whose width is not the model's."""
+    odd = [f"{stack} layer {layer}: {w}" for stack, ws in (layer_widths or {}).items()
+           for layer, w in enumerate(ws) if w != width]
+    return f" ({', '.join(odd)})" if odd else ""
+
+
 def _runs(run: dict) -> list[dict]:
     return run.get("runs") or [run] if run else []
 
@@ -51,6 +58,7 @@ def _run_section(run: dict) -> list[str]:
                   + (f" @ {cfg['revision']}" if cfg.get("revision") else "")),
         ("architecture", f"{model.get('architecture', '?')} ({model.get('kind', '?')}, "
                          f"{model.get('norm_placement', '?')}), blocks: {layers}, width {model.get('width', '?')}"
+                         + _other_widths(model.get("layer_widths"), model.get("width"))
                          + (f", {params / 1e6:.1f}M parameters" if params else "")),
         ("corpus", f"`{corpus.get('path', '?')}` ({corpus.get('format', '?')}): "
                    f"{_fmt(counts.get('documents'))} documents, {_fmt(counts.get('windows'))} windows, "

@@ -68,7 +68,8 @@ class LayerStatistics:
     Parameters
     ----------
     n_layers : {stack: number of blocks}; hidden states are n_layers + 1 per stack.
-    width : vector width d.
+    width : vector width d, or {stack: one width per hidden state} for a model whose
+        hidden states differ in width (OPT-350m projects its last one).
     outlier_factor : inliers have ‖x‖ ≤ outlier_factor × median ‖x‖ of their layer.
         Batches are held back until `calibrate()` (or `finish()`) fixes the medians
         from them, then go into the accumulators like every later batch.
@@ -88,6 +89,7 @@ class LayerStatistics:
                  type_layers: dict | None = None):
         self.n_layers = dict(n_layers)
         self.width = width
+        self.widths = self.layer_widths(self.n_layers, width)
         self.device = torch.device(device) if device is not None else None
         self.id_sample = int(id_sample)
         self.seed = int(seed)
@@ -96,7 +98,7 @@ class LayerStatistics:
         self.type_layers = self.typed_layers(self.n_layers, with_types, type_layers)
 
         def part(capacity):
-            return {s: [LayerAccumulators.new(width, device, layer in self.type_layers[s], capacity)
+            return {s: [LayerAccumulators.new(self.widths[s][layer], device, layer in self.type_layers[s], capacity)
                         for layer in range(n + 1)] for s, n in self.n_layers.items()}
 
         self.inliers = part(type_capacity)
@@ -107,8 +109,26 @@ class LayerStatistics:
         self._outlier_rows: list = []
         self._id_cache: dict = {}
         self._consumed: set = set()  # (stack, layer) whose outliers were merged into the inliers
-        self.samples = {s: PositionSample(id_sample, n + 1, width, seed=seed) for s, n in self.n_layers.items()} \
+        self.samples = {s: PositionSample(id_sample, n + 1, self._sample_dim(s), seed=seed)
+                        for s, n in self.n_layers.items()} \
             if id_sample > 0 else {}
+
+    @staticmethod
+    def layer_widths(n_layers: dict, width) -> dict:
+        """{stack: [width of each hidden state]} from one width or per-stack lists."""
+        if not isinstance(width, dict):
+            return {s: [int(width)] * (n + 1) for s, n in n_layers.items()}
+        out = {}
+        for s, n in n_layers.items():
+            w = width.get(s)
+            if not isinstance(w, (list, tuple)) or len(w) != n + 1:
+                raise EmbgeomError(f"width[{s!r}] must list {n + 1} widths (one per hidden state), got {w!r}")
+            out[s] = [int(v) for v in w]
+        return out
+
+    def _sample_dim(self, stack: str):
+        w = self.widths[stack]
+        return w[0] if len(set(w)) == 1 else list(w)
 
     @staticmethod
     def typed_layers(n_layers: dict, with_types: bool, type_layers: dict | None) -> dict:
@@ -381,7 +401,7 @@ class LayerStatistics:
         calibrated with the same thresholds. Returns self."""
         if not isinstance(other, LayerStatistics):
             raise EmbgeomError(f"can only merge LayerStatistics, got {type(other).__name__}")
-        for name in ("n_layers", "width", "outlier_factor", "with_types", "type_layers", "id_sample", "seed"):
+        for name in ("n_layers", "widths", "outlier_factor", "with_types", "type_layers", "id_sample", "seed"):
             if getattr(self, name) != getattr(other, name):
                 raise EmbgeomError(f"cannot merge LayerStatistics with different {name}: "
                                    f"{getattr(self, name)!r} vs {getattr(other, name)!r}")
@@ -419,12 +439,13 @@ class LayerStatistics:
         among its inliers, sized as the pipeline sizes them (n_types + 1 rows), before
         any outlier's per-type rows (outliers are few: their tables grow from
         nothing). Known before the stream starts, so a run that cannot fit is refused
-        before any model work."""
-        hidden = sum(n + 1 for n in n_layers.values())
-        total = hidden * 2 * Moments.nbytes_for(width)  # inliers and outliers
+        before its stream starts."""
+        widths = LayerStatistics.layer_widths(n_layers, width)
+        total = sum(2 * Moments.nbytes_for(w) for ws in widths.values() for w in ws)  # inliers and outliers
         if n_types is not None:
             typed = LayerStatistics.typed_layers(n_layers, True, type_layers)
-            total += sum(map(len, typed.values())) * TokenMoments.nbytes_for(width, n_types + 1, n_types)
+            total += sum(TokenMoments.nbytes_for(widths[s][layer], n_types + 1, n_types)
+                         for s, layers in typed.items() for layer in layers)
         if id_sample > 0:
-            total += sum(PositionSample.nbytes_for(id_sample, n + 1, width) for n in n_layers.values())
+            total += sum(PositionSample.nbytes_for(id_sample, len(ws), ws) for ws in widths.values())
         return total

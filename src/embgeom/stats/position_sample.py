@@ -108,23 +108,31 @@ class PositionSample:
     ----------
     size : number of positions to keep (``--id-sample``, default 10 000 in the CLI).
     n_layers : number of layers stored per position (e.g. ``L + 1`` hidden states).
-    dim : width of the hidden vectors.
+    dim : width of the hidden vectors, or a sequence of ``n_layers`` widths for a
+        model whose hidden states differ in width (OPT-350m projects its last one).
     seed : sampling seed (``--seed``); any integer, used modulo 2⁶⁴.
 
     The accessors (:attr:`keys`, :meth:`layer`, :meth:`metadata`) return the sampled
     positions **sorted by key** (stream order with the recommended packing).
     """
 
-    def __init__(self, size: int, n_layers: int, dim: int, seed: int = 0):
-        for nm, v in (("size", size), ("n_layers", n_layers), ("dim", dim)):
+    def __init__(self, size: int, n_layers: int, dim, seed: int = 0):
+        dims = tuple(dim) if isinstance(dim, (list, tuple)) else None
+        for nm, v in (("size", size), ("n_layers", n_layers), *((("dim", d) for d in dims) if dims else [("dim", dim)])):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise EmbgeomError(f"{nm} must be a positive integer, got {v!r}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise EmbgeomError(f"seed must be an integer, got {seed!r}")
-        self.size, self.n_layers, self.dim, self.seed = int(size), int(n_layers), int(dim), int(seed)
+        if dims is not None and len(dims) != n_layers:
+            raise EmbgeomError(f"dim must be one width or n_layers={n_layers} widths, got {len(dims)}: {list(dims)}")
+        self.size, self.n_layers, self.seed = int(size), int(n_layers), int(seed)
+        # Per-layer widths; `dim` is the one width, or the list where they differ.
+        self.dims = tuple(int(d) for d in dims) if dims else (int(dim),) * self.n_layers
+        self.dim = self.dims[0] if len(set(self.dims)) == 1 else list(self.dims)
         self._keys = np.empty(self.size, dtype=np.int64)
         self._prio = np.empty(self.size, dtype=np.int64)
-        self._vec = torch.empty((self.n_layers, self.size, self.dim), dtype=torch.float32)
+        # Narrower layers use the first columns of the widest one's slots.
+        self._vec = torch.empty((self.n_layers, self.size, max(self.dims)), dtype=torch.float32)
         self._meta_names: tuple[str, ...] | None = None  # fixed by the first update
         self._meta: dict[str, np.ndarray] = {}
         self._m = 0  # entries stored, in slots [0, m)
@@ -144,12 +152,13 @@ class PositionSample:
 
     @property
     def nbytes(self) -> int:
-        """Memory of the vector store: size × n_layers × dim × 4 bytes."""
+        """Memory of the vector store: size × n_layers × dim × 4 bytes (the widest
+        layer's dim where they differ)."""
         return self.nbytes_for(self.size, self.n_layers, self.dim)
 
     @staticmethod
-    def nbytes_for(size: int, n_layers: int, dim: int) -> int:
-        return size * n_layers * dim * 4
+    def nbytes_for(size: int, n_layers: int, dim) -> int:
+        return size * n_layers * (max(dim) if isinstance(dim, (list, tuple)) else dim) * 4
 
     @property
     def metadata_names(self) -> tuple[str, ...]:
@@ -177,7 +186,11 @@ class PositionSample:
         if isinstance(l, bool) or not isinstance(l, (int, np.integer)) or not (-self.n_layers <= l < self.n_layers):
             raise EmbgeomError(f"layer index must be an integer in [0, {self.n_layers}), got {l!r}")
         order = torch.from_numpy(self._sort_order())
-        return self._vec[int(l)].index_select(0, order).numpy()
+        return self._slots(int(l)).index_select(0, order).numpy()
+
+    def _slots(self, l: int) -> torch.Tensor:
+        """(size, width of layer l) view of layer l's stored vectors."""
+        return self._vec[l, :, : self.dims[l]]
 
     def metadata(self, name: str) -> np.ndarray:
         """(m,) int64 metadata field ``name`` at the sampled positions (order of :attr:`keys`)."""
@@ -202,6 +215,9 @@ class PositionSample:
         if isinstance(vectors, np.ndarray):
             vectors = torch.from_numpy(vectors)
         if isinstance(vectors, torch.Tensor):
+            if isinstance(self.dim, list):
+                raise EmbgeomError(f"vectors must be a list of n_layers={self.n_layers} (n, dim) arrays: "
+                                   f"the layers' widths differ ({self.dim})")
             if vectors.ndim != 3 or tuple(vectors.shape) != (self.n_layers, n, self.dim):
                 raise EmbgeomError(
                     f"vectors must have shape (n_layers={self.n_layers}, n={n}, dim={self.dim}), "
@@ -217,9 +233,9 @@ class PositionSample:
                 )
             vs = [torch.from_numpy(v) if isinstance(v, np.ndarray) else v for v in vectors]
             for l, v in enumerate(vs):
-                if not isinstance(v, torch.Tensor) or v.ndim != 2 or tuple(v.shape) != (n, self.dim):
+                if not isinstance(v, torch.Tensor) or v.ndim != 2 or tuple(v.shape) != (n, self.dims[l]):
                     shape = tuple(v.shape) if hasattr(v, "shape") else type(v).__name__
-                    raise EmbgeomError(f"vectors[{l}] must have shape (n={n}, dim={self.dim}), got {shape}")
+                    raise EmbgeomError(f"vectors[{l}] must have shape (n={n}, dim={self.dims[l]}), got {shape}")
                 if not v.is_floating_point():
                     raise EmbgeomError(f"vectors[{l}] must be floating point, got dtype {v.dtype}")
             return lambda l: vs[l]
@@ -314,7 +330,7 @@ class PositionSample:
             self._meta[nm][slots] = a[new_sel]
         ts = torch.from_numpy(slots.astype(np.int64))
         for l in range(self.n_layers):
-            self._vec[l].index_copy_(0, ts, fetch(l, new_sel))
+            self._slots(l).index_copy_(0, ts, fetch(l, new_sel))
         self._m = min(self.size, m + keys.shape[0])
         self._sorted = None
         self._worst = None
@@ -338,7 +354,7 @@ class PositionSample:
         if om:
 
             def fetch(l, sel):
-                return other._vec[l].index_select(0, torch.from_numpy(sel.astype(np.int64)))
+                return other._slots(l).index_select(0, torch.from_numpy(sel.astype(np.int64)))
 
             meta = {nm: other._meta[nm][:om] for nm in other.metadata_names}
             self._insert(other._keys[:om].copy(), other._prio[:om].copy(), fetch, meta)
@@ -369,7 +385,8 @@ class PositionSample:
         try:
             if int(sd["version"]) != _STATE_VERSION:
                 raise EmbgeomError(f"unsupported PositionSample state version {sd['version']}")
-            s = cls(int(sd["size"]), int(sd["n_layers"]), int(sd["dim"]), int(sd["seed"]))
+            dim = [int(d) for d in sd["dim"]] if isinstance(sd["dim"], (list, tuple)) else int(sd["dim"])
+            s = cls(int(sd["size"]), int(sd["n_layers"]), dim, int(sd["seed"]))
             keys = _as_keys(sd["keys"])
             vec = torch.as_tensor(sd["vectors"]).to(torch.float32)
             meta = {str(nm): _as_keys(v) for nm, v in dict(sd.get("metadata", {})).items()}
@@ -378,13 +395,14 @@ class PositionSample:
         except (KeyError, TypeError, ValueError) as exc:
             raise EmbgeomError(f"not a PositionSample state dict: {exc}") from exc
         m = keys.shape[0]
-        if m > s.size or tuple(vec.shape) != (s.n_layers, m, s.dim) or any(v.shape[0] != m for v in meta.values()):
+        if m > s.size or tuple(vec.shape) != (s.n_layers, m, max(s.dims)) or any(v.shape[0] != m for v in meta.values()):
             raise EmbgeomError("PositionSample state dict has inconsistent shapes")
         if names is not None:
             s._fix_meta(tuple(names), "from_state_dict")
             if set(meta) != set(s.metadata_names):
                 raise EmbgeomError("PositionSample state dict: metadata fields do not match metadata_names")
         if m:
-            s._insert(keys, position_priorities(keys, s.seed), lambda l, sel: vec[l].index_select(0, torch.from_numpy(sel.astype(np.int64))), meta)
+            s._insert(keys, position_priorities(keys, s.seed),
+                      lambda l, sel: vec[l, :, : s.dims[l]].index_select(0, torch.from_numpy(sel.astype(np.int64))), meta)
         s.n_seen = n_seen
         return s
