@@ -403,3 +403,19 @@ def test_type_layers_in_a_run(tiny_models, lee_corpus):
     assert full.run["accumulator_bytes"] - some.run["accumulator_bytes"] == saved
     with pytest.raises(EmbgeomError, match=r"--type-layers 9 is not a layer of this model's encoder \(0 to 2"):
         analyze(str(tiny_models["bert"]), texts, type_layers=(9,), **opts)
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_cgroup_room_counts_the_page_cache_as_free(version, tmp_path, monkeypatch):
+    """A container's limit caps the memory available; its page cache (charged to it
+    but given back on demand) does not count as used."""
+    from embgeom import memory
+
+    limit_name, usage_name, cache_key = memory._CGROUP_FILES[version]
+    (tmp_path / limit_name).write_text(f"{8 * 2**30}\n")
+    (tmp_path / usage_name).write_text(f"{7 * 2**30}\n")
+    (tmp_path / "memory.stat").write_text(f"anon 123\n{cache_key} {5 * 2**30}\nother 9\n")
+    monkeypatch.setattr(memory, "_cgroup_dirs", lambda: iter([(version, tmp_path / "gone"), (version, tmp_path)]))
+    assert memory._cgroup_room() == 6 * 2**30  # 8 GiB - (7 - 5) GiB
+    (tmp_path / limit_name).write_text("max\n" if version == "v2" else "9223372036854771712\n")
+    assert memory._cgroup_room() is None

@@ -24,18 +24,57 @@ def _gib(nbytes: float) -> str:
     return f"{nbytes / 2**30:.1f} GiB"
 
 
-def _cgroup_room() -> int | None:
-    """Bytes this process's cgroup (v2) may still take, if it has a limit: inside a
-    container /proc/meminfo shows the host's memory, not the container's."""
+# (limit file, usage file, memory.stat key of the page cache) for cgroup v2 and v1
+_CGROUP_FILES = {"v2": ("memory.max", "memory.current", "file"),
+                 "v1": ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_cache")}
+
+
+def _cgroup_dirs():
+    """(version, directory) of this process's memory cgroup, most specific first."""
     try:
-        rel = Path("/proc/self/cgroup").read_text().split("\n")[0].split(":", 2)[2]
-        base = Path("/sys/fs/cgroup") / rel.lstrip("/")
-        limit = (base / "memory.max").read_text().strip()
-        if limit == "max":
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        hierarchy, controllers, rel = parts
+        if hierarchy == "0" and controllers == "":
+            version, mount = "v2", Path("/sys/fs/cgroup")
+        elif "memory" in controllers.split(","):
+            version, mount = "v1", Path("/sys/fs/cgroup/memory")
+        else:
+            continue
+        # Inside a container the process's own cgroup is often mounted as the root.
+        for d in (mount / rel.lstrip("/"), mount):
+            yield version, d
+
+
+def _cgroup_room() -> int | None:
+    """Bytes this process's memory cgroup may still take, if it has a limit: inside a
+    container /proc/meminfo shows the host's memory, not the container's. The page
+    cache counts towards a cgroup's usage but is given back on demand, so it counts
+    as room."""
+    for version, d in _cgroup_dirs():
+        limit_name, usage_name, cache_key = _CGROUP_FILES[version]
+        try:
+            limit = (d / limit_name).read_text().strip()
+            usage = int((d / usage_name).read_text())
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or int(limit) >= 1 << 60:  # no limit (v1 writes a huge number)
             return None
-        return max(0, int(limit) - int((base / "memory.current").read_text()))
-    except (OSError, IndexError, ValueError):
-        return None
+        cache = 0
+        try:
+            for line in (d / "memory.stat").read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == cache_key:
+                    cache = int(value)
+        except (OSError, ValueError):
+            pass
+        return max(0, int(limit) - max(0, usage - cache))
+    return None
 
 
 def _host_available() -> int | None:
