@@ -265,9 +265,9 @@ def analyze(
     type_layers = resolve_type_layers(cfg.type_layers, facts.n_layers)
     planned_bytes = LayerStatistics.planned_nbytes(facts.n_layers, facts.widths, n_types_expected, cfg.id_sample,
                                                    type_layers)
+    typed = LayerStatistics.typed_layers(facts.n_layers, with_types, type_layers)
     check_accumulators_fit(planned_bytes, device, n_types=n_types_expected, width=facts.width,
-                           n_hidden=sum(map(len, LayerStatistics.typed_layers(facts.n_layers, True,
-                                                                               type_layers).values())),
+                           n_hidden=sum(map(len, typed.values())),
                            sharers=processes_on_this_machine() if shard.world > 1 else 1)
     is_ed = facts.kind == "encoder-decoder"
     head = head or n_windows

@@ -84,7 +84,7 @@ class LayerStatistics:
     seed : the sample's seed.
     """
 
-    def __init__(self, n_layers: dict, width: int, device=None, outlier_factor: float = 10.0,
+    def __init__(self, n_layers: dict, width: int | dict, device=None, outlier_factor: float = 10.0,
                  with_types: bool = True, type_capacity: int = 0, id_sample: int = 0, seed: int = 0,
                  type_layers: dict | None = None):
         self.n_layers = dict(n_layers)
@@ -432,7 +432,7 @@ class LayerStatistics:
         return acc + sum(s.nbytes for s in self.samples.values())
 
     @staticmethod
-    def planned_nbytes(n_layers: dict, width: int, n_types: int | None = None, id_sample: int = 0,
+    def planned_nbytes(n_layers: dict, width: int | dict, n_types: int | None = None, id_sample: int = 0,
                        type_layers: dict | None = None) -> int:
         """``nbytes`` at the end of a run whose every typed layer (`type_layers`, as in
         the constructor) meets `n_types` token types (None: no per-type statistics)
