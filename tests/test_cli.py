@@ -260,3 +260,22 @@ def test_statistics_too_large_for_memory_are_refused_before_the_stream(tiny_mode
     code, err = run_cli([*argv, "--out", str(out)], capsys)
     _assert_one_line_exit_2(code, err, "is available: exact per-type means for", out)
     assert "--token-types none" in err and "hidden states x width" in err
+
+
+def test_model_loading_shows_what_it_does(tiny_models, tmp_path, capfd):
+    """With progress on, transformers' weight-loading bar is shown, and a GGUF file
+    gets a note before its (slow, one-time) dequantization; with progress off,
+    loading is silent."""
+    from embgeom import EmbgeomError
+    from embgeom.models import gguf_fp32_copy, load_model
+
+    load_model(str(tiny_models["llama"]), device="cpu")
+    assert "Loading" not in capfd.readouterr().err
+    load_model(str(tiny_models["llama"]), device="cpu", progress=True)
+    assert "Loading" in capfd.readouterr().err
+    notes = []
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\x00" * 64)
+    with pytest.raises(EmbgeomError, match="could not read GGUF file"):
+        gguf_fp32_copy(broken, tmp_path / "cache", progress=notes.append)
+    assert notes and notes[0].startswith("dequantizing broken.gguf once (cached in ")

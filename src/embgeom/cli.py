@@ -56,7 +56,7 @@ def run(
     resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last snapshot (same command otherwise)."),
     figures: bool = typer.Option(True, "--figures/--no-figures", help="Write PNG figures into OUT/figures."),
     progress: bool = typer.Option(True, "--progress/--no-progress",
-                                  help="Progress bars on stderr: tokens streamed, then layers' metrics."),
+                                  help="Progress on stderr: model loading (and a note before a GGUF file is dequantized), tokens streamed, then layers' metrics."),
 ) -> None:
     """Analyse MODEL(s) over a corpus and write tables, figures and run.json to OUT.
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -104,6 +106,22 @@ def _quiet_transformers():
         pass
 
 
+@contextmanager
+def _loading_bars(enabled: bool):
+    """transformers' own progress bars (weights loaded, shards) while a model loads,
+    when the caller shows progress: a large model takes minutes to load."""
+    if not enabled:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.disable_progress_bar()
+
+
 def _from_pretrained(location, revision=None, dtype=torch.float32, local_files_only=False, **kw):
     from transformers import AutoModel, AutoTokenizer
 
@@ -184,9 +202,22 @@ def load_model(
     """Load MODEL: a local Hugging Face directory, a `.gguf` file, or a Hub id.
 
     Hub ids are looked up in the local Hugging Face cache first (no network needed),
-    at `revision` when given.
+    at `revision` when given. `progress`: True (or a callable taking a message) shows
+    what loading is doing: a note before a GGUF file is dequantized, and
+    transformers' weight-loading bars.
     """
     _quiet_transformers()
+    if progress is True:
+        progress = _note
+    with _loading_bars(bool(progress)):
+        return _load_model(spec, revision, dtype, device, cache_dir, device_map, progress or None)
+
+
+def _note(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _load_model(spec, revision, dtype, device, cache_dir, device_map, progress) -> LoadedModel:
     torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
     path = Path(os.path.expanduser(str(spec)))

@@ -209,7 +209,7 @@ def analyze(
         if not isinstance(corpus, (list, tuple)) and not Path(corpus).exists():
             raise EmbgeomError(f"corpus {corpus} does not exist; pass a .txt, .jsonl, .csv, .parquet file or a datasets directory")
         loaded = load_model(model, revision=revision, dtype=cfg.dtype, device=shard.device(cfg.device),
-                            cache_dir=cache_dir, device_map=cfg.device_map)
+                            cache_dir=cache_dir, device_map=cfg.device_map, progress=progress and shard.is_main)
     t_load = time.perf_counter() - t0
     facts = loaded.facts
     tok = loaded.tokenizer
