@@ -258,8 +258,10 @@ def test_statistics_too_large_for_memory_are_refused_before_the_stream(tiny_mode
     assert code == 0, err
     out = tmp_path / "types"
     code, err = run_cli([*argv, "--out", str(out)], capsys)
-    _assert_one_line_exit_2(code, err, "is available: exact per-type means for", out)
-    assert "--token-types none" in err and "hidden states x width" in err
+    _assert_one_line_exit_2(code, err, "is available: per-type means", out)
+    assert "token types x 4 hidden states x width 32 in float64" in err
+    assert "For the per-type means: keep them at a few layers (--type-layers 0 -1 ...)" in err
+    assert "--token-types none" in err
 
 
 def test_model_loading_shows_what_it_does(tiny_models, tmp_path, capfd):

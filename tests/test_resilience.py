@@ -336,13 +336,16 @@ def test_memory_check_counts_every_process_on_the_machine(monkeypatch):
     from embgeom import memory
 
     monkeypatch.setattr(memory, "available_bytes", lambda device: 1000)
-    memory.check_accumulators_fit(800, "cpu", n_types=5, n_hidden=3, width=4)  # 800 <= 0.9 * 1000
-    with pytest.raises(EmbgeomError, match=r"cpu, 2 processes"):
-        memory.check_accumulators_fit(800, "cpu", n_types=5, n_hidden=3, width=4, sharers=2)
-    with pytest.raises(EmbgeomError, match="smaller --id-sample"):
-        memory.check_accumulators_fit(950, "cpu", n_types=None, n_hidden=3, width=4)
+    parts = {"covariances": (300, "c"), "per-type means": (500, "t")}
+    memory.check_accumulators_fit(parts, "cpu")  # 800 <= 0.9 * 1000
+    with pytest.raises(EmbgeomError, match=r"\(cpu, 2 processes\)"):
+        memory.check_accumulators_fit(parts, "cpu", sharers=2)
+    # the parts are listed largest first, and the largest one's fix is named
+    with pytest.raises(EmbgeomError, match=r"available: ID sample .* \(s\); covariances .* \(c\)\. "
+                                           r"For the ID sample: pass a smaller --id-sample"):
+        memory.check_accumulators_fit({"covariances": (300, "c"), "ID sample": (650, "s")}, "cpu")
     monkeypatch.setattr(memory, "available_bytes", lambda device: None)  # unknown: no refusal
-    memory.check_accumulators_fit(10**15, "cpu", n_types=5, n_hidden=3, width=4)
+    memory.check_accumulators_fit({"covariances": (10**15, "c")}, "cpu")
 
 
 def test_available_host_memory_is_read_and_capped_by_the_cgroup(monkeypatch):

@@ -106,28 +106,30 @@ def available_bytes(device) -> int | None:
     return None
 
 
-def check_accumulators_fit(nbytes: int, device, *, n_types: int | None, n_hidden: int, width: int,
-                           sharers: int = 1) -> None:
-    """Raise EmbgeomError when accumulators of `nbytes` (per process) cannot fit on
-    `device`. `sharers` processes on this machine each hold their own (torchrun
-    ranks on the CPU); `n_types`, `n_hidden` (the hidden states keeping per-type
-    statistics, over all stacks) and `width` name the per-type tables in the
-    message."""
+# What shrinks each part of the statistics, for the refusal's message.
+FIXES = {
+    "per-type means": "keep them at a few layers (--type-layers 0 -1 ...), or pass --token-types none "
+                      "(no per-type statistics), --token-types string (fewer types) or a smaller --max-tokens",
+    "ID sample": "pass a smaller --id-sample (0: no intrinsic dimension)",
+    "covariances": "free memory there or use a device with more (they are fixed by the model's depth and width)",
+}
+
+
+def check_accumulators_fit(parts: dict, device, *, sharers: int = 1) -> None:
+    """Raise EmbgeomError when statistics whose parts take `parts` = {name: (bytes per
+    process, what it is)} cannot fit on `device`. `sharers` processes on this machine
+    each hold their own (torchrun ranks on the CPU). The message lists the parts,
+    largest first, and how to shrink the largest (`FIXES`)."""
     free = available_bytes(device)
-    need = nbytes * (sharers if torch.device(device).type == "cpu" else 1)
+    per_host = sharers if torch.device(device).type == "cpu" else 1
+    need = sum(b for b, _ in parts.values()) * per_host
     if free is None or need <= USABLE_FRACTION * free:
         return
-    where = f"{torch.device(device)}" + (f", {sharers} processes" if sharers > 1 else "")
-    if n_types is None:
-        raise EmbgeomError(
-            f"the statistics need about {_gib(need)} ({where}) but only {_gib(free)} is available; "
-            "pass a smaller --id-sample or free memory")
-    per_type = n_hidden * (8 * width + 32) * n_types * (sharers if torch.device(device).type == "cpu" else 1)
-    raise EmbgeomError(
-        f"the statistics need about {_gib(need)} ({where}) but only {_gib(free)} is available: exact per-type "
-        f"means for {n_types:,} token types x {n_hidden} hidden states x width {width} in float64 take "
-        f"{_gib(per_type)}; keep them at a few layers (--type-layers 0 -1 ...), or pass --token-types none "
-        "(no per-type statistics), --token-types string (fewer types) or a smaller --max-tokens")
+    where = f"{torch.device(device)}" + (f", {sharers} processes" if per_host > 1 else "")
+    ranked = sorted(parts.items(), key=lambda kv: -kv[1][0])
+    listed = "; ".join(f"{name} {_gib(b * per_host)} ({what})" for name, (b, what) in ranked)
+    raise EmbgeomError(f"the statistics need about {_gib(need)} ({where}) but only {_gib(free)} is available: "
+                       f"{listed}. For the {ranked[0][0]}: {FIXES.get(ranked[0][0], 'free memory')}")
 
 
 def processes_on_this_machine() -> int:

@@ -263,12 +263,20 @@ def analyze(
 
     device = loaded.device
     type_layers = resolve_type_layers(cfg.type_layers, facts.n_layers)
-    planned_bytes = LayerStatistics.planned_nbytes(facts.n_layers, facts.widths, n_types_expected, cfg.id_sample,
-                                                   type_layers)
-    typed = LayerStatistics.typed_layers(facts.n_layers, with_types, type_layers)
-    check_accumulators_fit(planned_bytes, device, n_types=n_types_expected, width=facts.width,
-                           n_hidden=sum(map(len, typed.values())),
-                           sharers=processes_on_this_machine() if shard.world > 1 else 1)
+    planned = LayerStatistics.planned_parts(facts.n_layers, facts.widths, n_types_expected, cfg.id_sample, type_layers)
+    planned_bytes = sum(planned.values())
+    typed = sum(map(len, LayerStatistics.typed_layers(facts.n_layers, with_types, type_layers).values()))
+    hidden = sum(n + 1 for n in facts.n_layers.values())
+    what = {"covariances": f"2 x width² float64 for each of {hidden} hidden states",
+            "per-type means": f"{n_types_expected or 0:,} token types x {typed} hidden states x width {facts.width} "
+                              "in float64",
+            "ID sample": f"{cfg.id_sample:,} positions x {hidden} hidden states x width in float32"}
+    # The ID sample is kept in host memory whatever the device; the rest lives on it.
+    sharers = processes_on_this_machine() if shard.world > 1 else 1
+    placed = {k: (b, what[k]) for k, b in planned.items()}
+    if torch.device(device).type != "cpu" and "ID sample" in placed:
+        check_accumulators_fit({"ID sample": placed.pop("ID sample")}, "cpu", sharers=sharers)
+    check_accumulators_fit(placed, device, sharers=sharers)
     is_ed = facts.kind == "encoder-decoder"
     head = head or n_windows
     name = name or loaded.name

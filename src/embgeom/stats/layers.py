@@ -432,20 +432,25 @@ class LayerStatistics:
         return acc + sum(s.nbytes for s in self.samples.values())
 
     @staticmethod
-    def planned_nbytes(n_layers: dict, width: int | dict, n_types: int | None = None, id_sample: int = 0,
-                       type_layers: dict | None = None) -> int:
-        """``nbytes`` at the end of a run whose every typed layer (`type_layers`, as in
-        the constructor) meets `n_types` token types (None: no per-type statistics)
-        among its inliers, sized as the pipeline sizes them (n_types + 1 rows), before
-        any outlier's per-type rows (outliers are few: their tables grow from
-        nothing). Known before the stream starts, so a run that cannot fit is refused
-        before its stream starts."""
+    def planned_parts(n_layers: dict, width: int | dict, n_types: int | None = None, id_sample: int = 0,
+                      type_layers: dict | None = None) -> dict:
+        """``nbytes`` at the end of a run, in parts {'covariances', 'per-type means',
+        'ID sample'}, for a run whose every typed layer (`type_layers`, as in the
+        constructor) meets `n_types` token types (None: no per-type statistics) among
+        its inliers, sized as the pipeline sizes them (n_types + 1 rows), before any
+        outlier's per-type rows (outliers are few: their tables grow from nothing).
+        Known before the stream starts, so a run that cannot fit is refused then."""
         widths = LayerStatistics.layer_widths(n_layers, width)
-        total = sum(2 * Moments.nbytes_for(w) for ws in widths.values() for w in ws)  # inliers and outliers
+        parts = {"covariances": sum(2 * Moments.nbytes_for(w) for ws in widths.values() for w in ws)}  # in- and outliers
         if n_types is not None:
             typed = LayerStatistics.typed_layers(n_layers, True, type_layers)
-            total += sum(TokenMoments.nbytes_for(widths[s][layer], n_types + 1, n_types)
-                         for s, layers in typed.items() for layer in layers)
+            parts["per-type means"] = sum(TokenMoments.nbytes_for(widths[s][layer], n_types + 1, n_types)
+                                          for s, layers in typed.items() for layer in layers)
         if id_sample > 0:
-            total += sum(PositionSample.nbytes_for(id_sample, len(ws), ws) for ws in widths.values())
-        return total
+            parts["ID sample"] = sum(PositionSample.nbytes_for(id_sample, len(ws), ws) for ws in widths.values())
+        return parts
+
+    @staticmethod
+    def planned_nbytes(*args, **kwargs) -> int:
+        """The sum of ``planned_parts`` (same arguments)."""
+        return sum(LayerStatistics.planned_parts(*args, **kwargs).values())
