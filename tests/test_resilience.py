@@ -319,17 +319,19 @@ def test_resume_accepts_a_touched_corpus_with_the_same_contents(tiny_models, lee
 @pytest.mark.parametrize("token_types", ["id", "none"])
 def test_planned_accumulator_bytes_are_the_bytes_held(tiny_models, lee_corpus, token_types):
     """The size the pre-pass plans (and checks against free memory) is what the run
-    holds at its end, with no outlier (their tables are the only unplanned part)."""
+    holds at its end, less the outliers' covariances, which a run without outliers
+    never allocates (and the outliers' per-type tables, the only unplanned part)."""
     texts = lee_corpus.read_text().splitlines()[:8]
     res = analyze(str(tiny_models["bert"]), texts, seq_len=48, batch_size=3, device="cpu", id_sample=50,
                   outlier_factor=1e6, token_types=token_types)
     assert sum(sum(c) for c in res.run["outliers"]["count"].values()) == 0
-    assert res.run["planned_accumulator_bytes"] == res.run["accumulator_bytes"]
     n_types = res.run["counts"]["token_types"]
     assert (n_types is None) == (token_types == "none")
     d, hidden = res.run["model"]["width"], sum(n + 1 for n in res.run["model"]["n_layers"].values())
+    covariance = 8 * (d * d + 2 * d)
     per_type = 0 if n_types is None else (8 * d + 16) * (n_types + 1) + 16 * n_types
-    assert res.run["accumulator_bytes"] == hidden * (2 * 8 * (d * d + 2 * d) + per_type + 50 * d * 4)
+    assert res.run["accumulator_bytes"] == hidden * (covariance + per_type + 50 * d * 4)
+    assert res.run["planned_accumulator_bytes"] == res.run["accumulator_bytes"] + hidden * covariance
 
 
 def test_memory_check_counts_every_process_on_the_machine(monkeypatch):
@@ -400,8 +402,9 @@ def test_type_layers_in_a_run(tiny_models, lee_corpus):
                                   check_dtype=False)
     pd.testing.assert_frame_equal(some.tokens.reset_index(drop=True),
                                   full.tokens[full.tokens["layer"].isin([1, L])].reset_index(drop=True))
-    assert some.run["planned_accumulator_bytes"] == some.run["accumulator_bytes"]
     d, n_types = some.run["model"]["width"], some.run["counts"]["token_types"]
+    unallocated = (L + 1) * 8 * (d * d + 2 * d)  # the outliers' covariances: no outlier met
+    assert some.run["planned_accumulator_bytes"] == some.run["accumulator_bytes"] + unallocated
     saved = (L + 1 - 2) * ((8 * d + 16) * (n_types + 1) + 16 * n_types)
     assert full.run["accumulator_bytes"] - some.run["accumulator_bytes"] == saved
     with pytest.raises(EmbgeomError, match=r"--type-layers 9 is not a layer of this model's encoder \(0 to 2"):

@@ -439,7 +439,10 @@ class LayerStatistics:
         constructor) meets `n_types` token types (None: no per-type statistics) among
         its inliers, sized as the pipeline sizes them (n_types + 1 rows), before any
         outlier's per-type rows (outliers are few: their tables grow from nothing).
-        Known before the stream starts, so a run that cannot fit is refused then."""
+        The outliers' covariances are counted, though a layer that meets no outlier
+        never allocates them: the plan is an upper bound, reached when every layer
+        has outliers. Known before the stream starts, so a run that cannot fit is
+        refused then."""
         widths = LayerStatistics.layer_widths(n_layers, width)
         parts = {"covariances": sum(2 * Moments.nbytes_for(w) for ws in widths.values() for w in ws)}  # in- and outliers
         if n_types is not None:

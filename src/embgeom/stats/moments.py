@@ -266,7 +266,9 @@ class Moments:
 
     @property
     def nbytes(self) -> int:
-        return self.nbytes_for(self.dim)
+        """Bytes of the state: allocated by the first batch (an accumulator that never
+        sees a vector, e.g. a layer's outliers where it has none, holds nothing)."""
+        return 0 if self._scatter is None else self.nbytes_for(self.dim)
 
     @staticmethod
     def nbytes_for(dim: int) -> int:
