@@ -281,3 +281,37 @@ def test_model_loading_shows_what_it_does(tiny_models, tmp_path, capfd):
     with pytest.raises(EmbgeomError, match="could not read GGUF file"):
         gguf_fp32_copy(broken, tmp_path / "cache", progress=notes.append)
     assert notes and notes[0].startswith("dequantizing broken.gguf once (cached in ")
+
+
+def test_bad_corpus_and_too_large_runs_are_refused_before_the_weights_load(tiny_models, lee_corpus, tmp_path,
+                                                                          capsys, monkeypatch):
+    """The tokenizer and config are read first, the corpus is read and counted, the
+    memory is planned from the config, and only then do the weights load: a large
+    model does not spend minutes loading before bad input is reported."""
+    from embgeom import memory
+    from embgeom.models import OpenedModel
+
+    loads = []
+    real_load = OpenedModel.load
+    monkeypatch.setattr(OpenedModel, "load", lambda self, **kw: loads.append(self.spec) or real_load(self, **kw))
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"fine line\nbroken \xff line\n")
+    argv = ["run", str(tiny_models["t5"]), "--seq-len", "64", "--no-progress", "--no-figures", "--id-sample", "0"]
+    code, err = run_cli([*argv, "--corpus", str(bad), "--out", str(tmp_path / "o1")], capsys)
+    _assert_one_line_exit_2(code, err, "not valid UTF-8 at line 2", tmp_path / "o1")
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1000)
+    code, err = run_cli([*argv, "--corpus", str(lee_corpus), "--out", str(tmp_path / "o2")], capsys)
+    _assert_one_line_exit_2(code, err, "but only 0.0 GiB is available", tmp_path / "o2")
+    assert loads == []
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bert", "t5"])
+def test_config_shape_is_the_measured_shape(tiny_models, arch):
+    from embgeom.models import open_model
+
+    opened = open_model(str(tiny_models[arch]))
+    stacks, widths, width = opened.shape
+    facts = opened.load(device="cpu").facts
+    assert list(stacks.values()) == list(facts.n_layers.values()) and width == widths == facts.width
+    assert (opened.max_length, list(opened.special_prefix_suffix)) == (facts.max_length,
+                                                                      [facts.special_prefix, facts.special_suffix])

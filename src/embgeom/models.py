@@ -122,17 +122,27 @@ def _loading_bars(enabled: bool):
         hf_logging.disable_progress_bar()
 
 
-def _from_pretrained(location, revision=None, dtype=torch.float32, local_files_only=False, **kw):
-    from transformers import AutoModel, AutoTokenizer
-
+def _hub_kw(kw: dict) -> dict:
     if os.environ.get("HF_HUB_CACHE") and "cache_dir" not in kw:
         # Read at call time, so a cache chosen after import is honoured.
-        kw["cache_dir"] = os.environ["HF_HUB_CACHE"]
+        kw = {**kw, "cache_dir": os.environ["HF_HUB_CACHE"]}
+    return kw
+
+
+def _tokenizer_and_config(location, revision=None, local_files_only=False):
+    from transformers import AutoConfig, AutoTokenizer
+
+    kw = _hub_kw({})
     tok = AutoTokenizer.from_pretrained(location, revision=revision, local_files_only=local_files_only, **kw)
-    model = AutoModel.from_pretrained(
-        location, revision=revision, local_files_only=local_files_only, dtype=dtype, **kw
-    )
-    return model, tok
+    config = AutoConfig.from_pretrained(location, revision=revision, local_files_only=local_files_only, **kw)
+    return tok, config
+
+
+def _model_from(location, revision=None, dtype=torch.float32, local_files_only=False, **kw):
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(location, revision=revision, local_files_only=local_files_only, dtype=dtype,
+                                     **_hub_kw(kw))
 
 
 def _gguf_cache_dir(path: Path, cache_dir) -> Path:
@@ -204,26 +214,104 @@ def load_model(
     Hub ids are looked up in the local Hugging Face cache first (no network needed),
     at `revision` when given. `progress`: True (or a callable taking a message) shows
     what loading is doing: a note before a GGUF file is dequantized, and
-    transformers' weight-loading bars.
+    transformers' weight-loading bars. Equals ``open_model(...).load(...)``.
     """
-    _quiet_transformers()
-    if progress is True:
-        progress = _note
-    with _loading_bars(bool(progress)):
-        return _load_model(spec, revision, dtype, device, cache_dir, device_map, progress or None)
+    opened = open_model(spec, revision=revision, cache_dir=cache_dir, progress=progress)
+    return opened.load(dtype=dtype, device=device, device_map=device_map, progress=progress)
 
 
 def _note(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _load_model(spec, revision, dtype, device, cache_dir, device_map, progress) -> LoadedModel:
-    torch_dtype = resolve_dtype(dtype)
-    dev = resolve_device(device)
+def _progress_callback(progress):
+    return _note if progress is True else (progress or None)
+
+
+@dataclass
+class OpenedModel:
+    """MODEL found and its tokenizer and config read, its weights not loaded yet
+    (``load``): enough to read, tokenize and count the corpus first, so that bad
+    input is reported before a large model spends minutes loading."""
+
+    spec: str
+    revision: str | None
+    source: str  # directory | gguf | hub
+    location: object  # the directory (a GGUF file's fp32 copy) or the Hub id
+    tokenizer: object
+    config: object
+    hub_local: bool = True  # a Hub id found in the local cache (else: downloaded)
+
+    @property
+    def name(self) -> str:
+        return _display_name(self.spec)
+
+    @property
+    def special_prefix_suffix(self) -> tuple[list[int], list[int]]:
+        return special_template(self.tokenizer)
+
+    @property
+    def max_length(self) -> int | None:
+        return _max_length(self.config, self.tokenizer)
+
+    @property
+    def shape(self) -> tuple[dict, int, int] | None:
+        """({stack: blocks}, width, width) as the config states them, for sizing the
+        statistics before the weights load (the loaded model's measured facts are
+        final); None where the config does not say."""
+        cfg = self.config
+        try:
+            width = int(cfg.hidden_size)
+            if getattr(cfg, "is_encoder_decoder", False):
+                enc = int(getattr(cfg, "encoder_layers", None) or getattr(cfg, "num_layers", None) or cfg.num_hidden_layers)
+                dec = int(getattr(cfg, "decoder_layers", None) or getattr(cfg, "num_decoder_layers", None) or enc)
+                return {"encoder": enc, "decoder": dec}, width, width
+            return {"stack": int(cfg.num_hidden_layers)}, width, width
+        except (AttributeError, TypeError, ValueError):
+            return None
+
+    def load(self, dtype="float32", device="auto", device_map: str | None = None, progress=None) -> LoadedModel:
+        """Load the weights, move them to `device` (or spread them by `device_map`) and
+        measure the model's facts."""
+        torch_dtype = resolve_dtype(dtype)
+        dev = resolve_device(device)
+        kw = {"device_map": device_map} if device_map else {}
+        with _loading_bars(bool(progress)):
+            if self.source == "hub":
+                model = self._hub_weights(torch_dtype, kw)
+            else:
+                try:
+                    model = _model_from(self.location, None, torch_dtype, True, **kw)
+                except Exception as exc:  # noqa: BLE001
+                    raise EmbgeomError(_load_failure(str(self.spec), exc)) from None
+        if not device_map:
+            model = model.to(dev)
+        model.eval()
+        facts = inspect_model(model, self.tokenizer, source=self.source, path=str(self.spec), revision=self.revision)
+        return LoadedModel(model=model, tokenizer=self.tokenizer, name=self.name, facts=facts)
+
+
+    def _hub_weights(self, torch_dtype, kw):
+        """From the local cache first, then (where the Hub answers) the network."""
+        if self.hub_local:
+            try:
+                return _model_from(str(self.spec), self.revision, torch_dtype, True, **kw)
+            except Exception:  # noqa: BLE001 - weights not cached although the tokenizer is
+                if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
+                    raise EmbgeomError(_hub_missing(self.spec, self.revision)) from None
+        try:
+            return _model_from(str(self.spec), self.revision, torch_dtype, False, **kw)
+        except Exception as exc:  # noqa: BLE001
+            raise EmbgeomError(_hub_missing(self.spec, self.revision) + f" ({type(exc).__name__})") from None
+
+
+def open_model(spec: str, revision: str | None = None, cache_dir=None, progress=None) -> OpenedModel:
+    """Find MODEL (see ``load_model``) and read its tokenizer and config; a GGUF file
+    is dequantized here, once. Every problem with the path, the tokenizer or the
+    Hub cache is raised here; the weights' own problems by ``OpenedModel.load``."""
+    _quiet_transformers()
+    progress = _progress_callback(progress)
     path = Path(os.path.expanduser(str(spec)))
-    kw = {}
-    if device_map:
-        kw["device_map"] = device_map
     if path.exists():
         if path.is_dir():
             if not (path / "config.json").exists():
@@ -235,36 +323,31 @@ def _load_model(spec, revision, dtype, device, cache_dir, device_map, progress) 
                     "save the tokenizer next to the model (tokenizer.save_pretrained(PATH))"
                 )
         elif path.suffix.lower() == ".gguf":
-            source, location = "gguf", gguf_fp32_copy(path, cache_dir, progress)
+            with _loading_bars(bool(progress)):
+                source, location = "gguf", gguf_fp32_copy(path, cache_dir, progress)
         else:
             raise EmbgeomError(f"model {path} is a file but not a .gguf file; pass a model directory, a .gguf file or a Hub id")
         if not os.access(path, os.R_OK):
             raise EmbgeomError(f"model {path} is not readable (permissions)")
         try:
-            model, tok = _from_pretrained(location, None, torch_dtype, local_files_only=True, **kw)
-        except EmbgeomError:
-            raise
+            tok, config = _tokenizer_and_config(location, None, True)
         except Exception as exc:  # noqa: BLE001
             raise EmbgeomError(_load_failure(str(path), exc)) from None
-    else:
-        if str(spec).endswith(".gguf") or str(spec).startswith((".", "/", "~")) or str(spec).count("/") > 1:
-            raise EmbgeomError(f"model {spec} does not exist; pass a model directory, a .gguf file or a Hub id")
-        source = "hub"
+        return OpenedModel(str(spec), revision, source, location, tok, config)
+    if str(spec).endswith(".gguf") or str(spec).startswith((".", "/", "~")) or str(spec).count("/") > 1:
+        raise EmbgeomError(f"model {spec} does not exist; pass a model directory, a .gguf file or a Hub id")
+    try:
+        tok, config = _tokenizer_and_config(str(spec), revision, True)
+        local = True
+    except Exception:  # noqa: BLE001 - not in the local cache: try the network
+        if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
+            raise EmbgeomError(_hub_missing(spec, revision)) from None
         try:
-            model, tok = _from_pretrained(str(spec), revision, torch_dtype, local_files_only=True, **kw)
-        except Exception:  # noqa: BLE001 - not in the local cache: try the network
-            if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
-                raise EmbgeomError(_hub_missing(spec, revision)) from None
-            try:
-                model, tok = _from_pretrained(str(spec), revision, torch_dtype, **kw)
-            except Exception as exc:  # noqa: BLE001
-                raise EmbgeomError(_hub_missing(spec, revision) + f" ({type(exc).__name__})") from None
-    if not device_map:
-        model = model.to(dev)
-    model.eval()
-    name = _display_name(spec)
-    facts = inspect_model(model, tok, source=source, path=str(spec), revision=revision)
-    return LoadedModel(model=model, tokenizer=tok, name=name, facts=facts)
+            tok, config = _tokenizer_and_config(str(spec), revision, False)
+            local = False
+        except Exception as exc:  # noqa: BLE001
+            raise EmbgeomError(_hub_missing(spec, revision) + f" ({type(exc).__name__})") from None
+    return OpenedModel(str(spec), revision, "hub", str(spec), tok, config, hub_local=local)
 
 
 def _display_name(spec) -> str:
@@ -328,8 +411,7 @@ def special_template(tokenizer) -> tuple[list[int], list[int]]:
     return [], []
 
 
-def _max_length(model, tokenizer) -> int | None:
-    cfg = model.config
+def _max_length(cfg, tokenizer) -> int | None:
     limits = []
     for attr in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
         v = getattr(cfg, attr, None)
@@ -432,7 +514,7 @@ def inspect_model(model, tokenizer, source="object", path="", revision=None) -> 
         n_layers=n_layers,
         width=width,
         norm_placement=placement,
-        max_length=_max_length(model, tokenizer),
+        max_length=_max_length(model.config, tokenizer),
         dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
         n_parameters=int(sum(p.numel() for p in model.parameters())),
         special_prefix=prefix,

@@ -18,7 +18,7 @@ from .errors import EmbgeomError
 from .extract import decoder_inputs, forward_hidden
 from .distributed import Shard
 from .memory import check_accumulators_fit, processes_on_this_machine
-from .models import LoadedModel, load_model
+from .models import LoadedModel, open_model, resolve_device
 from .snapshot import Snapshots, check_interval
 from .progress import layer_progress, token_progress
 from ._heap import HeapTrimmer
@@ -116,6 +116,33 @@ def resolve_type_layers(type_layers: tuple | None, n_layers: dict) -> dict | Non
     return out
 
 
+def _fits_config(type_layers: tuple | None, n_layers: dict) -> bool:
+    try:
+        resolve_type_layers(type_layers, n_layers)
+    except EmbgeomError:
+        return False
+    return True
+
+
+def _check_memory(n_layers: dict, widths, width: int, n_types: int | None, cfg: AnalysisConfig, device,
+                  sharers: int) -> tuple[dict | None, int]:
+    """Refuse a run whose statistics cannot fit (see `embgeom.memory`); returns the
+    resolved --type-layers and the planned bytes."""
+    type_layers = resolve_type_layers(cfg.type_layers, n_layers)
+    planned = LayerStatistics.planned_parts(n_layers, widths, n_types, cfg.id_sample, type_layers)
+    typed = sum(map(len, LayerStatistics.typed_layers(n_layers, n_types is not None, type_layers).values()))
+    hidden = sum(n + 1 for n in n_layers.values())
+    what = {"covariances": f"2 x width² float64 for each of {hidden} hidden states",
+            "per-type means": f"{n_types or 0:,} token types x {typed} hidden states x width {width} in float64",
+            "ID sample": f"{cfg.id_sample:,} positions x {hidden} hidden states x width in float32"}
+    placed = {k: (b, what[k]) for k, b in planned.items()}
+    # The ID sample is kept in host memory whatever the device; the rest lives on it.
+    if torch.device(device).type != "cpu" and "ID sample" in placed:
+        check_accumulators_fit({"ID sample": placed.pop("ID sample")}, "cpu", sharers=sharers)
+    check_accumulators_fit(placed, device, sharers=sharers)
+    return type_layers, sum(planned.values())
+
+
 def _documents(corpus, cfg: AnalysisConfig):
     if isinstance(corpus, (list, tuple)):
         if not all(isinstance(d, str) for d in corpus):
@@ -203,26 +230,31 @@ def analyze(
     docs = _documents(corpus, cfg)
     t0 = time.perf_counter()
     shard = Shard.from_environment(cfg.device)
+    show_loading = progress and shard.is_main
     if isinstance(model, LoadedModel):
-        loaded = model
+        loaded, opened = model, None
+        tok, prefix, suffix, max_length = (model.tokenizer, model.facts.special_prefix, model.facts.special_suffix,
+                                           model.facts.max_length)
     else:
         if not isinstance(corpus, (list, tuple)) and not Path(corpus).exists():
             raise EmbgeomError(f"corpus {corpus} does not exist; pass a .txt, .jsonl, .csv, .parquet file or a datasets directory")
-        loaded = load_model(model, revision=revision, dtype=cfg.dtype, device=shard.device(cfg.device),
-                            cache_dir=cache_dir, device_map=cfg.device_map, progress=progress and shard.is_main)
+        resolve_device(shard.device(cfg.device))  # --device cuda without a GPU: before any loading
+        # The tokenizer first: the corpus is read and counted before the weights load,
+        # so bad input is reported before a large model spends minutes loading.
+        loaded, opened = None, open_model(model, revision=revision, cache_dir=cache_dir, progress=show_loading)
+        tok, max_length = opened.tokenizer, opened.max_length
+        prefix, suffix = opened.special_prefix_suffix
     t_load = time.perf_counter() - t0
-    facts = loaded.facts
-    tok = loaded.tokenizer
     plan = WindowPlan(
         seq_len=cfg.seq_len,
-        prefix=tuple(facts.special_prefix),
-        suffix=tuple(facts.special_suffix),
+        prefix=tuple(prefix),
+        suffix=tuple(suffix),
         special_ids=frozenset(int(i) for i in getattr(tok, "all_special_ids", []) or []),
         exclude_special=cfg.exclude_special,
         exclude_positions=cfg.exclude_positions,
         max_tokens=cfg.max_tokens,
     )
-    validate_plan(plan, facts.max_length)
+    validate_plan(plan, max_length)
 
     with_types = cfg.token_types != "none"
     type_of, type_text = token_type_table(tok, cfg.token_types) if with_types else (None, None)
@@ -261,22 +293,22 @@ def analyze(
     corpus_record = _corpus_record(corpus)
     t_count = time.perf_counter() - t1
 
-    device = loaded.device
-    type_layers = resolve_type_layers(cfg.type_layers, facts.n_layers)
-    planned = LayerStatistics.planned_parts(facts.n_layers, facts.widths, n_types_expected, cfg.id_sample, type_layers)
-    planned_bytes = sum(planned.values())
-    typed = sum(map(len, LayerStatistics.typed_layers(facts.n_layers, with_types, type_layers).values()))
-    hidden = sum(n + 1 for n in facts.n_layers.values())
-    what = {"covariances": f"2 x width² float64 for each of {hidden} hidden states",
-            "per-type means": f"{n_types_expected or 0:,} token types x {typed} hidden states x width {facts.width} "
-                              "in float64",
-            "ID sample": f"{cfg.id_sample:,} positions x {hidden} hidden states x width in float32"}
-    # The ID sample is kept in host memory whatever the device; the rest lives on it.
     sharers = processes_on_this_machine() if shard.world > 1 else 1
-    placed = {k: (b, what[k]) for k, b in planned.items()}
-    if torch.device(device).type != "cpu" and "ID sample" in placed:
-        check_accumulators_fit({"ID sample": placed.pop("ID sample")}, "cpu", sharers=sharers)
-    check_accumulators_fit(placed, device, sharers=sharers)
+    if loaded is None:
+        shape = opened.shape
+        # From the config: a run that cannot fit is refused before the weights load (a
+        # --type-layers past the config's depth is left to the exact check below).
+        if shape is not None and _fits_config(cfg.type_layers, shape[0]):
+            _check_memory(*shape, n_types_expected, cfg, resolve_device(shard.device(cfg.device)), sharers)
+        t = time.perf_counter()
+        loaded = opened.load(dtype=cfg.dtype, device=shard.device(cfg.device), device_map=cfg.device_map,
+                             progress=show_loading)
+        t_load += time.perf_counter() - t
+    facts = loaded.facts
+    validate_plan(plan, facts.max_length)
+    device = loaded.device
+    type_layers, planned_bytes = _check_memory(facts.n_layers, facts.widths, facts.width, n_types_expected, cfg,
+                                               device, sharers)
     is_ed = facts.kind == "encoder-decoder"
     head = head or n_windows
     name = name or loaded.name
