@@ -290,7 +290,6 @@ class OpenedModel:
         facts = inspect_model(model, self.tokenizer, source=self.source, path=str(self.spec), revision=self.revision)
         return LoadedModel(model=model, tokenizer=self.tokenizer, name=self.name, facts=facts)
 
-
     def _hub_weights(self, torch_dtype, kw):
         """From the local cache first, then (where the Hub answers) the network."""
         if self.hub_local:
