@@ -299,6 +299,8 @@ def test_bad_corpus_and_too_large_runs_are_refused_before_the_weights_load(tiny_
     argv = ["run", str(tiny_models["t5"]), "--seq-len", "64", "--no-progress", "--no-figures", "--id-sample", "0"]
     code, err = run_cli([*argv, "--corpus", str(bad), "--out", str(tmp_path / "o1")], capsys)
     _assert_one_line_exit_2(code, err, "not valid UTF-8 at line 2", tmp_path / "o1")
+    code, err = run_cli([*argv, "--corpus", str(lee_corpus), "--out", str(tmp_path / "o3"), "--resume"], capsys)
+    _assert_one_line_exit_2(code, err, "--resume: no snapshot in", tmp_path / "o3")
     monkeypatch.setattr(memory, "available_bytes", lambda device: 1000)
     code, err = run_cli([*argv, "--corpus", str(lee_corpus), "--out", str(tmp_path / "o2")], capsys)
     _assert_one_line_exit_2(code, err, "but only 0.0 GiB is available", tmp_path / "o2")

@@ -230,6 +230,8 @@ def analyze(
     docs = _documents(corpus, cfg)
     t0 = time.perf_counter()
     shard = Shard.from_environment(cfg.device)
+    if resume is True:  # nothing to resume from: refused before any loading (every rank agrees)
+        shard.check_all(Snapshots.missing(snapshot_dir, shard.rank, shard.world))
     show_loading = progress and shard.is_main
     if isinstance(model, LoadedModel):
         loaded, opened = model, None

@@ -99,19 +99,26 @@ class Snapshots:
     def exists(self) -> bool:
         return self.path.exists()
 
+    @staticmethod
+    def missing(directory, rank: int, world: int) -> str | None:
+        """Why rank `rank` of `world` has nothing to resume from in `directory`, or None
+        if its snapshot is there. Needs no fingerprint, so a run can be refused
+        before its model loads."""
+        directory = Path(directory)
+        if (directory / f"rank{rank}-of-{world}.pt").exists():
+            return None
+        others = sorted(p.name for p in directory.glob("rank*-of-*.pt")) if directory.is_dir() else []
+        if others:
+            return (f"--resume: the snapshots in {directory} ({', '.join(others)}) were written by a run with "
+                    f"another number of processes; resume with that number, or run again without --resume")
+        return (f"--resume: no snapshot in {directory} (the run finished, or it was stopped before its "
+                "first snapshot); run again without --resume")
+
     def load(self) -> dict:
         """The saved state; EmbgeomError if there is none or it was made differently."""
-        if not self.path.exists():
-            others = sorted(p.name for p in self.directory.glob("rank*-of-*.pt")) if self.directory.is_dir() else []
-            if others:
-                raise EmbgeomError(
-                    f"--resume: the snapshots in {self.directory} ({', '.join(others)}) were written by a run with "
-                    f"another number of processes; resume with that number, or run again without --resume"
-                )
-            raise EmbgeomError(
-                f"--resume: no snapshot in {self.directory} (the run finished, or it was stopped before its "
-                "first snapshot); run again without --resume"
-            )
+        problem = self.missing(self.directory, self.rank, self.world)
+        if problem:
+            raise EmbgeomError(problem)
         try:
             saved = torch.load(self.path, map_location="cpu", weights_only=False)
             fingerprint, state = saved["fingerprint"], saved["state"]
