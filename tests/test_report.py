@@ -2,7 +2,6 @@
 figures that exist, deterministic, and sensible when metrics are missing."""
 import re
 
-import pandas as pd
 import pytest
 
 from embgeom import analyze
