@@ -312,8 +312,8 @@ def test_config_shape_is_the_measured_shape(tiny_models, arch):
     from embgeom.models import open_model
 
     opened = open_model(str(tiny_models[arch]))
-    stacks, widths, width = opened.shape
+    stacks, width = opened.shape
     facts = opened.load(device="cpu").facts
-    assert list(stacks.values()) == list(facts.n_layers.values()) and width == widths == facts.width
+    assert list(stacks.values()) == list(facts.n_layers.values()) and width == facts.width
     assert (opened.max_length, list(opened.special_prefix_suffix)) == (facts.max_length,
                                                                       [facts.special_prefix, facts.special_suffix])

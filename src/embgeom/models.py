@@ -255,8 +255,8 @@ class OpenedModel:
         return _max_length(self.config, self.tokenizer)
 
     @property
-    def shape(self) -> tuple[dict, int, int] | None:
-        """({stack: blocks}, width, width) as the config states them, for sizing the
+    def shape(self) -> tuple[dict, int] | None:
+        """({stack: blocks}, width) as the config states them, for sizing the
         statistics before the weights load (the loaded model's measured facts are
         final); None where the config does not say."""
         cfg = self.config
@@ -265,8 +265,8 @@ class OpenedModel:
             if getattr(cfg, "is_encoder_decoder", False):
                 enc = int(getattr(cfg, "encoder_layers", None) or getattr(cfg, "num_layers", None) or cfg.num_hidden_layers)
                 dec = int(getattr(cfg, "decoder_layers", None) or getattr(cfg, "num_decoder_layers", None) or enc)
-                return {"encoder": enc, "decoder": dec}, width, width
-            return {"stack": int(cfg.num_hidden_layers)}, width, width
+                return {"encoder": enc, "decoder": dec}, width
+            return {"stack": int(cfg.num_hidden_layers)}, width
         except (AttributeError, TypeError, ValueError):
             return None
 

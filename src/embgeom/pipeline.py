@@ -116,19 +116,10 @@ def resolve_type_layers(type_layers: tuple | None, n_layers: dict) -> dict | Non
     return out
 
 
-def _fits_config(type_layers: tuple | None, n_layers: dict) -> bool:
-    try:
-        resolve_type_layers(type_layers, n_layers)
-    except EmbgeomError:
-        return False
-    return True
-
-
-def _check_memory(n_layers: dict, widths, width: int, n_types: int | None, cfg: AnalysisConfig, device,
-                  sharers: int) -> tuple[dict | None, int]:
+def _check_memory(n_layers: dict, widths, width: int, n_types: int | None, type_layers: dict | None,
+                  cfg: AnalysisConfig, device, sharers: int) -> int:
     """Refuse a run whose statistics cannot fit (see `embgeom.memory`); returns the
-    resolved --type-layers and the planned bytes."""
-    type_layers = resolve_type_layers(cfg.type_layers, n_layers)
+    planned bytes. `type_layers`: --type-layers resolved for these stacks."""
     planned = LayerStatistics.planned_parts(n_layers, widths, n_types, cfg.id_sample, type_layers)
     typed = sum(map(len, LayerStatistics.typed_layers(n_layers, n_types is not None, type_layers).values()))
     hidden = sum(n + 1 for n in n_layers.values())
@@ -140,7 +131,7 @@ def _check_memory(n_layers: dict, widths, width: int, n_types: int | None, cfg: 
     if torch.device(device).type != "cpu" and "ID sample" in placed:
         check_accumulators_fit({"ID sample": placed.pop("ID sample")}, "cpu", sharers=sharers)
     check_accumulators_fit(placed, device, sharers=sharers)
-    return type_layers, sum(planned.values())
+    return sum(planned.values())
 
 
 def _documents(corpus, cfg: AnalysisConfig):
@@ -240,7 +231,7 @@ def analyze(
     else:
         if not isinstance(corpus, (list, tuple)) and not Path(corpus).exists():
             raise EmbgeomError(f"corpus {corpus} does not exist; pass a .txt, .jsonl, .csv, .parquet file or a datasets directory")
-        resolve_device(shard.device(cfg.device))  # --device cuda without a GPU: before any loading
+        target = resolve_device(shard.device(cfg.device))  # --device cuda without a GPU: before any loading
         # The tokenizer first: the corpus is read and counted before the weights load,
         # so bad input is reported before a large model spends minutes loading.
         loaded, opened = None, open_model(model, revision=revision, cache_dir=cache_dir, progress=show_loading)
@@ -297,11 +288,17 @@ def analyze(
 
     sharers = processes_on_this_machine() if shard.world > 1 else 1
     if loaded is None:
-        shape = opened.shape
         # From the config: a run that cannot fit is refused before the weights load (a
         # --type-layers past the config's depth is left to the exact check below).
-        if shape is not None and _fits_config(cfg.type_layers, shape[0]):
-            _check_memory(*shape, n_types_expected, cfg, resolve_device(shard.device(cfg.device)), sharers)
+        shape = opened.shape
+        if shape is not None:
+            stacks, width = shape
+            try:
+                config_type_layers = resolve_type_layers(cfg.type_layers, stacks)
+            except EmbgeomError:
+                pass
+            else:
+                _check_memory(stacks, width, width, n_types_expected, config_type_layers, cfg, target, sharers)
         t = time.perf_counter()
         loaded = opened.load(dtype=cfg.dtype, device=shard.device(cfg.device), device_map=cfg.device_map,
                              progress=show_loading)
@@ -309,8 +306,9 @@ def analyze(
     facts = loaded.facts
     validate_plan(plan, facts.max_length)
     device = loaded.device
-    type_layers, planned_bytes = _check_memory(facts.n_layers, facts.widths, facts.width, n_types_expected, cfg,
-                                               device, sharers)
+    type_layers = resolve_type_layers(cfg.type_layers, facts.n_layers)
+    planned_bytes = _check_memory(facts.n_layers, facts.widths, facts.width, n_types_expected, type_layers, cfg,
+                                  device, sharers)
     is_ed = facts.kind == "encoder-decoder"
     head = head or n_windows
     name = name or loaded.name

@@ -452,8 +452,3 @@ class LayerStatistics:
         if id_sample > 0:
             parts["ID sample"] = sum(PositionSample.nbytes_for(id_sample, len(ws), ws) for ws in widths.values())
         return parts
-
-    @staticmethod
-    def planned_nbytes(*args, **kwargs) -> int:
-        """The sum of ``planned_parts`` (same arguments)."""
-        return sum(LayerStatistics.planned_parts(*args, **kwargs).values())
