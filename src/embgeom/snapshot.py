@@ -64,7 +64,12 @@ class Snapshots:
 
     @property
     def path(self) -> Path:
-        return self.directory / f"rank{self.rank}-of-{self.world}.pt"
+        return self.file(self.directory, self.rank, self.world)
+
+    @staticmethod
+    def file(directory, rank: int, world: int) -> Path:
+        """The snapshot file of rank `rank` of `world` in `directory`."""
+        return Path(directory) / f"rank{rank}-of-{world}.pt"
 
     def due(self) -> bool:
         return time.monotonic() - self._last >= self.every
@@ -105,7 +110,7 @@ class Snapshots:
         if its snapshot is there. Needs no fingerprint, so a run can be refused
         before its model loads."""
         directory = Path(directory)
-        if (directory / f"rank{rank}-of-{world}.pt").exists():
+        if Snapshots.file(directory, rank, world).exists():
             return None
         others = sorted(p.name for p in directory.glob("rank*-of-*.pt")) if directory.is_dir() else []
         if others:
