@@ -47,13 +47,7 @@ SKIP = {"id_twonn_ml_low", "id_twonn_ml_high", "id_n"}
 
 
 def _series(layers: pd.DataFrame):
-    keys = ["model", "revision", "stack", "view"]
-    df = layers.copy()
-    for k in keys:
-        if k not in df.columns:
-            df[k] = ""
-    df["revision"] = df["revision"].fillna("").astype(str)
-    for key, group in df.groupby(keys, sort=False, dropna=False):
+    for key, group in groups_by_run(layers, keys=("model", "revision", "stack", "view")):
         model, revision, stack, view = key
         label = str(model)
         if revision:
@@ -281,8 +275,7 @@ def plot_runs(results, figdir, layer: int | None = None, workers: int | None = N
     the layer of the per-type figures (default: each model's middle layer).
     `workers`: processes drawing figures at once (default: the usable cores, at most
     4; 1 draws them here). Each figure is independent and matplotlib draws on one
-    core, so on Linux forked workers share them out (a run's 25 figures: about half
-    the time on 2 cores)."""
+    core, so on Linux forked workers share them out."""
     if layer is not None:
         for r in results:
             for (model, _, stack), g in groups_by_run(r.layers):
