@@ -136,3 +136,26 @@ def test_headline_metrics_names():
     })
     assert set(headline_metrics(rows, per_layer=False)) == {"geometry/anisotropy/mean",
                                                               "geometry/anisotropy_inliers/mean"}
+
+
+def test_in_memory_models_are_named_as_the_command_line_names_them(tmp_path):
+    """One naming rule: a model in memory gets the `model` column `embgeom run` gives
+    the path or Hub id it was loaded from; GGUF stems, `model` folders and slugs too."""
+    from types import SimpleNamespace
+
+    from embgeom._names import display_name, slug
+    from embgeom.probe import model_name
+
+    (tmp_path / "run1" / "model").mkdir(parents=True)
+    (tmp_path / "ckpt").mkdir()
+
+    def named(path):
+        return SimpleNamespace(config=SimpleNamespace(_name_or_path=path))
+
+    assert model_name(named("EleutherAI/pythia-70m")) == display_name("EleutherAI/pythia-70m") == "EleutherAI/pythia-70m"
+    assert model_name(named(str(tmp_path / "run1" / "model") + "/")) == "run1"
+    assert model_name(named(str(tmp_path / "ckpt"))) == display_name(tmp_path / "ckpt") == "ckpt"
+    assert model_name(named(""), "fallback") == "fallback" and model_name(named("")) == "SimpleNamespace"
+    assert display_name("/x/SmolLM2-135M.Q4_1.gguf") == "SmolLM2-135M.Q4_1"
+    assert slug("EleutherAI/pythia-70m", "step1000", "decoder") == "EleutherAI-pythia-70m_step1000_decoder"
+    assert slug("", None, ".hidden/") == "hidden" and slug("///") == "model"

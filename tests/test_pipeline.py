@@ -8,6 +8,8 @@ import pytest
 
 from embgeom import EmbgeomError, analyze
 from embgeom.models import load_model
+from embgeom.output import save_run
+from embgeom.report import write_report
 from embgeom.results import LAYER_COLUMNS, Result
 from reference import hidden_vectors, limit, two_pass, windows_of
 
@@ -99,7 +101,7 @@ def test_batch_size_does_not_change_results(tiny_models, lee_corpus):
 
 def test_save_and_load_round_trip(tiny_models, lee_corpus, tmp_path):
     res = analyze(str(tiny_models["gpt2"]), lee_corpus, seq_len=64, max_tokens=500, device="cpu")
-    out = res.save(tmp_path / "out")
+    out = save_run(res, tmp_path / "out")
     for name in ("layers.csv", "layers.parquet", "spectrum.parquet", "run.json", "figures/layer_profiles.png"):
         assert (out / name).exists(), name
     back = Result.load(out)
@@ -187,7 +189,7 @@ def test_token_types_none_keeps_every_other_column_and_no_type_table(tiny_models
     pd.testing.assert_frame_equal(without.layers[other], with_types.layers[other])
     assert len(without.tokens) == 0 and list(without.tokens.columns) == list(with_types.tokens.columns)
     assert without.run["counts"]["token_types"] is None
-    out = without.save(tmp_path / "none", figures=False)
+    out = without.save(tmp_path / "none")
     again = Result.load(out)
     assert len(again.tokens) == 0
     written = plot_runs([again], tmp_path / "figs")
@@ -307,7 +309,7 @@ def test_hidden_states_of_different_widths(tmp_path, lee_corpus):
             assert row[key] == pytest.approx(want[key], rel=1e-9), (row["layer"], key)
         assert np.isfinite(row["id_twonn"]) and np.isfinite(row["V_within"])
     (tmp_path / "out").mkdir()
-    assert "width 32 (decoder layer 2: 16)" in res.write_report(tmp_path / "out", None).read_text()
+    assert "width 32 (decoder layer 2: 16)" in write_report(res, tmp_path / "out", None).read_text()
     last = res.spectrum[(res.spectrum["layer"] == 2) & (res.spectrum["view"] == "all")]
     assert len(last) == 16
     assert set(res.tokens["layer"]) == {0, 1, 2}

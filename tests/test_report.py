@@ -1,12 +1,14 @@
-"""report.md: written with every saved run, read off the tables, links only to
-figures that exist, deterministic, and sensible when metrics are missing."""
+"""report.md: written with every saved run (after its tables and figures, before
+layers.csv), read off the tables, links only to figures that exist, deterministic,
+and sensible when metrics are missing."""
 import re
 
 import pytest
 
 from embgeom import analyze
 from embgeom.models import load_model
-from embgeom.report import MAX_LAYER_TABLES, _fmt, report_markdown
+from embgeom.output import save_run
+from embgeom.report import MAX_LAYER_TABLES, _fmt, report_markdown, write_report
 from embgeom.results import Result, combine
 
 
@@ -18,7 +20,7 @@ def gpt2_result(tiny_models, lee_corpus):
 
 
 def test_saved_run_has_a_report_with_its_numbers_and_figures(gpt2_result, tmp_path):
-    out = gpt2_result.save(tmp_path / "run")
+    out = save_run(gpt2_result, tmp_path / "run")
     text = (out / "report.md").read_text()
     layers = gpt2_result.layers
     assert text.startswith(f"# embgeom report: {layers['model'].iloc[0]}")
@@ -37,14 +39,14 @@ def test_saved_run_has_a_report_with_its_numbers_and_figures(gpt2_result, tmp_pa
     if len(gpt2_result.outliers):
         assert "massive activations" in text
     # the same Result gives the same text
-    assert gpt2_result.write_report(out, out / "figures").read_text() == text
+    assert write_report(gpt2_result, out, out / "figures").read_text() == text
 
 
 def test_report_without_figures_or_per_type_statistics_or_id(tiny_models, lee_corpus, tmp_path):
     texts = lee_corpus.read_text().splitlines()[:4]
     lm = load_model(str(tiny_models["bert"]), device="cpu")
     res = analyze(lm, texts, seq_len=48, batch_size=3, id_sample=0, token_types="none")
-    out = res.save(tmp_path / "bare", figures=False)
+    out = save_run(res, tmp_path / "bare", figures=False)
     text = (out / "report.md").read_text()
     assert "## Figures" not in text and "![" not in text
     assert "Intrinsic dimension" not in text and "Variance within" not in text
@@ -76,7 +78,7 @@ def test_per_type_figures_and_report_follow_the_type_layers(tiny_models, lee_cor
                   type_layers=(1, 3))
     assert types_layer(res.tokens, 3) == 1 and types_layer(res.tokens, 3, layer=3) == 3
     assert types_layer(res.tokens.iloc[:0], 3) == 1  # no per-type rows: the middle
-    out = res.save(tmp_path / "typed")
+    out = save_run(res, tmp_path / "typed")
     figs = {p.name for p in (out / "figures").iterdir()}
     assert any(n.startswith("types_vs_count_") for n in figs) and any(n.startswith("mv_scatter_") for n in figs)
     text = (out / "report.md").read_text()
@@ -84,3 +86,27 @@ def test_per_type_figures_and_report_follow_the_type_layers(tiny_models, lee_cor
     first = 100 * layers.loc[1, "V_within"] / layers.loc[1, "V"]
     assert f"Variance within token types: {_fmt(first, 2)}% of the variance at layer 1," in text
     assert text.split("Variance within token types:")[1].split("\n")[0].endswith("at layer 3.")
+
+
+def test_save_run_writes_tables_then_figures_then_report_then_layers_csv(gpt2_result, tmp_path):
+    """Result.save writes the tables alone; save_run draws once the tables are
+    there, writes report.md after the figures, and layers.csv (a finished run) last."""
+    tables = gpt2_result.save(tmp_path / "tables")
+    assert sorted(p.name for p in tables.iterdir()) == [
+        "layers.csv", "layers.parquet", "outliers.csv", "run.json", "spectrum.parquet", "tokens.parquet"]
+    seen = []
+
+    def draw(results, figdir):
+        out = figdir.parent
+        seen.append(sorted(p.name for p in out.iterdir()))
+        figdir.mkdir()
+        (figdir / "layer_profiles.png").write_bytes(b"png")
+        return [figdir / "layer_profiles.png"]
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "layers.csv").write_text("stale")
+    save_run(gpt2_result, out, draw=draw)
+    assert seen == [["layers.parquet", "outliers.csv", "run.json", "spectrum.parquet", "tokens.parquet"]]
+    assert "](figures/layer_profiles.png)" in (out / "report.md").read_text()
+    assert Result.load(out).layers.equals(Result.load(tables).layers)

@@ -9,6 +9,7 @@ _EXPORTS = {
     "AnalysisConfig": ".pipeline",
     "analyze": ".pipeline",
     "Result": ".results",
+    "save_run": ".output",
     "Moments": ".stats.moments",
     "TokenMoments": ".stats.token_moments",
     "anisotropy": ".metrics.spectrum",

@@ -67,6 +67,7 @@ def run(
     a sweep: each checkpoint is kept in OUT/checkpoints/ and a rerun skips those
     already finished; OUT gets the combined tables and training-dynamics figures.
     """
+    from .output import save_run
     from .pipeline import analyze
     from .results import prepare_out_dir
     from .snapshot import SNAPSHOT_DIR
@@ -96,7 +97,7 @@ def run(
                          snapshot_dir=snapshots, snapshot_every=snapshot_every, resume=resume, **options)
         if result is None:  # not rank 0 of a torchrun job: rank 0 writes
             return
-        result.save(out, figures=figures)
+        save_run(result, out, figures=figures)
         shutil.rmtree(snapshots, ignore_errors=True)  # the results are written: nothing left to resume
         where = f"{out}/layers.csv ({len(result.layers)} rows)"
     _say(f"wrote {where}" + (f", figures in {out}/figures" if figures else "") + f"; read {out}/report.md first")
@@ -110,14 +111,13 @@ def plot(
 ) -> None:
     """Figures of one or several runs, overlaid (e.g. an encoder against a decoder),
     and a report.md that reads them side by side."""
-    from .plots import plot_runs
-    from .results import Result, combine
+    from .output import save_comparison
+    from .results import Result
 
     results = [Result.load(d) for d in dirs]
     if out.exists() and not out.is_dir():
         raise EmbgeomError(f"--out {out} is a file; name a directory for the figures")
-    written = plot_runs(results, out, layer=layer)
-    report = combine(results).write_report(out, out)
+    written, report = save_comparison(results, out, layer=layer)
     _say(f"wrote {len(written)} figures and {report.name} to {out}")
 
 

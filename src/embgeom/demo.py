@@ -1,7 +1,6 @@
 """The embedded default: the packaged encoder and decoder on English Wikipedia text."""
 from __future__ import annotations
 
-
 from .packaged import minilm_path, smollm2_gguf_path
 
 # Paper A cut enwik8 into 512-character chunks (about 110 tokens); 128-token windows
@@ -14,9 +13,9 @@ DEMO_ID_SAMPLE = 5000
 
 
 def run_demo(out, max_tokens: int = 20000, progress: bool = True, say=print, batch_size: int = 16):
+    from .output import save_comparison, save_run
     from .pipeline import analyze
-    from .plots import plot_runs
-    from .results import combine, prepare_out_dir
+    from .results import prepare_out_dir
     from .wiki import write_demo_corpus
 
     out = prepare_out_dir(out)
@@ -28,10 +27,9 @@ def run_demo(out, max_tokens: int = 20000, progress: bool = True, say=print, bat
         say(f"analysing {name} ({path}) on {max_tokens} tokens ...")
         res = analyze(str(path), str(corpus), name=name, max_tokens=max_tokens, seq_len=DEMO_SEQ_LEN,
                       batch_size=batch_size, id_sample=DEMO_ID_SAMPLE, progress=progress)
-        res.save(out / short)
+        save_run(res, out / short)
         results.append(res)
-    written = plot_runs(results, out / "figures")
-    report = combine(results).write_report(out, out / "figures")
+    written, report = save_comparison(results, out, out / "figures")
     say(f"tables: {out / 'minilm' / 'layers.csv'} and {out / 'smollm2' / 'layers.csv'}")
     say(f"figures ({len(written)}): {out / 'figures'} (start with layer_profiles.png); report: {report}")
     return results

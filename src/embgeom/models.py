@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ._names import display_name
 from .errors import EmbgeomError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -244,7 +245,7 @@ class OpenedModel:
 
     @property
     def name(self) -> str:
-        return _display_name(self.spec)
+        return display_name(self.spec)
 
     @property
     def special_prefix_suffix(self) -> tuple[list[int], list[int]]:
@@ -347,15 +348,6 @@ def open_model(spec: str, revision: str | None = None, cache_dir=None, progress=
         except Exception as exc:  # noqa: BLE001
             raise EmbgeomError(_hub_missing(spec, revision) + f" ({type(exc).__name__})") from None
     return OpenedModel(str(spec), revision, "hub", str(spec), tok, config, hub_local=local)
-
-
-def _display_name(spec) -> str:
-    p = Path(str(spec))
-    if p.suffix.lower() == ".gguf":
-        return p.stem
-    if p.exists():
-        return p.resolve().name if p.name not in ("model", "") else p.resolve().parent.name
-    return str(spec)
 
 
 def _load_failure(where: str, exc: Exception) -> str:

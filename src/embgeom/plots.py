@@ -14,12 +14,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from ._names import slug  # noqa: E402
+from ._png import save_png  # noqa: E402
 from .errors import EmbgeomError  # noqa: E402
+from .plots_training import has_dynamics, plot_training  # noqa: E402
 from .results import METRIC_COLUMNS, groups_by_run  # noqa: E402
-
-# PNG settings of every figure. zlib level 1 instead of 6: a run's 25 figures save in
-# 8.5 s instead of 10.1 s, for files ~7% larger.
-PNG = {"dpi": 110, "pil_kwargs": {"compress_level": 1}}
 
 LABELS = {
     "Q": "Q = mean ‖x‖²",
@@ -48,13 +47,7 @@ SKIP = {"id_twonn_ml_low", "id_twonn_ml_high", "id_n"}
 
 
 def _series(layers: pd.DataFrame):
-    keys = ["model", "revision", "stack", "view"]
-    df = layers.copy()
-    for k in keys:
-        if k not in df.columns:
-            df[k] = ""
-    df["revision"] = df["revision"].fillna("").astype(str)
-    for key, group in df.groupby(keys, sort=False, dropna=False):
+    for key, group in groups_by_run(layers, keys=("model", "revision", "stack", "view")):
         model, revision, stack, view = key
         label = str(model)
         if revision:
@@ -100,32 +93,14 @@ def plot_profiles(layers: pd.DataFrame, path: Path, metrics: list[str] | None = 
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), frameon=False)
-    fig.tight_layout(rect=(0, 0.04 + 0.02 * math.ceil(len(labels) / 4), 1, 1))
-    fig.savefig(path, **PNG)
-    plt.close(fig)
-    return path
+    return save_png(fig, path, rect=(0, 0.04 + 0.02 * math.ceil(len(labels) / 4), 1, 1))
 
 
 def plot_metric(layers: pd.DataFrame, metric: str, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     _draw_metric(ax, layers, metric)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, **PNG)
-    plt.close(fig)
-    return path
-
-
-def _slug(*parts) -> str:
-    text = "_".join(str(p) for p in parts if p not in (None, ""))
-    return "".join(c if c.isalnum() or c in "-." else "-" for c in text)
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, **PNG)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def middle_layer(n_layers: int) -> int:
@@ -173,7 +148,7 @@ def plot_mv_scatter(tokens: pd.DataFrame, layers: pd.DataFrame, path: Path, laye
     if not drawn:
         plt.close(fig)
         return None
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_tradeoff_depth(layers: pd.DataFrame, path: Path) -> Path | None:
@@ -184,7 +159,7 @@ def plot_tradeoff_depth(layers: pd.DataFrame, path: Path) -> Path | None:
     for ax, metric in zip(axes.flat, metrics):
         _draw_metric(ax, layers, metric)
     axes.flat[0].legend(fontsize=7)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_variance_shares(layers: pd.DataFrame, path: Path, title: str) -> Path | None:
@@ -205,7 +180,7 @@ def plot_variance_shares(layers: pd.DataFrame, path: Path, title: str) -> Path |
     ax.set_ylim(0, 1.02)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_within_share(layers: pd.DataFrame, path: Path) -> Path | None:
@@ -221,7 +196,7 @@ def plot_within_share(layers: pd.DataFrame, path: Path) -> Path | None:
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_types_vs_count(tokens: pd.DataFrame, layers: pd.DataFrame, path: Path, layer: int | None = None) -> Path | None:
@@ -239,7 +214,7 @@ def plot_types_vs_count(tokens: pd.DataFrame, layers: pd.DataFrame, path: Path, 
         ax.set_ylabel(f"{col}(X_t)")
         ax.grid(alpha=0.3)
     fig.suptitle(f"token types at layer {layer} of {L}", fontsize=10)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_anisotropy_id(layers: pd.DataFrame, path: Path) -> Path:
@@ -250,7 +225,7 @@ def plot_anisotropy_id(layers: pd.DataFrame, path: Path) -> Path:
     axes[0, 0].legend(fontsize=7)
     if has_id:
         _draw_metric(axes[0, 1], layers, "id_twonn")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_spectrum(spectrum: pd.DataFrame, path: Path, title: str) -> Path | None:
@@ -271,7 +246,7 @@ def plot_spectrum(spectrum: pd.DataFrame, path: Path, title: str) -> Path | None
     sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(min(layers_), max(layers_)))
     fig.colorbar(sm, ax=ax, label="layer")
     ax.set_title(title, fontsize=10)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_outliers(outliers: pd.DataFrame, n_layers: int, path: Path, title: str, max_positions: int = 64) -> Path | None:
@@ -292,7 +267,7 @@ def plot_outliers(outliers: pd.DataFrame, n_layers: int, path: Path, title: str,
     ax2.barh([repr(t) for t in top.index], top.to_numpy())
     ax2.set_xlabel("outlier (token, layer) pairs")
     ax2.set_title("most frequent outlier tokens", fontsize=10)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_runs(results, figdir, layer: int | None = None, workers: int | None = None) -> list[Path]:
@@ -300,8 +275,7 @@ def plot_runs(results, figdir, layer: int | None = None, workers: int | None = N
     the layer of the per-type figures (default: each model's middle layer).
     `workers`: processes drawing figures at once (default: the usable cores, at most
     4; 1 draws them here). Each figure is independent and matplotlib draws on one
-    core, so on Linux forked workers share them out (a run's 25 figures: about half
-    the time on 2 cores)."""
+    core, so on Linux forked workers share them out."""
     if layer is not None:
         for r in results:
             for (model, _, stack), g in groups_by_run(r.layers):
@@ -329,7 +303,7 @@ def figure_tasks(results, figdir: Path, layer: int | None = None) -> list[tuple]
     tasks.append((plot_within_share, (layers, figdir / "within_share.png"), {}))
     for r in results:
         for (model, revision, stack), g in groups_by_run(r.layers):
-            tag = _slug(model, revision, stack)
+            tag = slug(model, revision, stack)
             title = f"{model} {stack}" + (f" @{revision}" if revision else "")
             tasks.append((plot_variance_shares, (g, figdir / f"shares_{tag}.png", title), {}))
             if r.tokens is not None and len(r.tokens):
@@ -351,9 +325,7 @@ def figure_tasks(results, figdir: Path, layer: int | None = None) -> list[tuple]
                               {}))
 
     # ---- geometry over training (checkpoint sweeps, GeometryCallback): see plots_training.py
-    if "step" in layers.columns and pd.to_numeric(layers["step"], errors="coerce").dropna().nunique() > 1:
-        from .plots_training import plot_training
-
+    if has_dynamics(layers):
         tasks.append((plot_training, (results, figdir), {}))
     return tasks
 

@@ -24,7 +24,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .plots import PNG  # noqa: E402
+from ._names import slug  # noqa: E402
+from ._png import save_png  # noqa: E402
 
 HEATMAPS = [  # (column, view, title)
     ("anisotropy", "all", "anisotropy λ₁/Σλ, all tokens"),
@@ -32,11 +33,6 @@ HEATMAPS = [  # (column, view, title)
     ("id_twonn", "all", "intrinsic dimension (TwoNN)"),
     ("within_share", "all", "V_within / V"),
 ]
-
-
-def _slug(*parts) -> str:
-    text = "_".join(str(p) for p in parts if p not in (None, ""))
-    return "".join(c if c.isalnum() or c in "-._" else "-" for c in text)
 
 
 def training_layers(layers: pd.DataFrame) -> pd.DataFrame:
@@ -95,10 +91,7 @@ def plot_heatmaps(d: pd.DataFrame, path: Path, title: str) -> Path | None:
         ax.set_ylabel("layer")
         ax.set_title(t, fontsize=10)
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, **PNG)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def pick_layers(n_layers: int, k: int = 5) -> list[int]:
@@ -148,10 +141,7 @@ def plot_dynamics(d: pd.DataFrame, loss: pd.DataFrame | None, path: Path, title:
         _step_axis(ax, d["step"])
     axes.flat[panels.index("anisotropy")].legend(fontsize=7)
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, **PNG)
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def _runs(run: dict):
@@ -191,7 +181,7 @@ def plot_training(results, figdir) -> list[Path]:
     for (model, stack), g in d.groupby(["model", "stack"], sort=False):
         if g["step"].nunique() < 2:
             continue
-        tag = _slug(model, stack)
+        tag = slug(model, stack)
         title = f"{model} {stack}: geometry over training"
         written.append(plot_heatmaps(g, figdir / f"training_heatmaps_{tag}.png", title))
         written.append(plot_dynamics(g, loss_curve(results, model, g), figdir / f"training_dynamics_{tag}.png", title))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ._atomic import write_text
 from .results import groups_by_run
 
 # Per-layer tables are printed for at most this many (model, revision, stack) groups;
@@ -199,3 +200,10 @@ def report_markdown(result, figures_dir: Path | None = None, base: Path | None =
             if others:
                 lines += ["Also in `" + rel.as_posix() + "/`: " + ", ".join(f"`{n}`" for n in others) + ".", ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def write_report(result, out, figures_dir: Path | None = None) -> Path:
+    """Write OUT/report.md for `result` (a Result), linking the figures found in
+    `figures_dir` (none when it is None); return its path."""
+    path = Path(out) / "report.md"
+    return write_text(path, report_markdown(result, figures_dir, base=Path(out)))

@@ -1,5 +1,7 @@
 """Result tables: build them from accumulators' numbers, save and load them.
 
+Tables only: the figures and report.md are drawn from these tables by the floors
+above (embgeom.plots, embgeom.report), and `embgeom.save_run` writes all of them.
 `layers.csv` is written last and atomically, so a directory that has it holds a
 finished run; a run that did not finish leaves none.
 """
@@ -7,12 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from ._atomic import atomic_writer
+from ._atomic import atomic_writer, write_text
 from .errors import EmbgeomError
 
 ID_COLUMNS = ["model", "revision", "step", "stack", "layer", "n_layers", "depth", "view", "n_tokens"]
@@ -65,14 +68,10 @@ def empty_tokens_frame() -> pd.DataFrame:
     })
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    with atomic_writer(path) as fh:
-        fh.write(text)
-
-
-def prepare_out_dir(out) -> Path:
-    """Check OUT can hold results; remove a stale layers.csv so an unfinished rerun
-    never looks finished."""
+def prepare_out_dir(out, keep_finished: bool = False) -> Path:
+    """Check OUT can hold results (creating it); remove a stale layers.csv so an
+    unfinished rerun never looks finished. `keep_finished`: keep it (a directory
+    rewritten in place while it is read, where the new layers.csv replaces it)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise EmbgeomError(f"--out {out} is a file; name a directory (it is created if missing)")
@@ -84,9 +83,31 @@ def prepare_out_dir(out) -> Path:
     except OSError as exc:
         raise EmbgeomError(f"cannot write to output directory {out} ({exc.strerror}); choose another --out") from None
     stale = out / "layers.csv"
-    if stale.exists():
+    if stale.exists() and not keep_finished:
         stale.unlink()
     return out
+
+
+@contextmanager
+def writing_to(out):
+    """Turn a failed write under `out` (disk full, permissions) into an EmbgeomError
+    that names the directory and the fix."""
+    try:
+        yield
+    except OSError as exc:
+        raise EmbgeomError(
+            f"writing results to {out} failed ({exc.strerror or exc}); free space or choose another --out"
+        ) from None
+
+
+def write_parquet(df: pd.DataFrame, path: Path) -> None:
+    with atomic_writer(path, binary=True) as fh:
+        df.to_parquet(fh, index=False)
+
+
+def write_csv(df: pd.DataFrame, path: Path) -> None:
+    with atomic_writer(path, newline="") as fh:
+        df.to_csv(fh, index=False)
 
 
 @dataclass
@@ -99,36 +120,31 @@ class Result:
     outliers: pd.DataFrame | None = None
     run: dict = field(default_factory=dict)
 
-    def save(self, out, figures: bool = True) -> Path:
-        """Write the output directory of SPEC §5; layers.csv last, atomically."""
+    def save(self, out) -> Path:
+        """Write the tables and run.json to `out`, layers.csv last (atomically).
+        `embgeom.save_run` writes the figures and report.md as well."""
         out = prepare_out_dir(out)
-        try:
-            _atomic_write_text(out / "run.json", json.dumps(self.run, indent=2, default=str) + "\n")
-            self.layers.to_parquet(out / "layers.parquet", index=False)
-            self.spectrum.to_parquet(out / "spectrum.parquet", index=False)
-            if self.tokens is not None:
-                self.tokens.to_parquet(out / "tokens.parquet", index=False)
-            if self.outliers is not None:
-                self.outliers.to_csv(out / "outliers.csv", index=False)
-            if figures:
-                from .plots import plot_runs
-
-                plot_runs([self], out / "figures")
-            self.write_report(out, out / "figures" if figures else None)
-            _atomic_write_text(out / "layers.csv", self.layers.to_csv(index=False))
-        except OSError as exc:
-            raise EmbgeomError(
-                f"writing results to {out} failed ({exc.strerror or exc}); free space or choose another --out"
-            ) from None
+        with writing_to(out):
+            self.write_tables(out)
+            self.write_layers_csv(out)
         return out
 
-    def write_report(self, out, figures_dir=None) -> Path:
-        """Write OUT/report.md: the run, headline numbers and per-layer table read
-        off the tables, and links to the figures in `figures_dir` (see embgeom.report)."""
-        from .report import report_markdown
+    def write_tables(self, out) -> None:
+        """run.json, layers.parquet, spectrum.parquet, tokens.parquet and outliers.csv
+        (those present), each atomically; not layers.csv, which marks a finished run."""
+        out = Path(out)
+        write_text(out / "run.json", json.dumps(self.run, indent=2, default=str) + "\n")
+        write_parquet(self.layers, out / "layers.parquet")
+        write_parquet(self.spectrum, out / "spectrum.parquet")
+        if self.tokens is not None:
+            write_parquet(self.tokens, out / "tokens.parquet")
+        if self.outliers is not None:
+            write_csv(self.outliers, out / "outliers.csv")
 
-        path = Path(out) / "report.md"
-        _atomic_write_text(path, report_markdown(self, figures_dir, base=Path(out)))
+    def write_layers_csv(self, out) -> Path:
+        """layers.csv, atomically: written last, it marks `out` as a finished run."""
+        path = Path(out) / "layers.csv"
+        write_csv(self.layers, path)
         return path
 
     @classmethod

@@ -30,6 +30,8 @@ from typing import Callable, Iterable, Sequence
 
 import pandas as pd
 
+from ._atomic import write_text
+from ._names import display_name, slug
 from .errors import EmbgeomError
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -64,10 +66,6 @@ def parse_step(name) -> int | None:
     return None
 
 
-def _sanitize(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-._" else "-" for c in text).strip("-._") or "model"
-
-
 @dataclass(frozen=True)
 class Target:
     """One checkpoint to analyse.
@@ -92,13 +90,13 @@ class Target:
 
     @property
     def display(self) -> str:
-        text = self.name or _default_name(self.spec)
+        text = self.name or display_name(self.spec)
         return f"{text}@{self.tag}" if self.tag else text
 
     @property
     def slug(self) -> str:
         """Folder name under OUT/checkpoints/ (made unique by `run_sweep` if needed)."""
-        return _sanitize(self.display.replace("@", "_"))
+        return slug(self.display.replace("@", "_"))
 
     @property
     def location(self) -> str:
@@ -110,15 +108,6 @@ class Target:
     def key(self) -> str:
         """A short digest of what is loaded (location and revision)."""
         return hashlib.sha256(f"{self.location}\0{self.revision or ''}".encode()).hexdigest()[:8]
-
-
-def _default_name(spec: str) -> str:
-    p = Path(os.path.expanduser(str(spec)))
-    if p.suffix.lower() == ".gguf":
-        return p.stem
-    if p.exists():
-        return p.resolve().name if p.name not in ("model", "") else p.resolve().parent.name
-    return str(spec)
 
 
 def checkpoint_dirs(path) -> list[tuple[int, Path]]:
@@ -329,9 +318,10 @@ def run_sweep(
     return None.
     """
     from .distributed import Shard
+    from .output import save_run
     from .pipeline import analyze
-    from .snapshot import SNAPSHOT_DIR
     from .results import Result, combine, prepare_out_dir
+    from .snapshot import SNAPSHOT_DIR
 
     shard = Shard.from_environment(options.get("device", "auto"))
     say = (say or (lambda msg: None)) if shard.is_main else (lambda msg: None)
@@ -343,8 +333,8 @@ def run_sweep(
     out = prepare_out_dir(out)
     root = out / CHECKPOINTS_DIR
     results = []
-    for i, (t, slug) in enumerate(zip(targets, slugs(targets)), 1):
-        folder = root / slug
+    for i, (t, name) in enumerate(zip(targets, slugs(targets)), 1):
+        folder = root / name
         record = _target_record(t, options_key, corpus_key)
         where = f"[{i}/{len(targets)}] {t.display}" + (f" (step {t.step})" if t.step is not None else "")
         if _finished(folder, record):
@@ -362,8 +352,8 @@ def run_sweep(
             res = _step_int(_relabel(res, t))
             res.run["sweep_target"] = record["target"]
             prepare_out_dir(folder)  # drops a stale layers.csv before the new record goes in
-            (folder / TARGET_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
-            res.save(folder, figures=False)
+            write_text(folder / TARGET_FILE, json.dumps(record, indent=2, default=str) + "\n")
+            save_run(res, folder, figures=False)
             shutil.rmtree(folder / SNAPSHOT_DIR, ignore_errors=True)
         if not shard.is_main:
             continue
@@ -378,5 +368,5 @@ def run_sweep(
         "targets": [dict(_target_record(t, options_key, corpus_key)["target"], folder=s)
                     for t, s in zip(targets, slugs(targets))],
     }
-    combined.save(out, figures=figures)
+    save_run(combined, out, figures=figures)
     return combined

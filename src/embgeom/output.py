@@ -1,0 +1,60 @@
+"""Saving a run: tables, then figures, then report.md; layers.csv last.
+
+The one place that writes a run's output directory (the command line, the demo,
+sweeps and GeometryProbe call it). It sits above the tables (results.py), the
+figures (plots.py, plots_training.py) and the report (report.py), so none of those
+needs to reach up into another: data flows one way.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from .plots import plot_runs
+from .report import write_report
+from .results import Result, combine, prepare_out_dir, write_csv, writing_to
+
+
+def save_run(result: Result, out, *, figures: bool = True, report: bool = True,
+             draw: Callable = plot_runs, extra_tables: dict | None = None, rewrite: bool = False) -> Path:
+    """Write `result` to the directory `out` and return it.
+
+    In order: run.json, layers.parquet, spectrum.parquet, tokens.parquet,
+    outliers.csv and `extra_tables` (name -> DataFrame, written as CSV); then, with
+    `figures`, `draw(results, out / "figures")` (default: every figure,
+    `embgeom.plots.plot_runs`); then, with `report`, report.md; last, atomically,
+    layers.csv, so a directory that has it holds a finished run.
+
+    rewrite: `out` is rewritten again and again while it may be read (GeometryProbe
+    after each measurement): its previous layers.csv stays until the new one
+    replaces it, instead of being removed first.
+
+        result = embgeom.analyze("model", "corpus.txt")
+        embgeom.save_run(result, "out/")   # layers.csv ... figures/ report.md
+    """
+    out = prepare_out_dir(out, keep_finished=rewrite)
+    figdir = out / "figures"
+    with writing_to(out):
+        result.write_tables(out)
+        for name, table in (extra_tables or {}).items():
+            write_csv(table, out / name)
+        if figures:
+            draw([result], figdir)
+        if report:
+            write_report(result, out, figdir if figures else None)
+        result.write_layers_csv(out)
+    return out
+
+
+def save_comparison(results: list[Result], out, figures_dir=None, layer: int | None = None):
+    """Several runs side by side: their figures overlaid in `figures_dir` (default:
+    `out`) and one report.md in `out` reading them. `layer`: the layer of the
+    per-type figures (default: each model's middle layer). Returns (figure paths,
+    report path)."""
+    out = Path(out)
+    figures_dir = out if figures_dir is None else Path(figures_dir)
+    written = plot_runs(results, figures_dir, layer=layer)
+    with writing_to(out):
+        report = write_report(combine(results), out, figures_dir)
+    return written, report
+
