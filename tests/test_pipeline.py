@@ -234,7 +234,28 @@ def test_intrinsic_dimension_on_the_same_sampled_positions_in_every_layer(tiny_m
         S = X[chosen]
         assert row["id_twonn"] == pytest.approx(twonn(S), rel=1e-4)
         assert row["id_mle"] == pytest.approx(mle_id(S, k=20), rel=1e-4)
+        assert row["id_n"] == len(np.unique(S, axis=0))  # the distinct vectors
     assert (rows["id_n"] > 100).all()
+
+
+def test_id_n_counts_distinct_vectors(tiny_models, lee_corpus):
+    """A llama's layer 0 is the token embedding: a token met twice is one point for
+    intrinsic dimension, so id_n there is the number of distinct sampled token ids."""
+    from embgeom.stats.position_sample import position_priorities
+    from embgeom.windows import POSITION_BITS
+
+    texts = lee_corpus.read_text().splitlines()[:6]
+    lm = load_model(str(tiny_models["llama"]), device="cpu")
+    res = analyze(lm, texts, seq_len=48, id_sample=200, seed=1, token_types="none")
+    windows = windows_of(texts, lm.tokenizer, 48, lm.facts.special_prefix, lm.facts.special_suffix)
+    ids = np.concatenate([np.asarray(w) for w in windows])
+    keys = np.concatenate([(i << POSITION_BITS) + np.arange(len(w)) for i, w in enumerate(windows)])
+    chosen = np.lexsort((keys, position_priorities(keys, seed=1)))[:200]
+    rows = res.layers[res.layers["view"] == "all"].set_index("layer")
+    distinct_ids = len(np.unique(ids[chosen]))
+    assert distinct_ids < 150  # a 400-token vocabulary repeats
+    assert rows.loc[0, "id_n"] == distinct_ids
+    assert rows.loc[rows.index.max(), "id_n"] > distinct_ids  # context makes the vectors distinct
 
 
 def test_windows_kept_from_the_count_equal_a_second_tokenization(tiny_models, lee_corpus, monkeypatch):

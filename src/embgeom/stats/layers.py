@@ -301,13 +301,14 @@ class LayerStatistics:
 
     def intrinsic_dimension(self, stack: str, layer: int, view: str, k: int = 20,
                             discard_fraction: float = 0.1) -> dict:
-        """The id_* columns of one layer and view, from the position sample (the
-        inliers view drops sampled positions above the layer's outlier limit).
+        """The id_* columns of one layer and view, from the distinct vectors of the
+        position sample (a repeated vector, e.g. one token's embedding, counts once;
+        the inliers view drops those above the layer's outlier limit).
 
         One k-NN search serves both views: the inliers are searched, and when the
         sample holds a few outliers, the all view's k-NN extends the inliers' by
         comparing those few with every point (exact, as a second search would be)."""
-        from ..metrics.intrinsic_dim import intrinsic_dimensions
+        from ..metrics.intrinsic_dim import distinct_points, intrinsic_dimensions
         from ..metrics.neighbors import extend_knn_distances, knn_distances
 
         nan = float("nan")
@@ -315,7 +316,7 @@ class LayerStatistics:
         sample = self.samples.get(stack)
         if sample is None or len(sample) < 3:
             return empty
-        X = torch.from_numpy(sample.layer(layer))
+        X = distinct_points(torch.from_numpy(sample.layer(layer)))
         limit = self.outlier_factor * self.median_norm[stack][layer]
         keep = torch.linalg.vector_norm(X, dim=1) <= limit
         n, m = X.shape[0], int(keep.sum())
