@@ -332,3 +332,24 @@ def test_hidden_states_of_different_widths(tmp_path, lee_corpus):
     last = res.spectrum[(res.spectrum["layer"] == 2) & (res.spectrum["view"] == "all")]
     assert len(last) == 16
     assert set(res.tokens["layer"]) == {0, 1, 2}
+
+
+def test_seq_len_defaults_to_the_model_positions(tiny_models, lee_corpus, monkeypatch):
+    """No seq_len: min(512, the model's positions) (the tiny models have 128), recorded
+    in run.json; an explicit value past the limit is refused, naming the parameter."""
+    import embgeom.windows as windows
+
+    texts = lee_corpus.read_text().splitlines()[:3]
+    res = analyze(str(tiny_models["gpt2"]), texts, max_tokens=300, id_sample=0, device="cpu")
+    assert res.run["config"]["seq_len"] == 128
+    assert res.run["counts"]["windows"] == 3  # 300 tokens in windows of 128
+    lm = load_model(str(tiny_models["gpt2"]), device="cpu")
+    assert analyze(lm, texts, max_tokens=50, id_sample=0).run["config"]["seq_len"] == 128
+    monkeypatch.setattr(windows, "DEFAULT_SEQ_LEN", 40)  # a model with more positions than the default
+    assert analyze(lm, texts, max_tokens=50, id_sample=0).run["config"]["seq_len"] == 40
+    with pytest.raises(EmbgeomError) as exc:
+        analyze(lm, texts, seq_len=4096)
+    assert str(exc.value) == ("seq_len=4096 is longer than this model accepts (128 positions); "
+                              "use seq_len=128 or less")
+    with pytest.raises(EmbgeomError, match="max_tokens must be a positive integer, got -5"):
+        analyze(lm, texts, max_tokens=-5)

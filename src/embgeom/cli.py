@@ -34,7 +34,7 @@ def run(
     revision: List[str] = typer.Option([], "--revision", help="Hub revision; repeat for several checkpoints (a training directory: checkpoint folder names)."),
     step: List[int] = typer.Option([], "--step", help="Training step of each checkpoint, in the order named (default: parsed from stepN, global_stepN, checkpoint-N)."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Stop after this many counted tokens."),
-    seq_len: int = typer.Option(512, "--seq-len", help="Window length in tokens, special tokens included."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Window length in tokens, special tokens included (default: 512, or the model's positions if fewer)."),
     batch_size: int = typer.Option(16, "--batch-size", help="Windows per forward pass."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (under torchrun: each rank's own GPU)."),
     device_map: Optional[str] = typer.Option(None, "--device-map", help="auto: spread a model too large for one device over all devices (accelerate)."),
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             _leave_process_group()
     except EmbgeomError as exc:
-        _say(f"embgeom: error: {exc}")
+        _say(f"embgeom: error: {exc.command_line()}")
         sys.exit(2)
     except KeyboardInterrupt:
         _say("embgeom: interrupted; no layers.csv was written")

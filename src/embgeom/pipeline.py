@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 
 from . import __version__
-from .errors import EmbgeomError
+from .errors import EmbgeomError, option
 from .extract import decoder_inputs, forward_hidden
 from .distributed import Shard
 from .memory import check_accumulators_fit, processes_on_this_machine
@@ -24,7 +24,8 @@ from .progress import layer_progress, token_progress
 from ._heap import HeapTrimmer
 from .results import Result, empty_tokens_frame, layers_frame
 from .stats.layers import VIEWS, LayerStatistics
-from .windows import POSITION_BITS, Window, WindowPlan, iter_batches, iter_windows, pad_token_id, validate_plan
+from .windows import (POSITION_BITS, Window, WindowPlan, default_seq_len, iter_batches, iter_windows, pad_token_id,
+                      validate_plan)
 
 
 # Windows of at most this many tokens in all (~5 bytes each, ~40 MiB) are kept from
@@ -37,7 +38,7 @@ class AnalysisConfig:
     """Every option of one analysis (recorded in run.json)."""
 
     max_tokens: int | None = None
-    seq_len: int = 512
+    seq_len: int | None = None  # None: min(DEFAULT_SEQ_LEN, the model's positions)
     batch_size: int = 16
     device: str = "auto"
     device_map: str | None = None
@@ -67,7 +68,8 @@ class AnalysisConfig:
             layers = (cfg.type_layers,) if isinstance(cfg.type_layers, (int, np.integer)) else tuple(cfg.type_layers)
             bad = [v for v in layers if isinstance(v, bool) or not isinstance(v, (int, np.integer))]
             if bad or not layers:
-                raise EmbgeomError(f"--type-layers takes layer numbers (negative: from the last), got {cfg.type_layers!r}")
+                raise EmbgeomError(f"{option('type_layers')} takes layer numbers (negative: from the last), "
+                                   f"got {cfg.type_layers!r}")
             cfg.type_layers = tuple(int(v) for v in layers)
         cfg.validate()
         return cfg
@@ -77,26 +79,28 @@ class AnalysisConfig:
             if v is None and allow_none:
                 return
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise EmbgeomError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+                raise EmbgeomError(f"{option(name)} must be a positive integer, got {v!r}")
 
         positive_int("max_tokens", self.max_tokens, allow_none=True)
-        positive_int("seq_len", self.seq_len)
+        positive_int("seq_len", self.seq_len, allow_none=True)
         positive_int("batch_size", self.batch_size)
         if isinstance(self.id_sample, bool) or not isinstance(self.id_sample, (int, np.integer)) or self.id_sample < 0:
-            raise EmbgeomError(f"--id-sample must be a non-negative integer, got {self.id_sample!r}")
+            raise EmbgeomError(f"{option('id_sample')} must be a non-negative integer, got {self.id_sample!r}")
         if self.token_types not in ("id", "string", "none"):
-            raise EmbgeomError(f"--token-types must be 'id', 'string' or 'none', got {self.token_types!r}")
+            raise EmbgeomError(f"{option('token_types')} must be 'id', 'string' or 'none', got {self.token_types!r}")
         if self.type_layers is not None and self.token_types == "none":
-            raise EmbgeomError("--type-layers chooses where per-type statistics are kept, but --token-types none "
-                               "keeps none; drop one of the two")
+            raise EmbgeomError(f"{option('type_layers')} chooses where per-type statistics are kept, but "
+                               f"{option('token_types', 'none')} keeps none; drop one of the two")
         if not (isinstance(self.outlier_factor, (int, float)) and math.isfinite(self.outlier_factor) and self.outlier_factor > 1):
-            raise EmbgeomError(f"--outlier-factor must be a number greater than 1, got {self.outlier_factor!r}")
+            raise EmbgeomError(f"{option('outlier_factor')} must be a number greater than 1, got {self.outlier_factor!r}")
         if self.encoding_errors not in ("strict", "replace", "ignore"):
-            raise EmbgeomError(f"--encoding-errors must be strict, replace or ignore, got {self.encoding_errors!r}")
+            raise EmbgeomError(f"{option('encoding_errors')} must be strict, replace or ignore, got {self.encoding_errors!r}")
         if self.device_map not in (None, "auto", "balanced", "balanced_low_0", "sequential"):
-            raise EmbgeomError(f"--device-map must be auto, balanced, balanced_low_0 or sequential, got {self.device_map!r}")
+            raise EmbgeomError(f"{option('device_map')} must be auto, balanced, balanced_low_0 or sequential, "
+                               f"got {self.device_map!r}")
         if self.min_count < 1 or self.max_count < self.min_count:
-            raise EmbgeomError(f"--min-count/--max-count must satisfy 1 <= min <= max, got {self.min_count}, {self.max_count}")
+            raise EmbgeomError(f"{option('min_count')}/{option('max_count')} must satisfy 1 <= min <= max, "
+                               f"got {self.min_count}, {self.max_count}")
 
 
 def resolve_type_layers(type_layers: tuple | None, n_layers: dict) -> dict | None:
@@ -109,7 +113,7 @@ def resolve_type_layers(type_layers: tuple | None, n_layers: dict) -> dict | Non
         chosen = set()
         for v in type_layers:
             if not -(L + 1) <= v <= L:
-                raise EmbgeomError(f"--type-layers {v} is not a layer of this model's {stack} (0 to {L}, "
+                raise EmbgeomError(f"{option('type_layers', v)} is not a layer of this model's {stack} (0 to {L}, "
                                    f"or -1 to -{L + 1} counting from the last)")
             chosen.add(v % (L + 1))
         out[stack] = tuple(sorted(chosen))
@@ -238,6 +242,7 @@ def analyze(
         tok, max_length = opened.tokenizer, opened.max_length
         prefix, suffix = opened.special_prefix_suffix
     t_load = time.perf_counter() - t0
+    cfg.seq_len = default_seq_len(cfg.seq_len, max_length)  # run.json records the length used
     plan = WindowPlan(
         seq_len=cfg.seq_len,
         prefix=tuple(prefix),

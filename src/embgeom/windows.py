@@ -15,11 +15,13 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .errors import EmbgeomError
+from .errors import EmbgeomError, option
 
 # A sampled token's key: (window index << POSITION_BITS) | position in window. Windows
 # are numbered in corpus order, so keys do not depend on batching or sharding.
 POSITION_BITS = 20
+# The window length when none is given (the model's own limit when that is less).
+DEFAULT_SEQ_LEN = 512
 
 
 @dataclass(frozen=True)
@@ -70,21 +72,29 @@ class Window:
 
 def validate_plan(plan: WindowPlan, max_length: int | None) -> None:
     if plan.seq_len < 1:
-        raise EmbgeomError(f"--seq-len must be a positive integer, got {plan.seq_len}")
+        raise EmbgeomError(f"{option('seq_len')} must be a positive integer, got {plan.seq_len}")
     if plan.content_len < 1:
         raise EmbgeomError(
-            f"--seq-len {plan.seq_len} leaves no room for text after the model's "
-            f"{len(plan.prefix) + len(plan.suffix)} special tokens; use a larger --seq-len"
+            f"{option('seq_len', plan.seq_len)} leaves no room for text after the model's "
+            f"{len(plan.prefix) + len(plan.suffix)} special tokens; use a larger {option('seq_len')}"
         )
     if max_length is not None and plan.seq_len > max_length:
         raise EmbgeomError(
-            f"--seq-len {plan.seq_len} is longer than this model accepts ({max_length} positions); "
-            f"use --seq-len {max_length} or less"
+            f"{option('seq_len', plan.seq_len)} is longer than this model accepts ({max_length} positions); "
+            f"use {option('seq_len', max_length)} or less"
         )
     if plan.max_tokens is not None and plan.max_tokens < 1:
-        raise EmbgeomError(f"--max-tokens must be a positive integer, got {plan.max_tokens}")
+        raise EmbgeomError(f"{option('max_tokens')} must be a positive integer, got {plan.max_tokens}")
     if plan.seq_len >= 1 << POSITION_BITS:
-        raise EmbgeomError(f"--seq-len {plan.seq_len} is too large (at most {(1 << POSITION_BITS) - 1})")
+        raise EmbgeomError(f"{option('seq_len', plan.seq_len)} is too large (at most {(1 << POSITION_BITS) - 1})")
+
+
+def default_seq_len(seq_len: int | None, max_length: int | None) -> int:
+    """The window length: `seq_len` when given, else min(DEFAULT_SEQ_LEN, the
+    model's positions), so a model with fewer positions needs no option."""
+    if seq_len is not None:
+        return seq_len
+    return DEFAULT_SEQ_LEN if max_length is None else min(DEFAULT_SEQ_LEN, max_length)
 
 
 def _tokenize_chunks(documents: Iterable[str], tokenizer, chunk: int = 64, chunk_chars: int = 1 << 18) -> Iterator[list]:
