@@ -99,7 +99,18 @@ def run(
         result.save(out, figures=figures)
         shutil.rmtree(snapshots, ignore_errors=True)  # the results are written: nothing left to resume
         where = f"{out}/layers.csv ({len(result.layers)} rows)"
+    _say_warnings(result.run, out)
     _say(f"wrote {where}" + (f", figures in {out}/figures" if figures else "") + f"; read {out}/report.md first")
+
+
+def _say_warnings(run: dict, out, most: int = 5) -> None:
+    """The run's warnings (metrics left NaN, figures not drawn) on stderr, the first
+    few; all of them are in run.json and report.md."""
+    found = list(run.get("warnings") or []) + [w for r in run.get("runs") or [] for w in r.get("warnings") or []]
+    for w in found[:most]:
+        _say(f"embgeom: warning: {w}")
+    if len(found) > most:
+        _say(f"embgeom: warning: ... and {len(found) - most} more in {out}/run.json")
 
 
 @app.command()
@@ -116,8 +127,10 @@ def plot(
     results = [Result.load(d) for d in dirs]
     if out.exists() and not out.is_dir():
         raise EmbgeomError(f"--out {out} is a file; name a directory for the figures")
-    written = plot_runs(results, out, layer=layer)
+    warnings: list = []
+    written = plot_runs(results, out, layer=layer, warnings=warnings)
     report = combine(results).write_report(out, out)
+    _say_warnings({"warnings": warnings}, out)
     _say(f"wrote {len(written)} figures and {report.name} to {out}")
 
 

@@ -22,7 +22,7 @@ from .models import LoadedModel, open_model, resolve_device
 from .snapshot import Snapshots, check_interval
 from .progress import layer_progress, token_progress
 from ._heap import HeapTrimmer
-from .results import Result, empty_tokens_frame, layers_frame
+from .results import SPECTRUM_TABLE_COLUMNS, Result, empty_tokens_frame, layers_frame
 from .stats.layers import VIEWS, LayerStatistics
 from .windows import (POSITION_BITS, Window, WindowPlan, default_seq_len, iter_batches, iter_windows, pad_token_id,
                       validate_plan)
@@ -415,6 +415,7 @@ def analyze(
     t3 = time.perf_counter()
     rev = revision or ""
     rows, spectrum_rows, token_frames = [], [], []
+    warnings_: list = []  # what could not be computed, in run.json and report.md
     n_layer_rows = sum(L + 1 for L in facts.n_layers.values())
     with layer_progress(n_layer_rows, enabled=progress, description=f"{loaded.name} metrics") as advance_layer:
         for stack, L in facts.n_layers.items():
@@ -431,16 +432,8 @@ def analyze(
                     elif done is not None and n == done[0]:
                         per_view[view] = (n, done[1], done[2], None if done[3] is None else done[3].copy())
                     else:
-                        lam_out: list = []
-                        values = acc.moments.metrics(eigenvalues_out=lam_out)
-                        table = None
-                        if acc.types is not None:  # --token-types none: those columns stay NaN
-                            dec = acc.types.decomposition()
-                            values.update(V_within=dec["V_within"], V_between=dec["V_between"])
-                            table = acc.types.table()
-                            values.update(acc.types.tradeoff(min_count=cfg.min_count, max_count=cfg.max_count,
-                                                             table=table))
-                        done = per_view[view] = (n, values, lam_out[0], table)
+                        where = f"{stack} layer {layer} ({view})"
+                        done = per_view[view] = (n, *_layer_values(acc, cfg, where, warnings_))
                 for view in VIEWS:
                     n, values, lam, table = per_view[view]
                     ident = dict(model=name, revision=rev, step=step, stack=stack, layer=layer)
@@ -450,10 +443,12 @@ def analyze(
                         continue
                     row.update(values)
                     if cfg.id_sample > 0:
-                        row.update(stats.intrinsic_dimension(stack, layer, view))
+                        row.update(_guarded(f"{stack} layer {layer} ({view}): intrinsic dimension", warnings_,
+                                            stats.intrinsic_dimension, stack, layer, view) or {})
                     rows.append(row)
-                    spectrum_rows.append(pd.DataFrame(dict(ident, view=view, rank=np.arange(1, len(lam) + 1),
-                                                           eigenvalue=lam)))
+                    if lam is not None:
+                        spectrum_rows.append(pd.DataFrame(dict(ident, view=view, rank=np.arange(1, len(lam) + 1),
+                                                               eigenvalue=lam)))
                     if table is not None:
                         table.insert(0, "view", view)
                         table.insert(0, "layer", layer)
@@ -461,7 +456,9 @@ def analyze(
                         token_frames.append(table)
                 advance_layer(1)
     layers = layers_frame(rows)
-    spectrum = pd.concat(spectrum_rows, ignore_index=True)
+    warnings_ += undefined_metric_warnings(layers, cfg.id_sample)
+    spectrum = (pd.concat(spectrum_rows, ignore_index=True) if spectrum_rows
+                else pd.DataFrame(columns=SPECTRUM_TABLE_COLUMNS))
     tokens = pd.concat(token_frames, ignore_index=True) if token_frames else empty_tokens_frame()
     if type_text is not None:
         tokens.insert(2, "token", type_text(tokens["token_id"].to_numpy()))
@@ -503,8 +500,71 @@ def analyze(
         "timings_s": {"load": t_load, "count": t_count, "stream": t_stream, "metrics": t_metrics,
                       "total": time.perf_counter() - t0},
         "device": str(device),
+        "warnings": warnings_,
     }
     return Result(layers=layers, spectrum=spectrum, tokens=tokens, outliers=outliers, run=run)
+
+
+def _guarded(what: str, warnings_: list, fn, *args):
+    """fn(*args), or None with a warning when it fails: one metric that cannot be
+    computed (a numerical library's error on degenerate data) costs its columns (NaN),
+    never the run's tables."""
+    try:
+        return fn(*args)
+    except Exception as exc:  # noqa: BLE001 - any failure of one metric, reported
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        warnings_.append(f"{what} failed ({type(exc).__name__}{': ' + text if text else ''}); "
+                         "its columns are NaN")
+        return None
+
+
+def _layer_values(acc, cfg: AnalysisConfig, where: str, warnings_: list):
+    """(metric values, covariance eigenvalues or None, per-type table or None) of one
+    layer's view; a part that fails leaves its columns NaN, with a warning."""
+    lam_out: list = []
+    values = _guarded(f"{where}: spectrum metrics", warnings_, acc.moments.metrics, lam_out)
+    if values is None:  # the moments themselves are plain sums: keep them
+        values = {"Q": acc.moments.Q, "M": acc.moments.M, "V": acc.moments.V}
+    table = None
+    if acc.types is not None:  # --token-types none: those columns stay NaN
+        dec = _guarded(f"{where}: per-type decomposition", warnings_, acc.types.decomposition)
+        if dec is not None:
+            values.update(V_within=dec["V_within"], V_between=dec["V_between"])
+        table = _guarded(f"{where}: per-type table", warnings_, acc.types.table)
+        if table is not None:
+            values.update(_guarded(f"{where}: norm-variance trade-off", warnings_,
+                                   lambda: acc.types.tradeoff(min_count=cfg.min_count, max_count=cfg.max_count,
+                                                              table=table)) or {})
+    return values, (lam_out[0] if lam_out else None), table
+
+
+def undefined_metric_warnings(layers: pd.DataFrame, id_sample: int) -> list[str]:
+    """Warnings for metrics that are NaN because the data leave them undefined: too
+    few tokens for a spread, no variance at all (every vector equal, e.g. a zeroed
+    final norm), too few distinct vectors for intrinsic dimension."""
+    out = []
+
+    def where(mask) -> str:
+        sel = layers[mask]
+        parts = [f"{stack} {', '.join(str(v) for v in sorted(set(g['layer'].tolist())))}"
+                 for stack, g in sel.groupby("stack", sort=False)]
+        return "; ".join(parts)
+
+    counted = layers["n_tokens"] > 0
+    few = counted & (layers["n_tokens"] < 2)
+    if few.any():
+        out.append(f"only 1 token counted at layers {where(few)}: anisotropy, isoscore, effective rank, "
+                   "participation ratio and mean cosine need at least 2 and are NaN; count more tokens")
+    flat = counted & ~few & (layers["V"] == 0)
+    if flat.any():
+        out.append(f"every counted vector is the same (variance V = 0) at layers {where(flat)}: anisotropy, "
+                   "isoscore, effective rank and participation ratio are undefined there (NaN)")
+    if id_sample > 0:
+        no_id = counted & (layers["id_n"].fillna(0) < 3)
+        if no_id.any():
+            out.append(f"fewer than 3 distinct sampled vectors at layers {where(no_id)}: intrinsic dimension "
+                       "is undefined there (NaN)")
+    return out
 
 
 def _merge_ranks(shard: Shard, stats: LayerStatistics, n_seen: dict, n_padded: int, device):

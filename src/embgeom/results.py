@@ -103,18 +103,26 @@ class Result:
         """Write the output directory of SPEC §5; layers.csv last, atomically."""
         out = prepare_out_dir(out)
         try:
-            _atomic_write_text(out / "run.json", json.dumps(self.run, indent=2, default=str) + "\n")
             self.layers.to_parquet(out / "layers.parquet", index=False)
             self.spectrum.to_parquet(out / "spectrum.parquet", index=False)
             if self.tokens is not None:
                 self.tokens.to_parquet(out / "tokens.parquet", index=False)
             if self.outliers is not None:
                 self.outliers.to_csv(out / "outliers.csv", index=False)
+            # A figure or the report that fails is a warning (in run.json, written
+            # after them), never a lost run.
+            warnings = self.run.setdefault("warnings", [])
             if figures:
                 from .plots import plot_runs
 
-                plot_runs([self], out / "figures")
-            self.write_report(out, out / "figures" if figures else None)
+                plot_runs([self], out / "figures", warnings=warnings)
+            try:
+                self.write_report(out, out / "figures" if figures else None)
+            except OSError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - reported in run.json
+                warnings.append(f"report.md was not written ({type(exc).__name__}: {exc}); the tables are complete")
+            _atomic_write_text(out / "run.json", json.dumps(self.run, indent=2, default=str) + "\n")
             _atomic_write_text(out / "layers.csv", self.layers.to_csv(index=False))
         except OSError as exc:
             raise EmbgeomError(

@@ -42,14 +42,18 @@ def top_eigenvalue(matrix) -> float:
     if a.ndim != 2 or a.shape[0] != a.shape[1]:
         raise EmbgeomError(f"expected a square matrix, got shape {a.shape}")
     a = (a + a.T) / 2.0
+    if not np.isfinite(a).all():
+        raise EmbgeomError("the matrix holds NaN or infinite values; its eigenvalues are undefined")
+    if not a.any():  # ARPACK refuses the zero matrix (its Krylov vectors vanish)
+        return 0.0
     if a.shape[0] > 2:
-        from scipy.sparse.linalg import ArpackNoConvergence, eigsh
+        from scipy.sparse.linalg import ArpackError, eigsh
 
         # A fixed start vector: the same matrix always gives the same bits.
         v0 = np.random.default_rng(0).standard_normal(a.shape[0])
         try:
             return max(0.0, float(eigsh(a, k=1, which="LA", tol=0, v0=v0, return_eigenvectors=False)[0]))
-        except ArpackNoConvergence:
+        except ArpackError:  # no convergence (a subclass) or a breakdown: the full decomposition
             pass
     return float(eigenvalues(a)[0])
 
