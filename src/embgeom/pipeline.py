@@ -23,7 +23,7 @@ from .snapshot import Snapshots, check_interval
 from .progress import layer_progress, token_progress
 from ._heap import HeapTrimmer
 from .results import SPECTRUM_TABLE_COLUMNS, Result, empty_tokens_frame, layers_frame
-from .stats.layers import VIEWS, LayerStatistics
+from .stats.layers import VIEWS, LayerStatistics, NonFiniteHidden
 from .windows import (POSITION_BITS, Window, WindowPlan, default_seq_len, iter_batches, iter_windows, pad_token_id,
                       validate_plan)
 
@@ -352,8 +352,9 @@ def analyze(
     gather = shard.gather_tensors if shard.world > 1 else None
     n_seen, start = progress_state["n_seen"], progress_state["next_batch"]
     t2 = time.perf_counter()
+    nonfinite = _explain_nonfinite(loaded.model)
     with token_progress(n_counted, enabled=progress and shard.is_main, description=loaded.name) as advance, \
-            torch.no_grad():
+            torch.no_grad(), nonfinite:
         windows = iter(kept) if kept is not None else iter_windows(docs(), tok, plan)
         trim_heap = HeapTrimmer()
         # The calibration windows are batched apart (their batches come first), in a
@@ -397,7 +398,8 @@ def analyze(
             trim_heap()
             if snaps is not None and stats.calibrated and snaps.due():
                 snaps.save({"statistics": stats.state_dict(), **progress_state})
-    stats.finish(gather)
+    with nonfinite:
+        stats.finish(gather)
     trim_heap(force=True)
     n_padded = progress_state["n_padded"]
     threads = None
@@ -503,6 +505,31 @@ def analyze(
         "warnings": warnings_,
     }
     return Result(layers=layers, spectrum=spectrum, tokens=tokens, outliers=outliers, run=run)
+
+
+class _explain_nonfinite:
+    """Turns NonFiniteHidden into the fix that fits the model's dtype: a half-precision
+    model may overflow (float32 is the fix); in float32 or float64 the weights or the
+    computation themselves give NaN or inf."""
+
+    def __init__(self, model):
+        params = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+        self.dtype = params.dtype if params is not None else None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if kind is None or not issubclass(kind, NonFiniteHidden):
+            return False
+        if self.dtype in (torch.float16, torch.bfloat16):
+            advice = (f"the model overflows in {str(self.dtype).removeprefix('torch.')}: try "
+                      f"{option('dtype', 'float32')}")
+        else:
+            name = str(self.dtype).removeprefix("torch.") if self.dtype is not None else "this dtype"
+            advice = (f"the model runs in {name}, so this is not an overflow of half precision: its weights "
+                      "or its computation give NaN or inf (check the checkpoint for NaN or inf weights)")
+        raise EmbgeomError(f"{exc}; {advice}") from None
 
 
 def _guarded(what: str, warnings_: list, fn, *args):

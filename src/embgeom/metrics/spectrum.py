@@ -26,6 +26,9 @@ def eigenvalues(matrix) -> np.ndarray:
         raise EmbgeomError(f"expected a square matrix, got shape {tuple(a.shape)}")
     # torch's LAPACK (MKL on x86 wheels) is an order of magnitude faster here than
     # numpy's bundled OpenBLAS for d in the hundreds.
+    if not bool(torch.isfinite(a).all()):
+        raise EmbgeomError("the matrix holds NaN or infinite values (an overflow of squared values?); "
+                           "its eigenvalues are undefined: rescale the data")
     lam = torch.linalg.eigvalsh((a + a.T) / 2.0).flip(0).cpu().numpy()
     return np.clip(lam, 0.0, None)
 
@@ -121,6 +124,13 @@ def anisotropy(X) -> float:
     if t.shape[0] < 2:
         raise EmbgeomError(f"anisotropy needs at least 2 points, got X of shape {tuple(t.shape)}")
     x = t.detach().to(dtype=torch.float64)
+    if not bool(torch.isfinite(x).all()):
+        raise EmbgeomError("X contains NaN or infinite values; anisotropy is undefined: drop or repair those rows")
+    # The ratio does not depend on the scale: dividing by the largest magnitude first
+    # keeps the squares in range (values of 1e200 would overflow float64 squared).
+    scale = float(x.abs().max())
+    if scale > 0:
+        x = x / scale
     xc = x - x.mean(dim=0)
     # Singular values of the centred matrix avoid forming the d×d covariance.
     s = torch.linalg.svdvals(xc).cpu().numpy()

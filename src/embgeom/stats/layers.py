@@ -62,6 +62,14 @@ class _Pending:
     n: int = 0
 
 
+class NonFiniteHidden(EmbgeomError):
+    """Hidden states with NaN or inf (the caller, who knows the dtype, adds the fix)."""
+
+    def __init__(self, stack: str, layer: int):
+        super().__init__(f"hidden states of {stack} layer {layer} are not finite (NaN or inf)")
+        self.stack, self.layer = stack, layer
+
+
 class LayerStatistics:
     """Streaming statistics of every layer of every stack, in two views.
 
@@ -250,10 +258,7 @@ class LayerStatistics:
             try:
                 self._accumulate_layer(stack, layer, x, types, groups, metas)
             except NonFiniteInput:
-                raise EmbgeomError(
-                    f"hidden states of {stack} layer {layer} are not finite (NaN or inf); "
-                    "the model overflows in this dtype: try --dtype float32"
-                ) from None
+                raise NonFiniteHidden(stack, layer) from None
 
     def _accumulate_layer(self, stack, layer, x, types, groups, metas) -> None:
         limit = self.outlier_factor * self.median_norm[stack][layer]
