@@ -3,6 +3,7 @@ directories for `embgeom plot`, non-finite or overflowing values, NaN hidden sta
 (named by their real stack, with the fix that fits the dtype), --revision on a local
 model."""
 import json
+import re
 import shutil
 
 import numpy as np
@@ -81,7 +82,7 @@ def test_anisotropy_and_moments_on_nan_and_huge_values():
         Moments(5).update(bad)
     m = Moments(5)
     top = f"{np.abs(X * 1e200).max():.3g}"
-    with pytest.raises(EmbgeomError, match=rf"values up to {top} in magnitude: their squares overflow float64"):
+    with pytest.raises(EmbgeomError, match=re.escape(f"values up to {top} in magnitude: their squares overflow")):
         m.update(X * 1e200)
     assert m.n == 0  # refused before any change
     m.update(X * 1e100)  # large but safe: exact up to scale
