@@ -105,6 +105,8 @@ def participation_ratio_from_eigenvalues(lam: np.ndarray) -> float:
 def spectrum_metrics(lam: np.ndarray) -> dict[str, float]:
     """All spectrum metrics of one covariance spectrum (eigenvalues, any order)."""
     lam = np.sort(np.clip(np.asarray(lam, dtype=np.float64), 0.0, None))[::-1]
+    if lam.size and lam[0] > 0:  # every metric here is scale-free: keep the squares in range
+        lam = lam / lam[0]
     return {
         "anisotropy": anisotropy_from_eigenvalues(lam),
         "isoscore": isoscore_from_eigenvalues(lam),
