@@ -71,18 +71,19 @@ def resolve_device(device: str) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise EmbgeomError(f"--device {device} was asked for but no CUDA GPU is visible; use --device cpu or auto")
+        raise EmbgeomError(f"{option('device', device)} was asked for but no CUDA GPU is visible; "
+                           f"use {option('device', 'cpu')} or auto")
     try:
         return torch.device(device)
     except (RuntimeError, ValueError):
-        raise EmbgeomError(f"unknown --device {device!r}; use auto, cpu, cuda or cuda:N") from None
+        raise EmbgeomError(f"unknown {option('device')} {device!r}; use auto, cpu, cuda or cuda:N") from None
 
 
 def resolve_dtype(dtype: str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        raise EmbgeomError(f"unknown --dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+        raise EmbgeomError(f"unknown {option('dtype')} {dtype!r}; use one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
 
 
