@@ -119,8 +119,13 @@ def test_bad_arguments():
         GeometryCallback(["some text"], every=1, max_token=5)
     with pytest.raises(EmbgeomError, match="does not exist"):
         GeometryProbe("/nonexistent/probe.txt")
-    with pytest.raises(EmbgeomError, match="--seq-len"):
+    # the Python API names its own parameters, not the command line's flags
+    with pytest.raises(EmbgeomError, match="seq_len must be a positive integer, got 0") as exc:
         GeometryProbe(["text"], seq_len=0)
+    assert "--" not in str(exc.value)
+    with pytest.raises(EmbgeomError, match="type_layers takes layer numbers") as exc:
+        GeometryCallback(["some text"], every=1, type_layers="last")
+    assert "--" not in str(exc.value)
 
 
 def test_headline_metrics_names():

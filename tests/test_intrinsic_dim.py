@@ -13,6 +13,7 @@ import torch
 from embgeom.errors import EmbgeomError
 from embgeom.metrics.intrinsic_dim import (
     _gamma_quantile,
+    distinct_points,
     intrinsic_dimensions,
     mle_id,
     mle_id_from_distances,
@@ -177,23 +178,56 @@ def test_options_match_skdim():
     assert twonn(X, discard_fraction=0.0) == pytest.approx(4, rel=0.15)
 
 
-def test_twonn_with_duplicates_matches_skdim_convention():
+def test_from_distances_drops_zero_distances_as_skdim():
     rng = np.random.default_rng(5)
     X = _gauss(800, 3, rng)
     X = np.vstack([X, X[:50], X[:5]])  # duplicates: every point with r1 = 0 is dropped
-    dist = knn_distances(X, 2)
+    dist = knn_distances(X, 20)
     assert int((dist[:, 0] == 0).sum()) == 2 * 50 + 5
     # scikit-dimension's own k-NN (ǁaǁ² + ǁbǁ² − 2a·b in float64) reports some identical
     # points at ~1e-7 instead of 0 and keeps them; given exact distances it applies the
-    # same convention as twonn, to the last bits.
+    # same convention as twonn_from_distances, to the last bits.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref = skdim.id.TwoNN(dist=True).fit(dist[:, :2].numpy()).dimension_
-    assert twonn(X) == pytest.approx(ref, rel=1e-12)
-    # the MLE drops the duplicated points too (scikit-dimension would return 0)
-    res = intrinsic_dimensions(X)
+    assert twonn_from_distances(dist) == pytest.approx(ref, rel=1e-12)
+    res = intrinsic_dimensions(distances=dist)
     assert res["id_n"] == len(X) - 2 * 50 - 5  # every copy of a duplicated point is dropped
     assert res["id_mle"] == pytest.approx(3, rel=0.15)
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.6])
+def test_duplicates_do_not_bias_the_estimate(fraction):
+    """Repeated rows would be each other's nearest neighbours at distance 0 and shrink
+    the neighbourhoods of the rest (TwoNN read 4.2 and 6.7 here before): every
+    estimator works on the distinct points, so the numbers are exactly those of the
+    distinct points, shuffled copies or not."""
+    rng = np.random.default_rng(11)
+    distinct = rng.standard_normal((700, 3)) @ np.linalg.qr(rng.standard_normal((12, 12)))[0][:3]
+    n_dup = int(round(fraction * len(distinct) / (1 - fraction)))  # duplicates are `fraction` of the rows
+    X = np.vstack([distinct, distinct[rng.integers(0, len(distinct), n_dup)]])
+    assert len(X) - len(distinct) == n_dup and n_dup / len(X) == pytest.approx(fraction, abs=0.01)
+    assert twonn(X) == twonn(distinct)
+    assert twonn_ml(X) == twonn_ml(distinct)
+    assert mle_id(X) == mle_id(distinct)
+    assert intrinsic_dimensions(X) == intrinsic_dimensions(distinct)
+    assert intrinsic_dimensions(X)["id_n"] == len(distinct)
+    assert twonn(X) == pytest.approx(3, abs=0.3)
+    # the copies may come first and in any order: the same distinct points, the same numbers
+    perm = rng.permutation(len(X))
+    assert twonn(X[perm]) == pytest.approx(twonn(distinct), rel=1e-12)
+    assert twonn(torch.from_numpy(X)) == twonn(distinct)
+
+
+def test_distinct_points():
+    X = np.array([[1.0, 2.0], [0.0, -0.0], [1.0, 2.0], [0.0, 0.0], [3.0, 1.0], [1.0, 2.0]])
+    got = distinct_points(X)
+    assert got.numpy().tolist() == [[1.0, 2.0], [0.0, 0.0], [3.0, 1.0]]  # first occurrences, in order
+    assert distinct_points(X[[0, 4, 1]]).shape == (3, 2)
+    with pytest.raises(EmbgeomError, match="NaN"):
+        distinct_points(np.array([[1.0, np.nan], [0.0, 1.0]]))
+    with pytest.raises(EmbgeomError, match="at least 3 distinct points, got 1"):
+        twonn(np.ones((50, 4)))
 
 
 def test_float32_and_torch_inputs_give_same_estimate(path):
@@ -267,11 +301,11 @@ def test_intrinsic_dimensions_bundle():
 def test_errors():
     rng = np.random.default_rng(9)
     X = rng.standard_normal((50, 5))
-    with pytest.raises(EmbgeomError, match="at least 3 points, got 2"):
+    with pytest.raises(EmbgeomError, match="at least 3 distinct points, got 2"):
         twonn(X[:2])
-    with pytest.raises(EmbgeomError, match="at least 21 points, got 20"):
+    with pytest.raises(EmbgeomError, match="at least 21 distinct points, got 20"):
         mle_id(X[:20], k=20)
-    with pytest.raises(EmbgeomError, match="at least 3 points, got 1"):
+    with pytest.raises(EmbgeomError, match="at least 3 distinct points, got 1"):
         twonn_ml(X[:1])
     with pytest.raises(EmbgeomError, match="discard_fraction"):
         twonn(X, discard_fraction=1.0)
@@ -287,8 +321,8 @@ def test_errors():
     bad[3, 3] = np.inf
     with pytest.raises(EmbgeomError, match="NaN or infinite"):
         twonn(bad)
-    with pytest.raises(EmbgeomError, match="usable"):
-        twonn(np.vstack([X[:2], X[:2]]))  # 4 points, all duplicated
+    with pytest.raises(EmbgeomError, match="at least 3 distinct points, got 2"):
+        twonn(np.vstack([X[:2], X[:2]]))  # 4 points, 2 distinct
     dist = knn_distances(X, 5).numpy()
     with pytest.raises(EmbgeomError, match="sorted"):
         twonn_from_distances(dist[:, ::-1])

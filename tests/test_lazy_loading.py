@@ -49,6 +49,17 @@ def test_public_names_load_on_first_use():
     assert out.splitlines() == ["AttributeError True", "False"]
 
 
+def test_training_names_exported_from_the_package():
+    """The README's Python section imports the training helpers from the package."""
+    out = run_python("""
+        import embgeom
+        from embgeom import GeometryCallback, GeometryProbe
+        from embgeom.callback import GeometryCallback as C, GeometryProbe as P
+        print(GeometryCallback is C, GeometryProbe is P, {"GeometryCallback", "GeometryProbe"} <= set(embgeom.__all__))
+    """)
+    assert out.splitlines()[-1] == "True True True"
+
+
 def test_token_moments_switch_to_compiled_loops_after_enough_rows():
     """In "auto" mode the torch path serves the first AUTO_WORK floats, then the
     compiled loops load and serve the rest; the state equals a run on the torch

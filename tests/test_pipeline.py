@@ -236,7 +236,28 @@ def test_intrinsic_dimension_on_the_same_sampled_positions_in_every_layer(tiny_m
         S = X[chosen]
         assert row["id_twonn"] == pytest.approx(twonn(S), rel=1e-4)
         assert row["id_mle"] == pytest.approx(mle_id(S, k=20), rel=1e-4)
+        assert row["id_n"] == len(np.unique(S, axis=0))  # the distinct vectors
     assert (rows["id_n"] > 100).all()
+
+
+def test_id_n_counts_distinct_vectors(tiny_models, lee_corpus):
+    """A llama's layer 0 is the token embedding: a token met twice is one point for
+    intrinsic dimension, so id_n there is the number of distinct sampled token ids."""
+    from embgeom.stats.position_sample import position_priorities
+    from embgeom.windows import POSITION_BITS
+
+    texts = lee_corpus.read_text().splitlines()[:6]
+    lm = load_model(str(tiny_models["llama"]), device="cpu")
+    res = analyze(lm, texts, seq_len=48, id_sample=200, seed=1, token_types="none")
+    windows = windows_of(texts, lm.tokenizer, 48, lm.facts.special_prefix, lm.facts.special_suffix)
+    ids = np.concatenate([np.asarray(w) for w in windows])
+    keys = np.concatenate([(i << POSITION_BITS) + np.arange(len(w)) for i, w in enumerate(windows)])
+    chosen = np.lexsort((keys, position_priorities(keys, seed=1)))[:200]
+    rows = res.layers[res.layers["view"] == "all"].set_index("layer")
+    distinct_ids = len(np.unique(ids[chosen]))
+    assert distinct_ids < 150  # a 400-token vocabulary repeats
+    assert rows.loc[0, "id_n"] == distinct_ids
+    assert rows.loc[rows.index.max(), "id_n"] > distinct_ids  # context makes the vectors distinct
 
 
 def test_windows_kept_from_the_count_equal_a_second_tokenization(tiny_models, lee_corpus, monkeypatch):
@@ -255,7 +276,7 @@ def test_windows_kept_from_the_count_equal_a_second_tokenization(tiny_models, le
 
 def test_figures_drawn_by_workers_equal_those_drawn_here(tiny_models, lee_corpus, tmp_path, monkeypatch):
     """plot_runs in forked workers writes the same files, byte for byte, as in one
-    process, and an error inside a worker reaches the caller."""
+    process, and an error inside a worker reaches the caller (as a warning)."""
     import embgeom.plots as plots
 
     texts = lee_corpus.read_text().splitlines()[:6]
@@ -271,8 +292,12 @@ def test_figures_drawn_by_workers_equal_those_drawn_here(tiny_models, lee_corpus
         raise EmbgeomError("spectrum figure failed")
 
     monkeypatch.setattr(plots, "plot_spectrum", broken)
-    with pytest.raises(EmbgeomError, match="spectrum figure failed"):
-        plots.plot_runs([res], tmp_path / "broken", workers=2)
+    for workers in (1, 2):  # an error inside a worker reaches the caller as a warning
+        warnings = []
+        drawn = plots.plot_runs([res], tmp_path / f"broken{workers}", workers=workers, warnings=warnings)
+        assert [p.name for p in drawn] == [p.name for p in here if not p.name.startswith("spectrum_")]
+        assert len(warnings) == 1 and warnings[0].startswith("figure spectrum_"), warnings
+        assert "was not drawn (EmbgeomError: spectrum figure failed)" in warnings[0]
 
 
 def test_hidden_states_of_different_widths(tmp_path, lee_corpus):
@@ -313,3 +338,24 @@ def test_hidden_states_of_different_widths(tmp_path, lee_corpus):
     last = res.spectrum[(res.spectrum["layer"] == 2) & (res.spectrum["view"] == "all")]
     assert len(last) == 16
     assert set(res.tokens["layer"]) == {0, 1, 2}
+
+
+def test_seq_len_defaults_to_the_model_positions(tiny_models, lee_corpus, monkeypatch):
+    """No seq_len: min(512, the model's positions) (the tiny models have 128), recorded
+    in run.json; an explicit value past the limit is refused, naming the parameter."""
+    import embgeom.windows as windows
+
+    texts = lee_corpus.read_text().splitlines()[:3]
+    res = analyze(str(tiny_models["gpt2"]), texts, max_tokens=300, id_sample=0, device="cpu")
+    assert res.run["config"]["seq_len"] == 128
+    assert res.run["counts"]["windows"] == 3  # 300 tokens in windows of 128
+    lm = load_model(str(tiny_models["gpt2"]), device="cpu")
+    assert analyze(lm, texts, max_tokens=50, id_sample=0).run["config"]["seq_len"] == 128
+    monkeypatch.setattr(windows, "DEFAULT_SEQ_LEN", 40)  # a model with more positions than the default
+    assert analyze(lm, texts, max_tokens=50, id_sample=0).run["config"]["seq_len"] == 40
+    with pytest.raises(EmbgeomError) as exc:
+        analyze(lm, texts, seq_len=4096)
+    assert str(exc.value) == ("seq_len=4096 is longer than this model accepts (128 positions); "
+                              "use seq_len=128 or less")
+    with pytest.raises(EmbgeomError, match="max_tokens must be a positive integer, got -5"):
+        analyze(lm, texts, max_tokens=-5)

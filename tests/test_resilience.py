@@ -407,7 +407,7 @@ def test_type_layers_in_a_run(tiny_models, lee_corpus):
     assert some.run["planned_accumulator_bytes"] == some.run["accumulator_bytes"] + unallocated
     saved = (L + 1 - 2) * ((8 * d + 16) * (n_types + 1) + 16 * n_types)
     assert full.run["accumulator_bytes"] - some.run["accumulator_bytes"] == saved
-    with pytest.raises(EmbgeomError, match=r"--type-layers 9 is not a layer of this model's encoder \(0 to 2"):
+    with pytest.raises(EmbgeomError, match=r"type_layers=9 is not a layer of this model's encoder \(0 to 2"):
         analyze(str(tiny_models["bert"]), texts, type_layers=(9,), **opts)
 
 

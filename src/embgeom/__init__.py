@@ -8,6 +8,8 @@ from .errors import EmbgeomError
 _EXPORTS = {
     "AnalysisConfig": ".pipeline",
     "analyze": ".pipeline",
+    "GeometryCallback": ".callback",
+    "GeometryProbe": ".callback",
     "Result": ".results",
     "save_run": ".output",
     "Moments": ".stats.moments",

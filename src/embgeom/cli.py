@@ -34,7 +34,7 @@ def run(
     revision: List[str] = typer.Option([], "--revision", help="Hub revision; repeat for several checkpoints (a training directory: checkpoint folder names)."),
     step: List[int] = typer.Option([], "--step", help="Training step of each checkpoint, in the order named (default: parsed from stepN, global_stepN, checkpoint-N)."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Stop after this many counted tokens."),
-    seq_len: int = typer.Option(512, "--seq-len", help="Window length in tokens, special tokens included."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Window length in tokens, special tokens included (default: 512, or the model's positions if fewer)."),
     batch_size: int = typer.Option(16, "--batch-size", help="Windows per forward pass."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (under torchrun: each rank's own GPU)."),
     device_map: Optional[str] = typer.Option(None, "--device-map", help="auto: spread a model too large for one device over all devices (accelerate)."),
@@ -100,7 +100,18 @@ def run(
         save_run(result, out, figures=figures)
         shutil.rmtree(snapshots, ignore_errors=True)  # the results are written: nothing left to resume
         where = f"{out}/layers.csv ({len(result.layers)} rows)"
+    _say_warnings(result.run, out)
     _say(f"wrote {where}" + (f", figures in {out}/figures" if figures else "") + f"; read {out}/report.md first")
+
+
+def _say_warnings(run: dict, out, most: int = 5) -> None:
+    """The run's warnings (metrics left NaN, figures not drawn) on stderr, the first
+    few; all of them are in run.json and report.md."""
+    found = list(run.get("warnings") or []) + [w for r in run.get("runs") or [] for w in r.get("warnings") or []]
+    for w in found[:most]:
+        _say(f"embgeom: warning: {w}")
+    if len(found) > most:
+        _say(f"embgeom: warning: ... and {len(found) - most} more in {out}/run.json")
 
 
 @app.command()
@@ -117,7 +128,9 @@ def plot(
     results = [Result.load(d) for d in dirs]
     if out.exists() and not out.is_dir():
         raise EmbgeomError(f"--out {out} is a file; name a directory for the figures")
-    written, report = save_comparison(results, out, layer=layer)
+    warnings: list = []
+    written, report = save_comparison(results, out, layer=layer, warnings=warnings)
+    _say_warnings({"warnings": warnings}, out)
     _say(f"wrote {len(written)} figures and {report.name} to {out}")
 
 
@@ -150,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             _leave_process_group()
     except EmbgeomError as exc:
-        _say(f"embgeom: error: {exc}")
+        _say(f"embgeom: error: {exc.command_line()}")
         sys.exit(2)
     except KeyboardInterrupt:
         _say("embgeom: interrupted; no layers.csv was written")

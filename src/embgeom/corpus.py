@@ -91,6 +91,11 @@ def corpus_format(path: str | os.PathLike) -> str:
                 "Dataset.save_to_disk / DatasetDict.save_to_disk"
             )
         return "datasets"
+    if not p.is_file():  # a FIFO, socket or device: reading it could block forever
+        raise EmbgeomError(
+            f"corpus {p} is not a regular file (a named pipe, socket or device); embgeom reads the corpus "
+            "more than once (to count, hash and stream it), so write it to a file and pass that"
+        )
     fmt = SUPPORTED_EXTENSIONS.get(p.suffix.lower())
     if fmt is None:
         extra = ""

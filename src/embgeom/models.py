@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ._names import display_name
-from .errors import EmbgeomError
+from .errors import EmbgeomError, option
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -72,18 +72,19 @@ def resolve_device(device: str) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise EmbgeomError(f"--device {device} was asked for but no CUDA GPU is visible; use --device cpu or auto")
+        raise EmbgeomError(f"{option('device', device)} was asked for but no CUDA GPU is visible; "
+                           f"use {option('device', 'cpu')} or auto")
     try:
         return torch.device(device)
     except (RuntimeError, ValueError):
-        raise EmbgeomError(f"unknown --device {device!r}; use auto, cpu, cuda or cuda:N") from None
+        raise EmbgeomError(f"unknown {option('device')} {device!r}; use auto, cpu, cuda or cuda:N") from None
 
 
 def resolve_dtype(dtype: str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        raise EmbgeomError(f"unknown --dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+        raise EmbgeomError(f"unknown {option('dtype')} {dtype!r}; use one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
 
 
@@ -312,6 +313,12 @@ def open_model(spec: str, revision: str | None = None, cache_dir=None, progress=
     _quiet_transformers()
     progress = _progress_callback(progress)
     path = Path(os.path.expanduser(str(spec)))
+    if path.exists() and revision is not None:
+        raise EmbgeomError(
+            f"{option('revision', revision)} names a Hub revision, but {path} is a local "
+            f"{'directory' if path.is_dir() else 'file'}, which has none; drop {option('revision')} (to compare "
+            "checkpoints, name their folders, or a training directory holding checkpoint-N folders)"
+        )
     if path.exists():
         if path.is_dir():
             if not (path / "config.json").exists():
@@ -333,6 +340,7 @@ def open_model(spec: str, revision: str | None = None, cache_dir=None, progress=
             tok, config = _tokenizer_and_config(location, None, True)
         except Exception as exc:  # noqa: BLE001
             raise EmbgeomError(_load_failure(str(path), exc)) from None
+        _check_depth(config, path)
         return OpenedModel(str(spec), revision, source, location, tok, config)
     if str(spec).endswith(".gguf") or str(spec).startswith((".", "/", "~")) or str(spec).count("/") > 1:
         raise EmbgeomError(f"model {spec} does not exist; pass a model directory, a .gguf file or a Hub id")
@@ -347,7 +355,31 @@ def open_model(spec: str, revision: str | None = None, cache_dir=None, progress=
             local = False
         except Exception as exc:  # noqa: BLE001
             raise EmbgeomError(_hub_missing(spec, revision) + f" ({type(exc).__name__})") from None
+    _check_depth(config, spec)
     return OpenedModel(str(spec), revision, "hub", str(spec), tok, config, hub_local=local)
+
+
+def _check_depth(config, where) -> None:
+    """Refuse a config whose stacks have no block (n_layer ≤ 0): there is nothing to
+    measure, and the model code fails on it with an index error."""
+    names = ("num_hidden_layers", "num_layers", "encoder_layers", "decoder_layers", "num_decoder_layers")
+    for name in names:
+        try:
+            value = getattr(config, name, None)
+        except Exception:  # noqa: BLE001 - a config that computes the attribute and fails
+            value = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 1:
+            raise EmbgeomError(f"model {where}: its config gives {name} = {value} (transformer blocks); a model "
+                               "needs at least one: fix config.json (n_layer / num_hidden_layers)")
+
+
+def _declared_causal(model) -> bool:
+    """Whether the model says it is causal (a decoder): its config's is_decoder, or a
+    class made for causal language modelling (…ForCausalLM, GPT-2's …LMHeadModel)."""
+    cfg = getattr(model, "config", None)
+    names = [type(model).__name__, *(getattr(cfg, "architectures", None) or [])]
+    return bool(getattr(cfg, "is_decoder", False)) or any(
+        n.endswith(("ForCausalLM", "LMHeadModel")) and "Masked" not in n for n in names)
 
 
 def _load_failure(where: str, exc: Exception) -> str:
@@ -472,7 +504,10 @@ def inspect_model(model, tokenizer, source="object", path="", revision=None) -> 
             changed[0, -1 - len(suffix)] = (int(changed[0, -1 - len(suffix)]) + 1) % model.config.vocab_size
             other = forward_hidden(model, changed, mask, is_ed)
             h0, h1 = next(iter(hidden.values()))[-1], next(iter(other.values()))[-1]
-            kind = "decoder" if torch.allclose(h0[0, 0], h1[0, 0], rtol=1e-4, atol=1e-5) else "encoder"
+            if bool(torch.isfinite(h0[0, 0]).all()) and bool(torch.isfinite(h1[0, 0]).all()):
+                kind = "decoder" if torch.allclose(h0[0, 0], h1[0, 0], rtol=1e-4, atol=1e-5) else "encoder"
+            else:  # NaN compares unequal: the measurement says nothing; the model's own flags do
+                kind = "decoder" if _declared_causal(model) else "encoder"
     # Dedupe while keeping order: a module called twice (shared norms) counts once.
     seen, calls = set(), []
     for m in order:

@@ -34,26 +34,37 @@ def save_run(result: Result, out, *, figures: bool = True, report: bool = True,
     """
     out = prepare_out_dir(out, keep_finished=rewrite)
     figdir = out / "figures"
+    # A figure or the report that fails is a warning (recorded in run.json, which is
+    # written again after them), never a lost run.
+    warnings = result.run.setdefault("warnings", [])
     with writing_to(out):
         result.write_tables(out)
         for name, table in (extra_tables or {}).items():
             write_csv(table, out / name)
         if figures:
-            draw([result], figdir)
+            draw([result], figdir, warnings=warnings)
         if report:
-            write_report(result, out, figdir if figures else None)
+            try:
+                write_report(result, out, figdir if figures else None)
+            except OSError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - reported in run.json
+                warnings.append(f"report.md was not written ({type(exc).__name__}: {exc}); the tables are complete")
+        result.write_run_json(out)
         result.write_layers_csv(out)
     return out
 
 
-def save_comparison(results: list[Result], out, figures_dir=None, layer: int | None = None):
+def save_comparison(results: list[Result], out, figures_dir=None, layer: int | None = None,
+                    warnings: list | None = None):
     """Several runs side by side: their figures overlaid in `figures_dir` (default:
     `out`) and one report.md in `out` reading them. `layer`: the layer of the
-    per-type figures (default: each model's middle layer). Returns (figure paths,
+    per-type figures (default: each model's middle layer). A figure that cannot be
+    drawn is skipped with a line appended to `warnings`. Returns (figure paths,
     report path)."""
     out = Path(out)
     figures_dir = out if figures_dir is None else Path(figures_dir)
-    written = plot_runs(results, figures_dir, layer=layer)
+    written = plot_runs(results, figures_dir, layer=layer, warnings=warnings)
     with writing_to(out):
         report = write_report(combine(results), out, figures_dir)
     return written, report

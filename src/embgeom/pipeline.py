@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 
 from . import __version__
-from .errors import EmbgeomError
+from .errors import EmbgeomError, option
 from .extract import decoder_inputs, forward_hidden
 from .distributed import Shard
 from .memory import check_accumulators_fit, processes_on_this_machine
@@ -22,9 +22,10 @@ from .models import LoadedModel, open_model, resolve_device
 from .snapshot import Snapshots, check_interval
 from .progress import layer_progress, token_progress
 from ._heap import HeapTrimmer
-from .results import Result, empty_tokens_frame, layers_frame
-from .stats.layers import VIEWS, LayerStatistics
-from .windows import POSITION_BITS, Window, WindowPlan, iter_batches, iter_windows, pad_token_id, validate_plan
+from .results import SPECTRUM_TABLE_COLUMNS, Result, empty_tokens_frame, layers_frame
+from .stats.layers import VIEWS, LayerStatistics, NonFiniteHidden
+from .windows import (POSITION_BITS, Window, WindowPlan, default_seq_len, iter_batches, iter_windows, pad_token_id,
+                      validate_plan)
 
 
 # Windows of at most this many tokens in all (~5 bytes each, ~40 MiB) are kept from
@@ -37,7 +38,7 @@ class AnalysisConfig:
     """Every option of one analysis (recorded in run.json)."""
 
     max_tokens: int | None = None
-    seq_len: int = 512
+    seq_len: int | None = None  # None: min(DEFAULT_SEQ_LEN, the model's positions)
     batch_size: int = 16
     device: str = "auto"
     device_map: str | None = None
@@ -67,7 +68,8 @@ class AnalysisConfig:
             layers = (cfg.type_layers,) if isinstance(cfg.type_layers, (int, np.integer)) else tuple(cfg.type_layers)
             bad = [v for v in layers if isinstance(v, bool) or not isinstance(v, (int, np.integer))]
             if bad or not layers:
-                raise EmbgeomError(f"--type-layers takes layer numbers (negative: from the last), got {cfg.type_layers!r}")
+                raise EmbgeomError(f"{option('type_layers')} takes layer numbers (negative: from the last), "
+                                   f"got {cfg.type_layers!r}")
             cfg.type_layers = tuple(int(v) for v in layers)
         cfg.validate()
         return cfg
@@ -77,26 +79,28 @@ class AnalysisConfig:
             if v is None and allow_none:
                 return
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise EmbgeomError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+                raise EmbgeomError(f"{option(name)} must be a positive integer, got {v!r}")
 
         positive_int("max_tokens", self.max_tokens, allow_none=True)
-        positive_int("seq_len", self.seq_len)
+        positive_int("seq_len", self.seq_len, allow_none=True)
         positive_int("batch_size", self.batch_size)
         if isinstance(self.id_sample, bool) or not isinstance(self.id_sample, (int, np.integer)) or self.id_sample < 0:
-            raise EmbgeomError(f"--id-sample must be a non-negative integer, got {self.id_sample!r}")
+            raise EmbgeomError(f"{option('id_sample')} must be a non-negative integer, got {self.id_sample!r}")
         if self.token_types not in ("id", "string", "none"):
-            raise EmbgeomError(f"--token-types must be 'id', 'string' or 'none', got {self.token_types!r}")
+            raise EmbgeomError(f"{option('token_types')} must be 'id', 'string' or 'none', got {self.token_types!r}")
         if self.type_layers is not None and self.token_types == "none":
-            raise EmbgeomError("--type-layers chooses where per-type statistics are kept, but --token-types none "
-                               "keeps none; drop one of the two")
+            raise EmbgeomError(f"{option('type_layers')} chooses where per-type statistics are kept, but "
+                               f"{option('token_types', 'none')} keeps none; drop one of the two")
         if not (isinstance(self.outlier_factor, (int, float)) and math.isfinite(self.outlier_factor) and self.outlier_factor > 1):
-            raise EmbgeomError(f"--outlier-factor must be a number greater than 1, got {self.outlier_factor!r}")
+            raise EmbgeomError(f"{option('outlier_factor')} must be a number greater than 1, got {self.outlier_factor!r}")
         if self.encoding_errors not in ("strict", "replace", "ignore"):
-            raise EmbgeomError(f"--encoding-errors must be strict, replace or ignore, got {self.encoding_errors!r}")
+            raise EmbgeomError(f"{option('encoding_errors')} must be strict, replace or ignore, got {self.encoding_errors!r}")
         if self.device_map not in (None, "auto", "balanced", "balanced_low_0", "sequential"):
-            raise EmbgeomError(f"--device-map must be auto, balanced, balanced_low_0 or sequential, got {self.device_map!r}")
+            raise EmbgeomError(f"{option('device_map')} must be auto, balanced, balanced_low_0 or sequential, "
+                               f"got {self.device_map!r}")
         if self.min_count < 1 or self.max_count < self.min_count:
-            raise EmbgeomError(f"--min-count/--max-count must satisfy 1 <= min <= max, got {self.min_count}, {self.max_count}")
+            raise EmbgeomError(f"{option('min_count')}/{option('max_count')} must satisfy 1 <= min <= max, "
+                               f"got {self.min_count}, {self.max_count}")
 
 
 def resolve_type_layers(type_layers: tuple | None, n_layers: dict) -> dict | None:
@@ -109,7 +113,7 @@ def resolve_type_layers(type_layers: tuple | None, n_layers: dict) -> dict | Non
         chosen = set()
         for v in type_layers:
             if not -(L + 1) <= v <= L:
-                raise EmbgeomError(f"--type-layers {v} is not a layer of this model's {stack} (0 to {L}, "
+                raise EmbgeomError(f"{option('type_layers', v)} is not a layer of this model's {stack} (0 to {L}, "
                                    f"or -1 to -{L + 1} counting from the last)")
             chosen.add(v % (L + 1))
         out[stack] = tuple(sorted(chosen))
@@ -238,6 +242,7 @@ def analyze(
         tok, max_length = opened.tokenizer, opened.max_length
         prefix, suffix = opened.special_prefix_suffix
     t_load = time.perf_counter() - t0
+    cfg.seq_len = default_seq_len(cfg.seq_len, max_length)  # run.json records the length used
     plan = WindowPlan(
         seq_len=cfg.seq_len,
         prefix=tuple(prefix),
@@ -347,8 +352,9 @@ def analyze(
     gather = shard.gather_tensors if shard.world > 1 else None
     n_seen, start = progress_state["n_seen"], progress_state["next_batch"]
     t2 = time.perf_counter()
+    nonfinite = _explain_nonfinite(loaded.model)
     with token_progress(n_counted, enabled=progress and shard.is_main, description=loaded.name) as advance, \
-            torch.no_grad():
+            torch.no_grad(), nonfinite:
         windows = iter(kept) if kept is not None else iter_windows(docs(), tok, plan)
         trim_heap = HeapTrimmer()
         # The calibration windows are batched apart (their batches come first), in a
@@ -392,7 +398,8 @@ def analyze(
             trim_heap()
             if snaps is not None and stats.calibrated and snaps.due():
                 snaps.save({"statistics": stats.state_dict(), **progress_state})
-    stats.finish(gather)
+    with nonfinite:
+        stats.finish(gather)
     trim_heap(force=True)
     n_padded = progress_state["n_padded"]
     threads = None
@@ -410,6 +417,7 @@ def analyze(
     t3 = time.perf_counter()
     rev = revision or ""
     rows, spectrum_rows, token_frames = [], [], []
+    warnings_: list = []  # what could not be computed, in run.json and report.md
     n_layer_rows = sum(L + 1 for L in facts.n_layers.values())
     with layer_progress(n_layer_rows, enabled=progress, description=f"{loaded.name} metrics") as advance_layer:
         for stack, L in facts.n_layers.items():
@@ -426,16 +434,8 @@ def analyze(
                     elif done is not None and n == done[0]:
                         per_view[view] = (n, done[1], done[2], None if done[3] is None else done[3].copy())
                     else:
-                        lam_out: list = []
-                        values = acc.moments.metrics(eigenvalues_out=lam_out)
-                        table = None
-                        if acc.types is not None:  # --token-types none: those columns stay NaN
-                            dec = acc.types.decomposition()
-                            values.update(V_within=dec["V_within"], V_between=dec["V_between"])
-                            table = acc.types.table()
-                            values.update(acc.types.tradeoff(min_count=cfg.min_count, max_count=cfg.max_count,
-                                                             table=table))
-                        done = per_view[view] = (n, values, lam_out[0], table)
+                        where = f"{stack} layer {layer} ({view})"
+                        done = per_view[view] = (n, *_layer_values(acc, cfg, where, warnings_))
                 for view in VIEWS:
                     n, values, lam, table = per_view[view]
                     ident = dict(model=name, revision=rev, step=step, stack=stack, layer=layer)
@@ -445,10 +445,12 @@ def analyze(
                         continue
                     row.update(values)
                     if cfg.id_sample > 0:
-                        row.update(stats.intrinsic_dimension(stack, layer, view))
+                        row.update(_guarded(f"{stack} layer {layer} ({view}): intrinsic dimension", warnings_,
+                                            stats.intrinsic_dimension, stack, layer, view) or {})
                     rows.append(row)
-                    spectrum_rows.append(pd.DataFrame(dict(ident, view=view, rank=np.arange(1, len(lam) + 1),
-                                                           eigenvalue=lam)))
+                    if lam is not None:
+                        spectrum_rows.append(pd.DataFrame(dict(ident, view=view, rank=np.arange(1, len(lam) + 1),
+                                                               eigenvalue=lam)))
                     if table is not None:
                         table.insert(0, "view", view)
                         table.insert(0, "layer", layer)
@@ -456,7 +458,9 @@ def analyze(
                         token_frames.append(table)
                 advance_layer(1)
     layers = layers_frame(rows)
-    spectrum = pd.concat(spectrum_rows, ignore_index=True)
+    warnings_ += undefined_metric_warnings(layers, cfg.id_sample)
+    spectrum = (pd.concat(spectrum_rows, ignore_index=True) if spectrum_rows
+                else pd.DataFrame(columns=SPECTRUM_TABLE_COLUMNS))
     tokens = pd.concat(token_frames, ignore_index=True) if token_frames else empty_tokens_frame()
     if type_text is not None:
         tokens.insert(2, "token", type_text(tokens["token_id"].to_numpy()))
@@ -498,8 +502,96 @@ def analyze(
         "timings_s": {"load": t_load, "count": t_count, "stream": t_stream, "metrics": t_metrics,
                       "total": time.perf_counter() - t0},
         "device": str(device),
+        "warnings": warnings_,
     }
     return Result(layers=layers, spectrum=spectrum, tokens=tokens, outliers=outliers, run=run)
+
+
+class _explain_nonfinite:
+    """Turns NonFiniteHidden into the fix that fits the model's dtype: a half-precision
+    model may overflow (float32 is the fix); in float32 or float64 the weights or the
+    computation themselves give NaN or inf."""
+
+    def __init__(self, model):
+        params = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+        self.dtype = params.dtype if params is not None else None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if kind is None or not issubclass(kind, NonFiniteHidden):
+            return False
+        if self.dtype in (torch.float16, torch.bfloat16):
+            advice = (f"the model overflows in {str(self.dtype).removeprefix('torch.')}: try "
+                      f"{option('dtype', 'float32')}")
+        else:
+            name = str(self.dtype).removeprefix("torch.") if self.dtype is not None else "this dtype"
+            advice = (f"the model runs in {name}, so this is not an overflow of half precision: its weights "
+                      "or its computation give NaN or inf (check the checkpoint for NaN or inf weights)")
+        raise EmbgeomError(f"{exc}; {advice}") from None
+
+
+def _guarded(what: str, warnings_: list, fn, *args):
+    """fn(*args), or None with a warning when it fails: one metric that cannot be
+    computed (a numerical library's error on degenerate data) costs its columns (NaN),
+    never the run's tables."""
+    try:
+        return fn(*args)
+    except Exception as exc:  # noqa: BLE001 - any failure of one metric, reported
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        warnings_.append(f"{what} failed ({type(exc).__name__}{': ' + text if text else ''}); "
+                         "its columns are NaN")
+        return None
+
+
+def _layer_values(acc, cfg: AnalysisConfig, where: str, warnings_: list):
+    """(metric values, covariance eigenvalues or None, per-type table or None) of one
+    layer's view; a part that fails leaves its columns NaN, with a warning."""
+    lam_out: list = []
+    values = _guarded(f"{where}: spectrum metrics", warnings_, acc.moments.metrics, lam_out)
+    if values is None:  # the moments themselves are plain sums: keep them
+        values = {"Q": acc.moments.Q, "M": acc.moments.M, "V": acc.moments.V}
+    table = None
+    if acc.types is not None:  # --token-types none: those columns stay NaN
+        dec = _guarded(f"{where}: per-type decomposition", warnings_, acc.types.decomposition)
+        if dec is not None:
+            values.update(V_within=dec["V_within"], V_between=dec["V_between"])
+        table = _guarded(f"{where}: per-type table", warnings_, acc.types.table)
+        if table is not None:
+            values.update(_guarded(f"{where}: norm-variance trade-off", warnings_,
+                                   lambda: acc.types.tradeoff(min_count=cfg.min_count, max_count=cfg.max_count,
+                                                              table=table)) or {})
+    return values, (lam_out[0] if lam_out else None), table
+
+
+def undefined_metric_warnings(layers: pd.DataFrame, id_sample: int) -> list[str]:
+    """Warnings for metrics that are NaN because the data leave them undefined: too
+    few tokens for a spread, no variance at all (every vector equal, e.g. a zeroed
+    final norm), too few distinct vectors for intrinsic dimension."""
+    out = []
+
+    def where(mask) -> str:
+        sel = layers[mask]
+        parts = [f"{stack} {', '.join(str(v) for v in sorted(set(g['layer'].tolist())))}"
+                 for stack, g in sel.groupby("stack", sort=False)]
+        return "; ".join(parts)
+
+    counted = layers["n_tokens"] > 0
+    few = counted & (layers["n_tokens"] < 2)
+    if few.any():
+        out.append(f"only 1 token counted at layers {where(few)}: anisotropy, isoscore, effective rank, "
+                   "participation ratio and mean cosine need at least 2 and are NaN; count more tokens")
+    flat = counted & ~few & (layers["V"] == 0)
+    if flat.any():
+        out.append(f"every counted vector is the same (variance V = 0) at layers {where(flat)}: anisotropy, "
+                   "isoscore, effective rank and participation ratio are undefined there (NaN)")
+    if id_sample > 0:
+        no_id = counted & (layers["id_n"].fillna(0) < 3)
+        if no_id.any():
+            out.append(f"fewer than 3 distinct sampled vectors at layers {where(no_id)}: intrinsic dimension "
+                       "is undefined there (NaN)")
+    return out
 
 
 def _merge_ranks(shard: Shard, stats: LayerStatistics, n_seen: dict, n_padded: int, device):

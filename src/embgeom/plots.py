@@ -5,6 +5,7 @@ import math
 import multiprocessing
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -230,6 +231,9 @@ def plot_anisotropy_id(layers: pd.DataFrame, path: Path) -> Path:
 
 def plot_spectrum(spectrum: pd.DataFrame, path: Path, title: str) -> Path | None:
     s = spectrum[spectrum["view"] == "all"]
+    # Log axes: only positive eigenvalues of layers with some variance (one token, or
+    # a zeroed layer, has none: nothing to draw there).
+    s = s[s["eigenvalue"] > 0]
     if s.empty:
         return None
     fig, ax = plt.subplots(figsize=(6, 4.2))
@@ -270,12 +274,17 @@ def plot_outliers(outliers: pd.DataFrame, n_layers: int, path: Path, title: str,
     return save_png(fig, path)
 
 
-def plot_runs(results, figdir, layer: int | None = None, workers: int | None = None) -> list[Path]:
+def plot_runs(results, figdir, layer: int | None = None, workers: int | None = None,
+              warnings: list | None = None) -> list[Path]:
     """Every figure for one or several results (Result objects), overlaid. `layer`:
     the layer of the per-type figures (default: each model's middle layer).
     `workers`: processes drawing figures at once (default: the usable cores, at most
     4; 1 draws them here). Each figure is independent and matplotlib draws on one
-    core, so on Linux forked workers share them out."""
+    core, so on Linux forked workers share them out.
+
+    A figure that cannot be drawn (e.g. a log scale with nothing positive to show) is
+    skipped: a line saying so is appended to `warnings` (or issued as a Python
+    warning when it is None); the other figures are drawn."""
     if layer is not None:
         for r in results:
             for (model, _, stack), g in groups_by_run(r.layers):
@@ -285,9 +294,19 @@ def plot_runs(results, figdir, layer: int | None = None, workers: int | None = N
                                        "choose one every model has, or leave it out for each model's middle layer")
     figdir = Path(figdir)
     figdir.mkdir(parents=True, exist_ok=True)
-    written = []
+    written, failed = [], []
     for path in _draw_all(figure_tasks(results, figdir, layer), workers):
+        if isinstance(path, _Failed):
+            failed.append(f"figure {path.name} was not drawn ({path.error}); the tables are complete")
+            continue
         written.extend(path if isinstance(path, list) else [path])
+    if warnings is not None:
+        warnings.extend(failed)
+    else:
+        import warnings as _py_warnings
+
+        for text in failed:
+            _py_warnings.warn(text, RuntimeWarning, stacklevel=2)
     return [w for w in written if w is not None]
 
 
@@ -333,12 +352,29 @@ def figure_tasks(results, figdir: Path, layer: int | None = None) -> list[tuple]
 _TASKS: list = []  # read by forked workers, which inherit it (nothing is pickled but an index)
 
 
-def _draw_one(i: int):
-    fn, args, kwargs = _TASKS[i]
+@dataclass(frozen=True)
+class _Failed:
+    """A figure task that raised: its file name and the error, one line."""
+
+    name: str
+    error: str
+
+
+def _draw(fn, args, kwargs):
     try:
         return fn(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - one figure never costs the others or the run
+        target = next((a for a in args if isinstance(a, Path) and a.suffix), None)  # the file it writes
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return _Failed(target.name if target is not None else getattr(fn, "__name__", "?"),
+                       f"{type(exc).__name__}{': ' + text if text else ''}")
     finally:
         plt.close("all")
+
+
+def _draw_one(i: int):
+    fn, args, kwargs = _TASKS[i]
+    return _draw(fn, args, kwargs)
 
 
 def _default_workers() -> int:
@@ -357,7 +393,7 @@ def _draw_all(tasks: list, workers: int | None) -> list:
     workers = _default_workers() if workers is None else max(1, int(workers))
     workers = min(workers, len(tasks))
     if workers < 2 or not sys.platform.startswith("linux"):
-        return [fn(*args, **kwargs) for fn, args, kwargs in tasks]
+        return [_draw(fn, args, kwargs) for fn, args, kwargs in tasks]
     _TASKS = tasks
     try:
         with multiprocessing.get_context("fork").Pool(workers) as pool:

@@ -170,9 +170,10 @@ def loss_curve(results, model: str, d: pd.DataFrame) -> pd.DataFrame | None:
     return None
 
 
-def plot_training(results, figdir) -> list[Path]:
+def plot_training(results, figdir, warnings: list | None = None) -> list[Path]:
     """Every training-dynamics figure for the results (Result objects) whose layers
-    carry more than one step."""
+    carry more than one step. A figure that cannot be drawn is skipped with a line
+    appended to `warnings` (raised when it is None)."""
     figdir = Path(figdir)
     figdir.mkdir(parents=True, exist_ok=True)
     layers = pd.concat([r.layers for r in results], ignore_index=True)
@@ -183,6 +184,13 @@ def plot_training(results, figdir) -> list[Path]:
             continue
         tag = slug(model, stack)
         title = f"{model} {stack}: geometry over training"
-        written.append(plot_heatmaps(g, figdir / f"training_heatmaps_{tag}.png", title))
-        written.append(plot_dynamics(g, loss_curve(results, model, g), figdir / f"training_dynamics_{tag}.png", title))
+        for name, draw, args in (("heatmaps", plot_heatmaps, (g,)),
+                                 ("dynamics", plot_dynamics, (g, loss_curve(results, model, g)))):
+            path = figdir / f"training_{name}_{tag}.png"
+            try:
+                written.append(draw(*args, path, title))
+            except Exception as exc:  # noqa: BLE001 - a figure is never worth the run
+                if warnings is None:
+                    raise
+                warnings.append(f"figure {path.name} was not drawn ({type(exc).__name__}: {exc}); the tables are complete")
     return [w for w in written if w is not None]

@@ -167,6 +167,14 @@ def report_markdown(result, figures_dir: Path | None = None, base: Path | None =
         lines += [f"## Run: {label}", "", *_run_section(run), ""]
     if not few:
         lines += [f"… and {len(runs) - 1} more runs (checkpoints) with the same options; each is in run.json.", ""]
+    warned = [(run, w) for run in runs for w in (run.get("warnings") or [])] + \
+        ([(result.run, w) for w in result.run.get("warnings") or []] if result.run.get("runs") else [])
+    if warned:
+        lines += ["## Warnings", "", "What could not be computed or drawn (NaN in the tables; also in run.json):", ""]
+        for run, w in warned:
+            label = Path(str((run.get("config") or {}).get("model", ""))).name
+            lines.append(f"- {label + ': ' if len(runs) > 1 and label else ''}{w}")
+        lines.append("")
     if few:
         lines += ["## Headlines", ""]
         for (model, revision, stack), g in groups:

@@ -133,13 +133,18 @@ class Result:
         """run.json, layers.parquet, spectrum.parquet, tokens.parquet and outliers.csv
         (those present), each atomically; not layers.csv, which marks a finished run."""
         out = Path(out)
-        write_text(out / "run.json", json.dumps(self.run, indent=2, default=str) + "\n")
+        self.write_run_json(out)
         write_parquet(self.layers, out / "layers.parquet")
         write_parquet(self.spectrum, out / "spectrum.parquet")
         if self.tokens is not None:
             write_parquet(self.tokens, out / "tokens.parquet")
         if self.outliers is not None:
             write_csv(self.outliers, out / "outliers.csv")
+
+    def write_run_json(self, out) -> None:
+        """run.json, atomically (written again once figures and report have added
+        their warnings)."""
+        write_text(Path(out) / "run.json", json.dumps(self.run, indent=2, default=str) + "\n")
 
     def write_layers_csv(self, out) -> Path:
         """layers.csv, atomically: written last, it marks `out` as a finished run."""
@@ -153,11 +158,35 @@ class Result:
         out = Path(out)
         if not (out / "layers.csv").exists():
             raise EmbgeomError(f"{out} holds no finished run (no layers.csv); run `embgeom run ... --out {out}` first")
-        layers = pd.read_parquet(out / "layers.parquet") if (out / "layers.parquet").exists() else pd.read_csv(out / "layers.csv")
-        spectrum = pd.read_parquet(out / "spectrum.parquet") if (out / "spectrum.parquet").exists() else None
-        tokens = pd.read_parquet(out / "tokens.parquet") if (out / "tokens.parquet").exists() else None
-        outliers = pd.read_csv(out / "outliers.csv") if (out / "outliers.csv").exists() else None
-        run = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
+
+        def read(name, how):
+            path = out / name
+            if not path.exists():
+                return None
+            try:
+                return how(path)
+            except Exception as exc:  # noqa: BLE001 - a damaged or foreign file: one line
+                text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+                raise EmbgeomError(f"{path} cannot be read as embgeom's {name} ({type(exc).__name__}"
+                                   f"{': ' + text if text else ''}); the run in {out} is damaged or not embgeom's: "
+                                   f"run `embgeom run ... --out {out}` again") from None
+
+        layers = read("layers.parquet", pd.read_parquet)
+        if layers is None:
+            layers = read("layers.csv", pd.read_csv)
+        missing = [c for c in ("model", "stack", "layer", "n_layers", "view", "n_tokens") if c not in layers.columns]
+        if missing:
+            raise EmbgeomError(f"{out}/layers.csv is not an embgeom table (no column {', '.join(missing)}); "
+                               "name the output directory of `embgeom run`")
+        for col in LAYER_COLUMNS:  # a table of an older version lacks some metrics: NaN
+            if col not in layers.columns:
+                layers[col] = float("nan")
+        spectrum = read("spectrum.parquet", pd.read_parquet)
+        tokens = read("tokens.parquet", pd.read_parquet)
+        outliers = read("outliers.csv", pd.read_csv)
+        run = read("run.json", lambda p: json.loads(p.read_text()))
+        if not isinstance(run, dict):
+            run = {}
         res = cls(layers=layers, tokens=tokens, outliers=outliers, run=run)
         if spectrum is not None:
             res.spectrum = spectrum

@@ -10,10 +10,16 @@ neighbors.knn_distances`, k = 20) and derives everything from it:
 >>> twonn_ml_from_distances(dist)
 >>> mle_id_from_distances(dist, k=20)
 
-The ``X``-taking functions (:func:`twonn`, :func:`twonn_ml`, :func:`mle_id`) do the
-exact k-NN themselves. Duplicated points (a nearest neighbour at distance 0) give an
-undefined ratio ``r2/r1`` and are dropped by every estimator here (scikit-dimension's
-TwoNN does the same; its MLE returns 0 instead, see :func:`mle_id`).
+The ``X``-taking functions (:func:`twonn`, :func:`twonn_ml`, :func:`mle_id`,
+:func:`intrinsic_dimensions` given ``X``) estimate on the *distinct* points of ``X``:
+exact duplicate rows are removed first (:func:`distinct_points`, as DADApy's
+``remove_identical_points``), then the exact k-NN is computed. Kept, a copy would be
+the nearest neighbour of the others at distance 0 and shrink every other point's
+neighbourhood, which biases the dimension upward (a 3-D Gaussian with 60% repeated
+points reads ~6.7 instead of 3). So ``twonn(X) == twonn(distinct_points(X))``.
+The ``*_from_distances`` forms cannot see the points: given distances with a nearest
+neighbour at distance 0, they drop those points (scikit-dimension's TwoNN does the
+same; its MLE returns 0 instead, see :func:`mle_id`).
 
 References
 ----------
@@ -34,10 +40,12 @@ from statistics import NormalDist
 import numpy as np
 import torch
 
+from .._validate import as_float_matrix
 from ..errors import EmbgeomError
 from .neighbors import knn_distances
 
 __all__ = [
+    "distinct_points",
     "twonn",
     "twonn_from_distances",
     "twonn_ml",
@@ -111,6 +119,31 @@ def _n_points(X) -> int:
     return int(shape[0]) if len(shape) else 0
 
 
+def distinct_points(X, name: str = "X") -> torch.Tensor:
+    """The distinct rows of ``X`` ((n, d) array or tensor), each at its first
+    occurrence, in their order, as a float tensor on ``X``'s device.
+
+    Rows are equal when every coordinate compares equal (so 0.0 and −0.0 are one
+    value; equal rows are exactly the pairs at Euclidean distance 0). The intrinsic
+    dimension estimators here work on these points only (scikit-dimension and DADApy
+    advise the same), so a repeated token vector counts once.
+    """
+    t = as_float_matrix(X, name)
+    if t.shape[0] < 2:
+        return t
+    if not bool(torch.isfinite(t).all()):
+        raise EmbgeomError(f"{name} contains NaN or infinite values")
+    # + 0.0 turns −0.0 into 0.0, so the sort that finds equal rows sees one value.
+    _, inverse = torch.unique(t + 0.0, dim=0, return_inverse=True)
+    n_distinct = int(inverse.max()) + 1
+    if n_distinct == t.shape[0]:
+        return t
+    rows = torch.arange(t.shape[0], device=t.device)
+    first = torch.full((n_distinct,), t.shape[0], dtype=rows.dtype, device=t.device)
+    first = first.scatter_reduce(0, inverse, rows, reduce="amin")
+    return t[first.sort().values]
+
+
 def _log_ratios(dist: np.ndarray) -> np.ndarray:
     """log(r2/r1) of the points whose nearest neighbour is at a positive distance."""
     r1, r2 = dist[:, 0], dist[:, 1]
@@ -172,12 +205,15 @@ def twonn(X, discard_fraction: float = 0.1) -> float:
     tensor, CPU or CUDA), with exact Euclidean nearest neighbours.
 
     See :func:`twonn_from_distances` for the formula; equal to scikit-dimension's
-    ``TwoNN(discard_fraction=discard_fraction).fit(X).dimension_``.
+    ``TwoNN(discard_fraction=discard_fraction).fit(X).dimension_`` on data without
+    repeated rows. Exact duplicate rows are removed first (:func:`distinct_points`):
+    ``twonn(X) == twonn(distinct_points(X))``.
     """
     f = _check_fraction(discard_fraction)
+    X = distinct_points(X)
     n = _n_points(X)
     if n < 3:
-        raise EmbgeomError(f"TwoNN needs at least 3 points, got {n}")
+        raise EmbgeomError(f"TwoNN needs at least 3 distinct points, got {n}")
     return twonn_from_distances(knn_distances(X, 2), f)
 
 
@@ -248,12 +284,14 @@ def twonn_ml_from_distances(dist, confidence: float = 0.95) -> tuple[float, floa
 
 
 def twonn_ml(X, confidence: float = 0.95) -> tuple[float, float, float]:
-    """Maximum-likelihood TwoNN ``(estimate, low, high)`` of the rows of ``X``; see
+    """Maximum-likelihood TwoNN ``(estimate, low, high)`` of the distinct rows of
+    ``X`` (exact duplicates removed first, :func:`distinct_points`); see
     :func:`twonn_ml_from_distances`."""
     c = _check_confidence(confidence)
+    X = distinct_points(X)
     n = _n_points(X)
     if n < 3:
-        raise EmbgeomError(f"maximum-likelihood TwoNN needs at least 3 points, got {n}")
+        raise EmbgeomError(f"maximum-likelihood TwoNN needs at least 3 distinct points, got {n}")
     return twonn_ml_from_distances(knn_distances(X, 2), c)
 
 
@@ -295,13 +333,16 @@ def mle_id_from_distances(dist, k: int = 20) -> float:
 
 
 def mle_id(X, k: int = 20) -> float:
-    """Levina–Bickel / MacKay–Ghahramani MLE dimension of the rows of ``X`` with ``k``
-    exact nearest neighbours; see :func:`mle_id_from_distances`. Equal to
-    ``skdim.id.MLE(K=20).fit(X).dimension_`` for ``k = 20``."""
+    """Levina–Bickel / MacKay–Ghahramani MLE dimension of the distinct rows of ``X``
+    (exact duplicates removed first, :func:`distinct_points`) with ``k`` exact nearest
+    neighbours; see :func:`mle_id_from_distances`. Equal to
+    ``skdim.id.MLE(K=20).fit(X).dimension_`` for ``k = 20`` on data without repeated rows."""
     k = _check_k(k)
+    X = distinct_points(X)
     n = _n_points(X)
     if n < k + 1:
-        raise EmbgeomError(f"the MLE with k = {k} needs at least {k + 1} points, got {n}; use more points or a smaller k")
+        raise EmbgeomError(f"the MLE with k = {k} needs at least {k + 1} distinct points, got {n}; "
+                           "use more points or a smaller k")
     return mle_id_from_distances(knn_distances(X, k), k)
 
 
@@ -318,12 +359,13 @@ def intrinsic_dimensions(
 ) -> dict:
     """The ``id_*`` columns of SPEC §3 from one exact k-NN.
 
-    Give either ``X`` ((n, d) array/tensor; the k-NN is computed here, exact) or
-    ``distances`` ((n, ≥k) ascending neighbour distances, e.g. from
-    :func:`~embgeom.metrics.neighbors.knn_distances`). Returns a dict with keys
-    ``id_twonn``, ``id_twonn_ml``, ``id_twonn_ml_low``, ``id_twonn_ml_high``,
-    ``id_mle``, ``id_n``: ``id_n`` is the number of points used, i.e. those whose
-    nearest neighbour is at a positive distance. An estimate that is undefined for the
+    Give either ``X`` ((n, d) array/tensor; its exact duplicate rows are removed, then
+    the k-NN is computed here, exact) or ``distances`` ((n, ≥k) ascending neighbour
+    distances of distinct points, e.g. ``knn_distances(distinct_points(X), k)``).
+    Returns a dict with keys ``id_twonn``, ``id_twonn_ml``, ``id_twonn_ml_low``,
+    ``id_twonn_ml_high``, ``id_mle``, ``id_n``: ``id_n`` is the number of points used,
+    i.e. the distinct points (of ``distances``: those whose nearest neighbour is at a
+    positive distance). An estimate that is undefined for the
     data (too few points, duplicates only, degenerate ratios) is NaN rather than an
     error, so one degenerate layer does not stop a run; bad arguments still raise.
     """
@@ -335,6 +377,7 @@ def intrinsic_dimensions(
     nan = float("nan")
     out = dict(id_twonn=nan, id_twonn_ml=nan, id_twonn_ml_low=nan, id_twonn_ml_high=nan, id_mle=nan, id_n=0)
     if X is not None:
+        X = distinct_points(X)
         n = _n_points(X)
         if n < 3:
             return out

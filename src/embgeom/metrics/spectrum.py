@@ -26,6 +26,9 @@ def eigenvalues(matrix) -> np.ndarray:
         raise EmbgeomError(f"expected a square matrix, got shape {tuple(a.shape)}")
     # torch's LAPACK (MKL on x86 wheels) is an order of magnitude faster here than
     # numpy's bundled OpenBLAS for d in the hundreds.
+    if not bool(torch.isfinite(a).all()):
+        raise EmbgeomError("the matrix holds NaN or infinite values (an overflow of squared values?); "
+                           "its eigenvalues are undefined: rescale the data")
     lam = torch.linalg.eigvalsh((a + a.T) / 2.0).flip(0).cpu().numpy()
     return np.clip(lam, 0.0, None)
 
@@ -42,14 +45,18 @@ def top_eigenvalue(matrix) -> float:
     if a.ndim != 2 or a.shape[0] != a.shape[1]:
         raise EmbgeomError(f"expected a square matrix, got shape {a.shape}")
     a = (a + a.T) / 2.0
+    if not np.isfinite(a).all():
+        raise EmbgeomError("the matrix holds NaN or infinite values; its eigenvalues are undefined")
+    if not a.any():  # ARPACK refuses the zero matrix (its Krylov vectors vanish)
+        return 0.0
     if a.shape[0] > 2:
-        from scipy.sparse.linalg import ArpackNoConvergence, eigsh
+        from scipy.sparse.linalg import ArpackError, eigsh
 
         # A fixed start vector: the same matrix always gives the same bits.
         v0 = np.random.default_rng(0).standard_normal(a.shape[0])
         try:
             return max(0.0, float(eigsh(a, k=1, which="LA", tol=0, v0=v0, return_eigenvectors=False)[0]))
-        except ArpackNoConvergence:
+        except ArpackError:  # no convergence (a subclass) or a breakdown: the full decomposition
             pass
     return float(eigenvalues(a)[0])
 
@@ -98,6 +105,8 @@ def participation_ratio_from_eigenvalues(lam: np.ndarray) -> float:
 def spectrum_metrics(lam: np.ndarray) -> dict[str, float]:
     """All spectrum metrics of one covariance spectrum (eigenvalues, any order)."""
     lam = np.sort(np.clip(np.asarray(lam, dtype=np.float64), 0.0, None))[::-1]
+    if lam.size and lam[0] > 0:  # every metric here is scale-free: keep the squares in range
+        lam = lam / lam[0]
     return {
         "anisotropy": anisotropy_from_eigenvalues(lam),
         "isoscore": isoscore_from_eigenvalues(lam),
@@ -117,6 +126,13 @@ def anisotropy(X) -> float:
     if t.shape[0] < 2:
         raise EmbgeomError(f"anisotropy needs at least 2 points, got X of shape {tuple(t.shape)}")
     x = t.detach().to(dtype=torch.float64)
+    if not bool(torch.isfinite(x).all()):
+        raise EmbgeomError("X contains NaN or infinite values; anisotropy is undefined: drop or repair those rows")
+    # The ratio does not depend on the scale: dividing by the largest magnitude first
+    # keeps the squares in range (values of 1e200 would overflow float64 squared).
+    scale = float(x.abs().max())
+    if scale > 0:
+        x = x / scale
     xc = x - x.mean(dim=0)
     # Singular values of the centred matrix avoid forming the d×d covariance.
     s = torch.linalg.svdvals(xc).cpu().numpy()

@@ -62,6 +62,14 @@ class _Pending:
     n: int = 0
 
 
+class NonFiniteHidden(EmbgeomError):
+    """Hidden states with NaN or inf (the caller, who knows the dtype, adds the fix)."""
+
+    def __init__(self, stack: str, layer: int):
+        super().__init__(f"hidden states of {stack} layer {layer} are not finite (NaN or inf)")
+        self.stack, self.layer = stack, layer
+
+
 class LayerStatistics:
     """Streaming statistics of every layer of every stack, in two views.
 
@@ -250,10 +258,7 @@ class LayerStatistics:
             try:
                 self._accumulate_layer(stack, layer, x, types, groups, metas)
             except NonFiniteInput:
-                raise EmbgeomError(
-                    f"hidden states of {stack} layer {layer} are not finite (NaN or inf); "
-                    "the model overflows in this dtype: try --dtype float32"
-                ) from None
+                raise NonFiniteHidden(stack, layer) from None
 
     def _accumulate_layer(self, stack, layer, x, types, groups, metas) -> None:
         limit = self.outlier_factor * self.median_norm[stack][layer]
@@ -301,13 +306,14 @@ class LayerStatistics:
 
     def intrinsic_dimension(self, stack: str, layer: int, view: str, k: int = 20,
                             discard_fraction: float = 0.1) -> dict:
-        """The id_* columns of one layer and view, from the position sample (the
-        inliers view drops sampled positions above the layer's outlier limit).
+        """The id_* columns of one layer and view, from the distinct vectors of the
+        position sample (a repeated vector, e.g. one token's embedding, counts once;
+        the inliers view drops those above the layer's outlier limit).
 
         One k-NN search serves both views: the inliers are searched, and when the
         sample holds a few outliers, the all view's k-NN extends the inliers' by
         comparing those few with every point (exact, as a second search would be)."""
-        from ..metrics.intrinsic_dim import intrinsic_dimensions
+        from ..metrics.intrinsic_dim import distinct_points, intrinsic_dimensions
         from ..metrics.neighbors import extend_knn_distances, knn_distances
 
         nan = float("nan")
@@ -315,7 +321,7 @@ class LayerStatistics:
         sample = self.samples.get(stack)
         if sample is None or len(sample) < 3:
             return empty
-        X = torch.from_numpy(sample.layer(layer))
+        X = distinct_points(torch.from_numpy(sample.layer(layer)))
         limit = self.outlier_factor * self.median_norm[stack][layer]
         keep = torch.linalg.vector_norm(X, dim=1) <= limit
         n, m = X.shape[0], int(keep.sum())

@@ -20,6 +20,11 @@ from ..errors import EmbgeomError
 from ..metrics.spectrum import eigenvalues, spectrum_metrics, top_eigenvalue
 
 
+# Largest vector norm accepted: the float64 sums of squares (n up to 1e12 vectors)
+# must stay far from overflow (1.8e308).
+MAX_NORM = 1e140
+
+
 class NonFiniteInput(EmbgeomError):
     """A batch held NaN or infinite values."""
 
@@ -119,7 +124,12 @@ class Moments:
         unit_sum = torch.mv(xt, inv_norm)
         bmean = torch.mv(xt, torch.full_like(inv_norm, 1.0 / nb))
         if not bool(torch.isfinite(bmean).all()):
-            raise NonFiniteInput("batch holds NaN or infinite values")
+            raise NonFiniteInput("batch holds NaN or infinite values; drop or repair those rows")
+        if float(norms.max()) > MAX_NORM:  # (inf too: a norm that itself overflowed)
+            raise EmbgeomError(
+                f"batch holds values up to {float(x64.abs().max()):.3g} in magnitude: their squares overflow "
+                f"float64 (vector norms up to {MAX_NORM:.0e} are accepted); rescale the data (divided by c: "
+                "Q, M, V scale by 1/c², the spectrum ratios do not change)")
         x64 -= bmean
         n = self.n + nb
         delta = bmean - self._mean
