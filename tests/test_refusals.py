@@ -44,8 +44,7 @@ def test_config_without_blocks(tiny_models, lee_corpus, tmp_path, capsys, n_laye
 def test_plot_on_damaged_or_foreign_directories(tiny_models, lee_corpus, tmp_path, capsys):
     run = tmp_path / "run"
     texts = lee_corpus.read_text().splitlines()[:2]
-    analyze(str(tiny_models["gpt2"]), texts, max_tokens=60, seq_len=32, id_sample=0, device="cpu").save(
-        run, figures=False)
+    analyze(str(tiny_models["gpt2"]), texts, max_tokens=60, seq_len=32, id_sample=0, device="cpu").save(run)
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "layers.csv").write_text("epoch,loss\n1,0.5\n")

@@ -96,7 +96,7 @@ def test_save_run_writes_tables_then_figures_then_report_then_layers_csv(gpt2_re
         "layers.csv", "layers.parquet", "outliers.csv", "run.json", "spectrum.parquet", "tokens.parquet"]
     seen = []
 
-    def draw(results, figdir):
+    def draw(results, figdir, warnings=None):
         out = figdir.parent
         seen.append(sorted(p.name for p in out.iterdir()))
         figdir.mkdir()
