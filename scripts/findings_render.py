@@ -104,7 +104,7 @@ def outlier_rows(runs: dict, table: pd.DataFrame) -> tuple[str, dict]:
         span = f"{int(affected.index.min())}–{int(affected.index.max())}" if len(affected) else "none"
         ratio = pd.to_numeric(o.get("norm_over_median"), errors="coerce").median() if len(o) else float("nan")
         rows.append([name, span, f"{share.max():.2%} (layer {int(share.idxmax())})" if share.max() > 0 else "0",
-                     fmt(pos0) if len(o) else "–", top_pos, top_tok, fmt(float(ratio)), ", ".join(changed) or "none"])
+                     f"{pos0:.0%}" if len(o) else "–", top_pos, top_tok, fmt(float(ratio)), ", ".join(changed) or "none"])
         values[f"{name}.outlier_max_share"] = f"{share.max():.2%}"
         values[f"{name}.outlier_layers"] = span
         values[f"{name}.outlier_position0"] = f"{pos0:.0%}" if len(o) else "–"
@@ -126,7 +126,7 @@ def contradictions(table: pd.DataFrame, runs: dict) -> str:
         if r.claim == "B1":
             stack = next(iter(runs[r.model].run.get("model", {}).get("n_layers", {"": 0})))
             fig = f"mv_scatter_{tag(r.model, stack)}.png"
-        lines.append(f"- **{r.model} contradicts {r.claim}** ({CLAIMS[r.claim]}) in the "
+        lines.append(f"- **{r.model} contradicts {r.claim}**, \"{CLAIMS[r.claim]}\", in the "
                      f"{' and '.join(views)} view{'s' if len(views) > 1 else ''}: {nums}. "
                      f"See [figures/{fig}](figures/{fig}).")
     return "\n".join(lines) or "No model contradicts a claim outright (no ✘ in either view)."

@@ -154,7 +154,8 @@ def mv_tradeoff(layers: pd.DataFrame) -> Verdict:
     holds = strong.sum() >= n / 2
     some = strong.any() or weak.sum() >= n / 2
     best = int(np.argmax(np.where(slope < 0, r2, -np.inf))) if (slope < 0).any() else int(np.argmax(r2))
-    text = (f"strong in {int(strong.sum())}/{n} layers; layer {int(lay[best])}: slope {_fmt(slope[best])}, "
+    text = (f"strong in {int(strong.sum())}/{n} layers, R² ≥ {WEAK_R2} in {int(weak.sum())}/{n}; "
+            f"layer {int(lay[best])}: slope {_fmt(slope[best])}, "
             f"R² {_fmt(r2[best])}; median slope {_fmt(float(np.median(slope)))}, R² {_fmt(float(np.median(r2)))}")
     mark = YES if holds else PARTLY if some else NO
     return Verdict("B1", mark, text, dict(strong=int(strong.sum()), weak=int(weak.sum()), layers=n,
