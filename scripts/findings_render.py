@@ -115,7 +115,7 @@ def outlier_rows(runs: dict, table: pd.DataFrame) -> tuple[str, dict]:
     return md_table(header, rows), values
 
 
-def contradictions(table: pd.DataFrame, runs: dict) -> str:
+def contradictions(table: pd.DataFrame, runs: dict, drawn: set) -> str:
     lines = []
     for r in table.itertuples(index=False):
         views = [v for v, m in (("all tokens", r.mark_all), ("inliers", r.mark_inliers)) if m == NO]
@@ -125,7 +125,8 @@ def contradictions(table: pd.DataFrame, runs: dict) -> str:
         fig = CLAIM_FIGURES[r.claim]
         if r.claim == "B1":
             stack = next(iter(runs[r.model].run.get("model", {}).get("n_layers", {"": 0})))
-            fig = f"mv_scatter_{tag(r.model, stack)}.png"
+            if f"mv_scatter_{tag(r.model, stack)}.png" in drawn:
+                fig = f"mv_scatter_{tag(r.model, stack)}.png"
         lines.append(f"- **{r.model} contradicts {r.claim}**, \"{CLAIMS[r.claim]}\", in the "
                      f"{' and '.join(views)} view{'s' if len(views) > 1 else ''}: {nums}. "
                      f"See [figures/{fig}](figures/{fig}).")
@@ -221,6 +222,8 @@ def render(plan: list, out: Path, docs: Path, template: Path, protocols_run: boo
     from embgeom.plots import plot_runs
 
     main = {name: load(name, folder) for name, folder, proto in plan if proto is None}
+    figdir = out / "figures"
+    drawn = {p.name for p in plot_runs(list(main.values()), figdir)}
     proto_runs = {(name, proto): load(name, folder) for name, folder, proto in plan if proto is not None}
     layers = pd.concat([r.layers for r in main.values()], ignore_index=True)
     table = claims_table(layers, facts_of(main))
@@ -228,24 +231,24 @@ def render(plan: list, out: Path, docs: Path, template: Path, protocols_run: boo
     first = next(iter(main.values())).run
     values.update({
         "models_table": models_table(main), "claims_by_claim": by_claim(table), "outliers_table": outliers,
-        "contradictions": contradictions(table, main), "new_measures": new_measures(main),
+        "contradictions": contradictions(table, main, drawn), "new_measures": new_measures(main),
         "protocols": protocol_section(main, proto_runs, protocols_run),
         "max_tokens": fmt(first["config"]["max_tokens"]), "seq_len": fmt(first["config"]["seq_len"]),
         "id_sample": fmt(first["config"]["id_sample"]), "outlier_factor": fmt(first["config"]["outlier_factor"]),
         "corpus_file": Path(first["corpus"]["path"]).name, "corpus_sha256": first["corpus"]["sha256"][:12],
         "model_figures": "\n".join(
-            f"![{n} shares](figures/shares_{tag(n, s)}.png) ![{n} M-V](figures/mv_scatter_{tag(n, s)}.png)"
+            " ".join(f"![{n} {what}](figures/{f})" for what, f in (("shares", f"shares_{tag(n, s)}.png"),
+                                                                    ("M-V", f"mv_scatter_{tag(n, s)}.png"))
+                     if f in drawn)
             for n, r in main.items() for s in r.run.get("model", {}).get("n_layers", {})),
         "outlier_figures": " ".join(
             f"![{n} outliers](figures/outliers_{tag(n, s)}.png)" for n, r in main.items()
-            for s in r.run.get("model", {}).get("n_layers", {}) if r.outliers is not None and len(r.outliers)),
+            for s in r.run.get("model", {}).get("n_layers", {}) if f"outliers_{tag(n, s)}.png" in drawn),
     })
     for r in table.itertuples(index=False):
         for view in ("all", "inliers"):
             values[f"{r.model}.{r.claim}.{view}"] = f"{getattr(r, 'mark_' + view)} ({getattr(r, 'numbers_' + view)})"
     text = fill(template.read_text(), values, main)
-    figdir = out / "figures"
-    plot_runs(list(main.values()), figdir)
     (docs / "figures").mkdir(parents=True, exist_ok=True)
     for name in sorted(set(re.findall(r"\(figures/([^)\s]+\.png)\)", text))):
         if not (figdir / name).exists():

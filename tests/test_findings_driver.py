@@ -124,3 +124,45 @@ def test_the_template_uses_only_known_placeholders():
              "max_tokens", "seq_len", "id_sample", "outlier_factor", "corpus_file", "corpus_sha256",
              "model_figures", "outlier_figures"}
     assert {n.strip() for n in names if not n.strip().startswith("layer:")} <= known
+
+
+def test_render_from_two_tiny_runs(tiny_models, lee_corpus, tmp_path):
+    """The whole document from an encoder's and a decoder's saved tables: every
+    placeholder filled, one row per claim and model, every figure it shows copied."""
+    from embgeom import analyze
+
+    plan = []
+    for arch, name in (("bert", "tiny-encoder"), ("llama", "tiny-decoder")):
+        res = analyze(str(tiny_models[arch]), str(lee_corpus), seq_len=32, max_tokens=400, id_sample=150,
+                      device="cpu", progress=False)
+        res.save(tmp_path / "runs" / arch, figures=False)
+        plan.append((name, tmp_path / "runs" / arch, None))
+    docs = tmp_path / "docs"
+    path = render.render(plan, tmp_path / "out", docs, SCRIPTS / "findings_template.md", protocols_run=False)
+    text = path.read_text()
+    assert "{{" not in text and "}}" not in text
+    for claim in ("A1", "A2", "B1", "B2", "B3", "B4"):
+        assert text.count(f"**{claim}: ") == 1
+    for name in ("tiny-encoder", "tiny-decoder"):
+        assert sum(line.startswith(f"| {name} | **") for line in text.splitlines()) == 6
+    assert "not in this run" in text  # protocols, and the measures this embgeom lacks
+    shown = set(render.re.findall(r"\(figures/([^)\s]+\.png)\)", text))
+    assert "shares_tiny-decoder-decoder.png" in shown
+    assert shown == {p.name for p in (docs / "figures").iterdir()}
+    # the encoder's anisotropy cell is read off its table
+    enc = pd.read_csv(tmp_path / "runs" / "bert" / "layers.csv")
+    lo, hi = enc[enc["view"] == "all"]["anisotropy"].agg(["min", "max"])
+    assert f"| tiny-encoder | **✔** layers 0–2: {lo:.2f}–{hi:.2f} |" in text
+
+
+def test_new_measures_are_reported_when_their_columns_exist():
+    def run(**cols):
+        df = pd.DataFrame({"view": ["all"] * 4, "layer": [0, 1, 2, 3], **cols})
+        return type("R", (), {"layers": df, "id_scale": None})()
+
+    absent = render.new_measures({"m": run(anisotropy=[0.1, 0.2, 0.3, 0.4])})
+    assert "linear CKA and linearity, curvature and prompt entropy: not in this run" in absent
+    assert "GRIDE plateau): not in this run" in absent
+    present = render.new_measures({"m": run(linear_cka=[float("nan"), 0.9, 0.5, 0.7])})
+    assert "| m | all | 0.5 (layer 2) – 0.9, median 0.7 |" in present
+    assert "figures/profile_linear_cka.png" in present and "curvature" not in present

@@ -102,16 +102,18 @@ def spearman(x, y) -> float:
 
 def anisotropy_profile(layers: pd.DataFrame, kind: str) -> Verdict:
     """A1. `kind`: "decoder" or "encoder" (a model's kind from run.json)."""
-    s = _blocks(layers, "anisotropy")
-    if len(s) < 3:
-        return _missing("A1", "anisotropy")
     if kind == "encoder":
         full = layers.sort_values("layer")
         a = pd.to_numeric(full["anisotropy"], errors="coerce").dropna()
+        if len(a) < 2:
+            return _missing("A1", "anisotropy")
         hi, lo = float(a.max()), float(a.min())
         low, flat = hi <= LOW, hi - lo <= FLAT
         return Verdict("A1", _mark(low, flat), f"layers 0–{int(full['layer'].max())}: {_fmt(lo)}–{_fmt(hi)}",
                        dict(max=hi, min=lo, low=low, flat=flat))
+    s = _blocks(layers, "anisotropy")
+    if len(s) < 3:
+        return _missing("A1", "anisotropy")
     n_layers = int(layers["n_layers"].iloc[0])
     middle = s[(s.index / n_layers >= 0.25) & (s.index / n_layers <= 0.75)]
     if middle.empty:
