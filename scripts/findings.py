@@ -26,7 +26,6 @@ from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTOCOLS = ("paper-a", "paper-b")
-SNAPSHOT_DIR = "snapshots"
 
 
 @dataclass(frozen=True)
@@ -92,6 +91,8 @@ def finished_run(out: Path, path: Path, corpus_sha256: str, options: dict) -> tu
 
 
 def has_snapshot(out: Path) -> bool:
+    from embgeom.snapshot import SNAPSHOT_DIR
+
     return any((out / SNAPSHOT_DIR).glob("rank*-of-*.pt"))
 
 

@@ -153,6 +153,11 @@ def test_render_from_two_tiny_runs(tiny_models, lee_corpus, tmp_path):
     enc = pd.read_csv(tmp_path / "runs" / "bert" / "layers.csv")
     lo, hi = enc[enc["view"] == "all"]["anisotropy"].agg(["min", "max"])
     assert f"| tiny-encoder | **✔** layers 0–2: {lo:.2f}–{hi:.2f} |" in text
+    # a protocol run is judged by the same rules, beside embgeom's defaults
+    main = {"tiny-encoder": render.load("tiny-encoder", tmp_path / "runs" / "bert")}
+    section = render.protocol_section(main, {("tiny-encoder", "paper-a"): main["tiny-encoder"]}, True)
+    assert f"| A1 | tiny-encoder | **✔** layers 0–2: {lo:.2f}–{hi:.2f} | paper-a (400 tokens): **✔** " in section
+    assert "| A2 | tiny-encoder |" in section and "| B1 |" not in section
 
 
 def test_new_measures_are_reported_when_their_columns_exist():
