@@ -115,6 +115,27 @@ def outlier_rows(runs: dict, table: pd.DataFrame) -> tuple[str, dict]:
     return md_table(header, rows), values
 
 
+def norm_contrast(runs: dict, table: pd.DataFrame) -> str:
+    """Post-LN against pre-LN and sandwich norms, one row per model, read off the tables."""
+    rows = []
+    for name, res in runs.items():
+        lay = res.layers[res.layers["layer"] >= 1]
+        view = {v: g.set_index("layer") for v, g in lay.groupby("view")}
+        allv, inl = view.get("all"), view.get("inliers")
+        q = pd.to_numeric(allv["Q"], errors="coerce")
+        share = 1 - inl["n_tokens"].astype(float) / allv["n_tokens"].astype(float) if inl is not None else None
+        b1 = table[(table["model"] == name) & (table["claim"] == "B1")]
+        rows.append([name, res.run.get("model", {}).get("norm_placement"),
+                     f"{fmt(float(q.iloc[0]))} → {fmt(float(q.max()))} (max, layer {int(q.idxmax())})",
+                     fmt(float(pd.to_numeric(allv["q_cv"], errors="coerce").median())),
+                     f"{fmt(float(allv['anisotropy'].max()))} / "
+                     + (fmt(float(inl["anisotropy"].max())) if inl is not None else "–"),
+                     f"{float(share.max()):.2%}" if share is not None else "–",
+                     f"{b1['mark_all'].iloc[0]} / {b1['mark_inliers'].iloc[0]}" if len(b1) else "–"])
+    return md_table(["model", "norm", "Q over the blocks: first → max", "median CV of Q across types",
+                     "max anisotropy, all / inliers", "largest outlier share", "B1 mark, all / inliers"], rows)
+
+
 def contradictions(table: pd.DataFrame, runs: dict, drawn: set) -> str:
     lines = []
     for r in table.itertuples(index=False):
@@ -231,7 +252,7 @@ def render(plan: list, out: Path, docs: Path, template: Path, protocols_run: boo
     first = next(iter(main.values())).run
     values.update({
         "models_table": models_table(main), "claims_by_claim": by_claim(table), "outliers_table": outliers,
-        "contradictions": contradictions(table, main, drawn), "new_measures": new_measures(main),
+        "contradictions": contradictions(table, main, drawn), "norm_contrast": norm_contrast(main, table), "new_measures": new_measures(main),
         "protocols": protocol_section(main, proto_runs, protocols_run),
         "max_tokens": fmt(first["config"]["max_tokens"]), "seq_len": fmt(first["config"]["seq_len"]),
         "id_sample": fmt(first["config"]["id_sample"]), "outlier_factor": fmt(first["config"]["outlier_factor"]),

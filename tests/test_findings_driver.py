@@ -122,7 +122,7 @@ def test_the_template_uses_only_known_placeholders():
     names = set(render._PLACEHOLDER.findall((SCRIPTS / "findings_template.md").read_text()))
     known = {"models_table", "claims_by_claim", "outliers_table", "contradictions", "new_measures", "protocols",
              "max_tokens", "seq_len", "id_sample", "outlier_factor", "corpus_file", "corpus_sha256",
-             "model_figures", "outlier_figures"}
+             "model_figures", "outlier_figures", "norm_contrast"}
     assert {n.strip() for n in names if not n.strip().startswith("layer:")} <= known
 
 
@@ -148,6 +148,7 @@ def test_render_from_two_tiny_runs(tiny_models, lee_corpus, tmp_path):
     assert "not in this run" in text  # protocols, and the measures this embgeom lacks
     shown = set(render.re.findall(r"\(figures/([^)\s]+\.png)\)", text))
     assert "shares_tiny-decoder-decoder.png" in shown
+    assert sum(line.startswith("| tiny-decoder | pre-LN | ") for line in text.splitlines()) == 1  # post-LN vs pre-LN
     assert shown == {p.name for p in (docs / "figures").iterdir()}
     # the encoder's anisotropy cell is read off its table
     enc = pd.read_csv(tmp_path / "runs" / "bert" / "layers.csv")
