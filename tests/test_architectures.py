@@ -6,6 +6,7 @@ import torch
 import transformers as tf
 
 from embgeom import analyze
+from embgeom.errors import EmbgeomError
 from embgeom.models import load_model
 from conftest import build_tokenizer, lee_texts
 from reference import hidden_vectors, two_pass, windows_of
@@ -37,6 +38,11 @@ CASES = {
     "bart": ("BartForConditionalGeneration", "BartConfig", dict(d_model=32, encoder_layers=2, decoder_layers=2,
              encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, **SMALL),
              "llama", "encoder-decoder", "post-LN"),
+    # the two larger models of docs/findings.md: all-mpnet-base-v2 and Gemma-3-270m
+    "mpnet": ("MPNetForMaskedLM", "MPNetConfig", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+              intermediate_size=64, max_position_embeddings=42, pad_token_id=0), "bert", "encoder", "post-LN"),
+    "gemma3": ("Gemma3ForCausalLM", "Gemma3TextConfig", dict(GQA, head_dim=8, sliding_window=16,
+               layer_types=["sliding_attention", "full_attention"]), "llama", "decoder", "sandwich"),
 }
 
 
@@ -72,3 +78,21 @@ def test_architecture_end_to_end(name, tokenizers, tmp_path):
             assert row["n_tokens"] == want["n_tokens"]
             for key in ("Q", "V", "anisotropy", "mean_cosine"):
                 assert row[key] == pytest.approx(want[key], rel=1e-6, abs=1e-9), (stack, row["layer"], key)
+
+
+def test_mpnet_positions_start_after_the_padding_index(tmp_path):
+    """MPNet numbers positions from padding_idx + 1 (as RoBERTa does): a window fills
+    max_position_embeddings - 2 positions, and a longer --seq-len is refused up front
+    instead of failing inside the model."""
+    tok = build_tokenizer("bert")
+    torch.manual_seed(0)
+    model = tf.MPNetModel(tf.MPNetConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, intermediate_size=64, max_position_embeddings=42,
+                                         pad_token_id=1))
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    res = analyze(str(tmp_path / "m"), lee_texts(2), seq_len=40, batch_size=2, device="cpu", id_sample=0)
+    assert res.run["model"]["max_length"] == 40
+    assert res.run["counts"]["windows"] > 1  # full windows of 40 were run
+    with pytest.raises(EmbgeomError, match="--seq-len 41 is longer than this model accepts"):
+        analyze(str(tmp_path / "m"), lee_texts(2), seq_len=41, device="cpu", id_sample=0)

@@ -444,8 +444,8 @@ def _max_length(cfg, tokenizer) -> int | None:
         v = getattr(tokenizer, "model_max_length", None)
         if isinstance(v, int) and 0 < v < 1_000_000:
             limits.append(v)
-    # BERT-like models reserve padding_idx + 1 positions in some families (RoBERTa).
-    if getattr(cfg, "model_type", "") in ("roberta", "xlm-roberta", "camembert") and limits:
+    # BERT-like models reserve padding_idx + 1 positions in some families (RoBERTa, MPNet).
+    if getattr(cfg, "model_type", "") in ("roberta", "xlm-roberta", "camembert", "mpnet") and limits:
         limits = [min(limits) - 2]
     return min(limits) if limits else None
 
