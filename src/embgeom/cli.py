@@ -69,7 +69,7 @@ def run(
     """
     from .pipeline import analyze
     from .results import prepare_out_dir
-    from .snapshot import SNAPSHOT_DIR
+    from .snapshot import SNAPSHOT_DIR, SUFFIX
     from .sweep import expand_targets, is_sweep, run_sweep
 
     prepare_out_dir(out)
@@ -89,7 +89,7 @@ def run(
     else:
         t = targets[0]
         snapshots = out / SNAPSHOT_DIR
-        if not resume and any(snapshots.glob("rank*-of-*.pt")) and os.environ.get("RANK", "0") == "0":
+        if not resume and any(snapshots.glob(f"rank*-of-*{SUFFIX}")) and os.environ.get("RANK", "0") == "0":
             _say(f"note: {snapshots} holds a snapshot of an unfinished run; starting over "
                  "(stop and add --resume to continue it instead)")
         result = analyze(t.spec, corpus, revision=t.revision, step=t.step, progress=progress, cache_dir=cache_dir,
