@@ -30,6 +30,7 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
+from ._lock import acquire, release
 from .errors import EmbgeomError
 from .results import LAYER_COLUMNS, SPECTRUM_TABLE_COLUMNS, Result, _atomic_write_text, combine
 
@@ -178,6 +179,8 @@ class GeometryProbe:
                 probe_file.unlink()
             except OSError as exc:
                 raise EmbgeomError(f"cannot write to {self.out} ({exc.strerror}); choose another out") from None
+            # Held until `finish`: another process's probe or run cannot write here meanwhile.
+            self._locked = acquire(self.out, "out")
 
     # ------------------------------------------------------------------ measuring
     @property
@@ -333,6 +336,9 @@ class GeometryProbe:
         """Write the final tables and the training figures (when `out` is set); return everything."""
         if self.out is not None:
             self.save(figures=figures)
+            if getattr(self, "_locked", None) is not None:
+                release(self._locked)
+                self._locked = None
         return self.result()
 
 

@@ -26,6 +26,16 @@ def _say(msg: str) -> None:
     typer.echo(msg, err=True)
 
 
+_HELD: list = []  # directories this command locked, released when it returns
+
+
+def _hold(out: Path) -> None:
+    """Lock OUT for the rest of the command (rank 0 for a torchrun job)."""
+    from ._lock import acquire
+
+    _HELD.append(acquire(out, "--out"))
+
+
 @app.command()
 def run(
     models: List[str] = typer.Argument(..., metavar="MODEL...", help="Model directory, .gguf file or Hub id."),
@@ -149,6 +159,10 @@ def main(argv: list[str] | None = None) -> None:
             app(args=argv, prog_name="embgeom", standalone_mode=False)
         finally:
             _leave_process_group()
+            while _HELD:
+                from ._lock import release
+
+                release(_HELD.pop())
     except EmbgeomError as exc:
         _say(f"embgeom: error: {exc}")
         sys.exit(2)

@@ -134,6 +134,33 @@ def _check_memory(n_layers: dict, widths, width: int, n_types: int | None, type_
     return sum(planned.values())
 
 
+def _check_config_memory(opened, cfg: AnalysisConfig, n_types: int | None, device, sharers: int) -> None:
+    """The memory check from the config alone (a --type-layers past the config's depth
+    is left to the exact check once the model is loaded)."""
+    shape = opened.shape
+    if shape is None:
+        return
+    stacks, width = shape
+    try:
+        config_type_layers = resolve_type_layers(cfg.type_layers, stacks)
+    except EmbgeomError:
+        return
+    _check_memory(stacks, width, width, n_types, config_type_layers, cfg, device, sharers)
+
+
+def preflight(model: str, *, revision: str | None = None, cache_dir=None, **options) -> None:
+    """What `analyze` checks about `model` before it reads the corpus, on its own:
+    the model is found, its tokenizer and config load, and the statistics its config
+    fixes (covariances, ID sample) fit in memory. The per-type part of the plan
+    depends on the corpus and is checked when the analysis starts. A sweep checks
+    every checkpoint this way before it analyses the first."""
+    cfg = AnalysisConfig.from_options(**options)
+    shard = Shard.from_environment(cfg.device)
+    target = resolve_device(shard.device(cfg.device))
+    opened = open_model(model, revision=revision, cache_dir=cache_dir)
+    _check_config_memory(opened, cfg, None, target, processes_on_this_machine() if shard.world > 1 else 1)
+
+
 def _documents(corpus, cfg: AnalysisConfig):
     if isinstance(corpus, (list, tuple)):
         if not all(isinstance(d, str) for d in corpus):
@@ -290,15 +317,7 @@ def analyze(
     if loaded is None:
         # From the config: a run that cannot fit is refused before the weights load (a
         # --type-layers past the config's depth is left to the exact check below).
-        shape = opened.shape
-        if shape is not None:
-            stacks, width = shape
-            try:
-                config_type_layers = resolve_type_layers(cfg.type_layers, stacks)
-            except EmbgeomError:
-                pass
-            else:
-                _check_memory(stacks, width, width, n_types_expected, config_type_layers, cfg, target, sharers)
+        _check_config_memory(opened, cfg, n_types_expected, target, sharers)
         t = time.perf_counter()
         loaded = opened.load(dtype=cfg.dtype, device=shard.device(cfg.device), device_map=cfg.device_map,
                              progress=show_loading)

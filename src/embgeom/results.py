@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from ._atomic import atomic_writer
+from ._lock import holding
 from .errors import EmbgeomError
 
 ID_COLUMNS = ["model", "revision", "step", "stack", "layer", "n_layers", "depth", "view", "n_tokens"]
@@ -99,6 +100,7 @@ class Result:
     outliers: pd.DataFrame | None = None
     run: dict = field(default_factory=dict)
 
+    @holding("out", "out")  # a run directory is written by one run at a time
     def save(self, out, figures: bool = True) -> Path:
         """Write the output directory of SPEC §5; layers.csv last, atomically."""
         out = prepare_out_dir(out)
@@ -137,15 +139,28 @@ class Result:
         out = Path(out)
         if not (out / "layers.csv").exists():
             raise EmbgeomError(f"{out} holds no finished run (no layers.csv); run `embgeom run ... --out {out}` first")
-        layers = pd.read_parquet(out / "layers.parquet") if (out / "layers.parquet").exists() else pd.read_csv(out / "layers.csv")
-        spectrum = pd.read_parquet(out / "spectrum.parquet") if (out / "spectrum.parquet").exists() else None
-        tokens = pd.read_parquet(out / "tokens.parquet") if (out / "tokens.parquet").exists() else None
-        outliers = pd.read_csv(out / "outliers.csv") if (out / "outliers.csv").exists() else None
-        run = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
+        layers = _read(out / "layers.parquet", pd.read_parquet) if (out / "layers.parquet").exists() \
+            else _read(out / "layers.csv", pd.read_csv)
+        spectrum = _read(out / "spectrum.parquet", pd.read_parquet) if (out / "spectrum.parquet").exists() else None
+        tokens = _read(out / "tokens.parquet", pd.read_parquet) if (out / "tokens.parquet").exists() else None
+        outliers = _read(out / "outliers.csv", pd.read_csv) if (out / "outliers.csv").exists() else None
+        run = _read(out / "run.json", lambda p: json.loads(p.read_text(encoding="utf-8"))) \
+            if (out / "run.json").exists() else {}
         res = cls(layers=layers, tokens=tokens, outliers=outliers, run=run)
         if spectrum is not None:
             res.spectrum = spectrum
         return res
+
+
+def _read(path: Path, reader):
+    """`reader(path)`; a file that is damaged or not what embgeom writes is an
+    EmbgeomError. The readers are data-only (parquet, CSV, JSON): nothing read
+    back from a run directory is unpickled or run."""
+    try:
+        return reader(path)
+    except Exception as exc:  # noqa: BLE001 - a damaged file fails in many ways
+        raise EmbgeomError(f"{path} cannot be read ({type(exc).__name__}); it is damaged or not written by "
+                           "embgeom: run the analysis again into this directory") from None
 
 
 def combine(results: list["Result"]) -> "Result":
