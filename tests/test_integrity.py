@@ -27,7 +27,7 @@ from embgeom.stats.token_moments import TokenMoments
 from test_cli import run_cli
 
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
-OPTS = dict(seq_len=32, batch_size=4, device="cpu", id_sample=50)
+OPTS = dict(seq_len=32, batch_size=4, device="cpu", id_sample=50, calibration_tokens=200)
 
 
 class _Payload:
@@ -132,6 +132,7 @@ def test_state_file_round_trip_of_every_accumulator(tmp_path):
 def first_snapshot(tiny_models, texts, tmp_path_factory):
     snaps = tmp_path_factory.mktemp("first") / "snaps"
     first = analyze(str(tiny_models["gpt2"]), texts, snapshot_dir=snaps, snapshot_every=0, **OPTS)
+    assert (snaps / "rank0-of-1.safetensors").exists()
     return snaps, first
 
 
@@ -197,7 +198,7 @@ def _rewrite(path, change):
     (lambda s: s.update(next_batch=s["next_batch"] - 1), "next_batch"),
     (lambda s: s.update(next_batch=s["next_batch"] + 5), "next_batch"),
     (lambda s: s.update(tokens_done=s["tokens_done"] // 10), "next_batch"),
-    (lambda s: s["n_seen"].update(stack=s["n_seen"]["decoder"] + 1), "tokens counted"),
+    (lambda s: s["n_seen"].update(decoder=s["n_seen"]["decoder"] + 1), "tokens counted"),
     (lambda s: s["statistics"]["inliers"]["decoder"][1]["moments"].update(n=-3), "n must be >= 0"),
     (lambda s: s["statistics"]["inliers"]["decoder"][1]["moments"].update(n=2.5), "n must be an integer"),
     (lambda s: s["statistics"]["inliers"]["decoder"][1]["moments"]["scatter"][0, 1].mul_(3), "not symmetric"),

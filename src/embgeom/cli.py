@@ -82,6 +82,7 @@ def run(
     from .snapshot import SNAPSHOT_DIR, SUFFIX
     from .sweep import expand_targets, is_sweep, run_sweep
 
+    _hold(out)  # one run per OUT: a second is refused while this one lives
     prepare_out_dir(out)
     options = dict(
         max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, device=device, dtype=dtype,
