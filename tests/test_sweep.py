@@ -233,7 +233,7 @@ def test_every_target_is_checked_before_the_first_is_analysed(trainer_dir, tiny_
         assert code == 2 and match in err and err.count("\n") == 1, err
         assert calls == [] and not (out / "checkpoints").exists()
     # The memory plan is checked for every target too: the second does not fit.
-    import embgeom.memory
+    import embgeom.memory as memory
 
     asked = []
 
@@ -241,7 +241,7 @@ def test_every_target_is_checked_before_the_first_is_analysed(trainer_dir, tiny_
         asked.append(device)
         return None if len(asked) == 1 else 1000  # unknown for the first target, 1000 bytes after
 
-    monkeypatch.setattr(embgeom.memory, "available_bytes", room)
+    monkeypatch.setattr(memory, "available_bytes", room)
     argv[2] = str(trainer_dir / "checkpoint-20")
     code, err = run_cli(argv, capsys)
     assert code == 2 and "the statistics need about" in err and err.count("\n") == 1, err
