@@ -196,6 +196,7 @@ def _rewrite(path, change):
 @pytest.mark.parametrize("change, match", [
     (lambda s: s.update(next_batch=s["next_batch"] - 1), "next_batch"),
     (lambda s: s.update(next_batch=s["next_batch"] + 5), "next_batch"),
+    (lambda s: s.update(next_batch=0), "next_batch is 0"),
     (lambda s: s.update(tokens_done=s["tokens_done"] // 10), "next_batch"),
     (lambda s: s["n_seen"].update(decoder=s["n_seen"]["decoder"] + 1), "tokens counted"),
     (lambda s: s["statistics"]["inliers"]["decoder"][1]["moments"].update(n=-3), "n must be >= 0"),

@@ -530,9 +530,10 @@ def _resumed(snaps: Snapshots, state: dict, progress_state: dict, device, type_c
     that does not fit together is refused as damaged, never resumed from."""
     try:
         progress = {k: state[k] for k in progress_state}
-        for key in ("next_batch", "n_padded", "tokens_done"):
-            if isinstance(progress[key], bool) or not isinstance(progress[key], int) or progress[key] < 0:
-                raise snaps.damaged(f"{key} is {progress[key]!r}, not a count")
+        for key in ("next_batch", "n_padded", "tokens_done"):  # a snapshot follows at least one batch
+            low = 1 if key == "next_batch" else 0
+            if isinstance(progress[key], bool) or not isinstance(progress[key], int) or progress[key] < low:
+                raise snaps.damaged(f"{key} is {progress[key]!r}, not a count of at least {low}")
         if not isinstance(progress["n_seen"], dict) or set(progress["n_seen"]) != set(progress_state["n_seen"]):
             raise snaps.damaged("n_seen does not name this model's stacks")
         stats = LayerStatistics.from_state_dict(state["statistics"], device=device, type_capacity=type_capacity)

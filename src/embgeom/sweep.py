@@ -263,11 +263,11 @@ def content_fingerprint(t: Target) -> dict:
     return {"hub_commit": _hub_commit(t.spec, t.revision)}
 
 
-def _target_record(t: Target, options_key: dict, corpus_key: dict, content: dict | None = None) -> dict:
+def _target_record(t: Target, options_key: dict, corpus_key: dict) -> dict:
     return {
         "target": {"spec": t.location, "key": t.key, "revision": t.revision, "step": t.step, "name": t.name,
                    "label": t.label},
-        "content": content if content is not None else content_fingerprint(t),
+        "content": content_fingerprint(t),
         "options": options_key,
         "corpus": corpus_key,
     }
