@@ -16,7 +16,6 @@ torchrun only rank 0 writes run directories, so only rank 0 takes their locks.
 from __future__ import annotations
 
 import errno
-import fcntl
 import functools
 import inspect
 import json
@@ -28,6 +27,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import EmbgeomError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: the file alone is the lock
+    fcntl = None
 
 LOCK_FILE = ".embgeom.lock"
 _HELD: dict = {}  # resolved directory -> [file descriptor, depth, pid]
@@ -100,6 +104,8 @@ def acquire(directory, what: str = "--out") -> Path:
         raise EmbgeomError(f"cannot write to output directory {directory} ({exc.strerror}); "
                            f"choose another {what}") from None
     try:
+        if fcntl is None:
+            raise OSError(errno.ENOLCK, "no flock on this system")
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
         if exc.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
@@ -130,7 +136,8 @@ def release(directory) -> None:
     del _HELD[key]
     try:
         os.ftruncate(held[0], 0)  # no holder named (the file stays: removing it would race)
-        fcntl.flock(held[0], fcntl.LOCK_UN)
+        if fcntl is not None:
+            fcntl.flock(held[0], fcntl.LOCK_UN)
     except OSError:
         pass
     os.close(held[0])

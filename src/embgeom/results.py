@@ -160,7 +160,8 @@ def _read(path: Path, reader):
         return reader(path)
     except Exception as exc:  # noqa: BLE001 - a damaged file fails in many ways
         raise EmbgeomError(f"{path} cannot be read ({type(exc).__name__}); it is damaged or not written by "
-                           "embgeom: run the analysis again into this directory") from None
+                           "embgeom: run the analysis again into this directory (for a sweep's checkpoint, "
+                           "remove its folder first)") from None
 
 
 def combine(results: list["Result"]) -> "Result":
