@@ -207,7 +207,7 @@ def test_disk_full_while_writing_results(tiny_models, lee_corpus, tmp_path, caps
 def test_disk_full_while_writing_a_snapshot(tiny_models, lee_corpus, tmp_path, capsys, monkeypatch):
     import embgeom.snapshot
 
-    monkeypatch.setattr(embgeom.snapshot.torch, "save", _disk_full)
+    monkeypatch.setattr(embgeom.snapshot, "write_state", _disk_full)
     out = tmp_path / "full"
     code, err = run_cli(["run", str(tiny_models["gpt2"]), "--corpus", str(lee_corpus), "--out", str(out),
                          "--max-tokens", "3000", "--seq-len", "64", "--snapshot-every", "0", "--no-progress"],

@@ -177,7 +177,7 @@ def test_errors(stream):
         s.layer(L)
     with pytest.raises(EmbgeomError, match="no metadata field"):
         s.metadata("nope")
-    with pytest.raises(EmbgeomError, match="state dict"):
+    with pytest.raises(EmbgeomError, match="state.dict"):
         PositionSample.from_state_dict({"version": 1})
     with pytest.raises(EmbgeomError, match="document_index"):
         pack_position_keys(-1, 0)

@@ -213,7 +213,7 @@ def test_sigkill_then_resume_equals_uninterrupted(single_run, tiny_models, lee_c
     cmd = [sys.executable, "-m", "embgeom", "run", str(tiny_models["gpt2"]), "--corpus", str(lee_corpus),
            "--out", str(out), *RUN_ARGS, "--snapshot-every", "0"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env())
-    snap = out / "snapshots" / "rank0-of-1.pt"
+    snap = out / "snapshots" / "rank0-of-1.safetensors"
     deadline = time.monotonic() + 240
     while not snap.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -234,7 +234,7 @@ def test_resume_refuses_another_configuration(tiny_models, lee_corpus, tmp_path)
     snaps = tmp_path / "snaps"
     first = analyze(str(tiny_models["gpt2"]), texts, seq_len=32, batch_size=4, device="cpu", id_sample=50,
                     snapshot_dir=snaps, snapshot_every=0)
-    assert (snaps / "rank0-of-1.pt").exists()
+    assert (snaps / "rank0-of-1.safetensors").exists()
     # Resuming after the last batch adds nothing and reproduces the result exactly.
     again = analyze(str(tiny_models["gpt2"]), texts, seq_len=32, batch_size=4, device="cpu", id_sample=50,
                     snapshot_dir=snaps, resume=True)
@@ -292,8 +292,8 @@ def test_snapshot_refusals_name_the_problem(tmp_path):
         Snapshots(tmp_path, 0, rank=0, world=1, fingerprint=fp).load()
     with pytest.raises(EmbgeomError, match=r"config.seq_len: 64 -> 128"):
         Snapshots(tmp_path, 0, 0, 2, {"config": {"seq_len": 128}, "processes": 2}).load()
-    (tmp_path / "rank0-of-2.pt").write_bytes(b"\x00 torn write")
-    with pytest.raises(EmbgeomError, match="cannot be read"):
+    (tmp_path / "rank0-of-2.safetensors").write_bytes(b"\x00 torn write")
+    with pytest.raises(EmbgeomError, match="is damaged"):
         Snapshots(tmp_path, 0, 0, 2, fp).load()
     with pytest.raises(EmbgeomError, match="--snapshot-every"):
         Snapshots(tmp_path, -1, 0, 1, fp)

@@ -173,3 +173,76 @@ def test_training_figures(tmp_path):
     assert all(p.stat().st_size > 10_000 for p in written)
     # Layers with a single step make no training figure.
     assert plot_training([Result(layers=layers[layers["step"] == 10])], tmp_path / "none") == []
+
+
+def test_a_checkpoint_retrained_in_place_is_analysed_again(trainer_dir, lee_corpus, tmp_path):
+    """Reuse is keyed on the checkpoint's files (sizes and times), not its path: new
+    weights in the same folder give the numbers of a fresh run."""
+    import shutil
+    import time
+
+    import torch
+    import transformers as tf
+
+    run = tmp_path / "my-run"
+    shutil.copytree(trainer_dir, run)
+    out = tmp_path / "sweep"
+    targets = expand_targets([str(run / "checkpoint-10"), str(run / "checkpoint-20")])
+    run_sweep(targets, str(lee_corpus), out, progress=False, figures=False, say=None, **OPTIONS)
+    old = pd.read_csv(out / "layers.csv")
+    time.sleep(0.05)
+    model = tf.GPT2LMHeadModel.from_pretrained(run / "checkpoint-20")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    model.save_pretrained(run / "checkpoint-20")  # retrained in place: same path, same sizes
+    messages = []
+    run_sweep(targets, str(lee_corpus), out, progress=False, figures=False, say=messages.append, **OPTIONS)
+    assert sum("finished earlier" in m for m in messages) == 1
+    assert sum("other weights; analysing again" in m for m in messages) == 1
+    new = pd.read_csv(out / "layers.csv")
+    fresh = analyze(str(run / "checkpoint-20"), str(lee_corpus), **OPTIONS).layers
+    mine = new[new["revision"] == "checkpoint-20"].reset_index(drop=True)
+    for col in ("n_tokens", "Q", "V", "anisotropy", "mean_cosine"):
+        np.testing.assert_allclose(mine[col].to_numpy(float), fresh[col].to_numpy(float), rtol=1e-12)
+    assert not np.allclose(mine["Q"].to_numpy(float), old.loc[old["revision"] == "checkpoint-20", "Q"].to_numpy(float))
+    kept = new[new["revision"] == "checkpoint-10"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(kept, old[old["revision"] == "checkpoint-10"].reset_index(drop=True))
+
+
+def test_every_target_is_checked_before_the_first_is_analysed(trainer_dir, tiny_models, lee_corpus, tmp_path,
+                                                              capsys, monkeypatch):
+    import shutil
+
+    from test_cli import run_cli
+
+    calls = []
+    monkeypatch.setattr(embgeom.pipeline, "analyze", lambda *a, **k: calls.append(a))
+    broken = tmp_path / "broken"
+    shutil.copytree(trainer_dir / "checkpoint-10", broken)
+    (broken / "config.json").write_text("{not json")
+    for second, match in [(str(trainer_dir / "checkpoint-2O"), "checkpoint-2O does not exist"),
+                          (str(broken), str(broken)),
+                          ("no-such-org/no-such-model", "no-such-org/no-such-model is neither")]:
+        out = tmp_path / "out"
+        argv = ["run", str(trainer_dir / "checkpoint-10"), second, "--corpus", str(lee_corpus), "--out", str(out),
+                "--max-tokens", "300", "--seq-len", "64", "--id-sample", "0", "--device", "cpu", "--no-progress",
+                "--no-figures"]
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        code, err = run_cli(argv, capsys)
+        assert code == 2 and match in err and err.count("\n") == 1, err
+        assert calls == [] and not (out / "checkpoints").exists()
+    # The memory plan is checked for every target too: the second does not fit.
+    import embgeom.memory as memory
+
+    asked = []
+
+    def room(device):
+        asked.append(device)
+        return None if len(asked) == 1 else 1000  # unknown for the first target, 1000 bytes after
+
+    monkeypatch.setattr(memory, "available_bytes", room)
+    argv[2] = str(trainer_dir / "checkpoint-20")
+    code, err = run_cli(argv, capsys)
+    assert code == 2 and "the statistics need about" in err and err.count("\n") == 1, err
+    assert calls == [] and len(asked) == 2

@@ -26,6 +26,16 @@ def _say(msg: str) -> None:
     typer.echo(msg, err=True)
 
 
+_HELD: list = []  # directories this command locked, released when it returns
+
+
+def _hold(out: Path) -> None:
+    """Lock OUT for the rest of the command (rank 0 for a torchrun job)."""
+    from ._lock import acquire
+
+    _HELD.append(acquire(out, "--out"))
+
+
 @app.command()
 def run(
     models: List[str] = typer.Argument(..., metavar="MODEL...", help="Model directory, .gguf file or Hub id."),
@@ -70,9 +80,10 @@ def run(
     from .output import save_run
     from .pipeline import analyze
     from .results import prepare_out_dir
-    from .snapshot import SNAPSHOT_DIR
+    from .snapshot import SNAPSHOT_DIR, SUFFIX
     from .sweep import expand_targets, is_sweep, run_sweep
 
+    _hold(out)  # one run per OUT: a second is refused while this one lives
     prepare_out_dir(out)
     options = dict(
         max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, device=device, dtype=dtype,
@@ -90,7 +101,7 @@ def run(
     else:
         t = targets[0]
         snapshots = out / SNAPSHOT_DIR
-        if not resume and any(snapshots.glob("rank*-of-*.pt")) and os.environ.get("RANK", "0") == "0":
+        if not resume and any(snapshots.glob(f"rank*-of-*{SUFFIX}")) and os.environ.get("RANK", "0") == "0":
             _say(f"note: {snapshots} holds a snapshot of an unfinished run; starting over "
                  "(stop and add --resume to continue it instead)")
         result = analyze(t.spec, corpus, revision=t.revision, step=t.step, progress=progress, cache_dir=cache_dir,
@@ -162,6 +173,10 @@ def main(argv: list[str] | None = None) -> None:
             app(args=argv, prog_name="embgeom", standalone_mode=False)
         finally:
             _leave_process_group()
+            while _HELD:
+                from ._lock import release
+
+                release(_HELD.pop())
     except EmbgeomError as exc:
         _say(f"embgeom: error: {exc.command_line()}")
         sys.exit(2)

@@ -1,6 +1,8 @@
 """The embedded default: the packaged encoder and decoder on English Wikipedia text."""
 from __future__ import annotations
 
+
+from ._lock import holding
 from .packaged import minilm_path, smollm2_gguf_path
 
 # Paper A cut enwik8 into 512-character chunks (about 110 tokens); 128-token windows
@@ -12,6 +14,7 @@ DEMO_WORDS = 40000  # comfortably more than 20k tokens for either tokenizer
 DEMO_ID_SAMPLE = 5000
 
 
+@holding("out", "--out")  # one demo per output directory at a time
 def run_demo(out, max_tokens: int = 20000, progress: bool = True, say=print, batch_size: int = 16):
     from .output import save_comparison, save_run
     from .pipeline import analyze

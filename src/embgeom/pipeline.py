@@ -19,7 +19,7 @@ from .extract import decoder_inputs, forward_hidden
 from .distributed import Shard
 from .memory import check_accumulators_fit, processes_on_this_machine
 from .models import LoadedModel, open_model, resolve_device
-from .snapshot import Snapshots, check_interval
+from .snapshot import Snapshots, check_interval, model_files
 from .progress import layer_progress, token_progress
 from ._heap import HeapTrimmer
 from .results import SPECTRUM_TABLE_COLUMNS, Result, empty_tokens_frame, layers_frame
@@ -136,6 +136,33 @@ def _check_memory(n_layers: dict, widths, width: int, n_types: int | None, type_
         check_accumulators_fit({"ID sample": placed.pop("ID sample")}, "cpu", sharers=sharers)
     check_accumulators_fit(placed, device, sharers=sharers)
     return sum(planned.values())
+
+
+def _check_config_memory(opened, cfg: AnalysisConfig, n_types: int | None, device, sharers: int) -> None:
+    """The memory check from the config alone (a --type-layers past the config's depth
+    is left to the exact check once the model is loaded)."""
+    shape = opened.shape
+    if shape is None:
+        return
+    stacks, width = shape
+    try:
+        config_type_layers = resolve_type_layers(cfg.type_layers, stacks)
+    except EmbgeomError:
+        return
+    _check_memory(stacks, width, width, n_types, config_type_layers, cfg, device, sharers)
+
+
+def preflight(model: str, *, revision: str | None = None, cache_dir=None, **options) -> None:
+    """What `analyze` checks about `model` before it reads the corpus, on its own:
+    the model is found, its tokenizer and config load, and the statistics its config
+    fixes (covariances, ID sample) fit in memory. The per-type part of the plan
+    depends on the corpus and is checked when the analysis starts. A sweep checks
+    every checkpoint this way before it analyses the first."""
+    cfg = AnalysisConfig.from_options(**options)
+    shard = Shard.from_environment(cfg.device)
+    target = resolve_device(shard.device(cfg.device))
+    opened = open_model(model, revision=revision, cache_dir=cache_dir)
+    _check_config_memory(opened, cfg, None, target, processes_on_this_machine() if shard.world > 1 else 1)
 
 
 def _documents(corpus, cfg: AnalysisConfig):
@@ -295,15 +322,7 @@ def analyze(
     if loaded is None:
         # From the config: a run that cannot fit is refused before the weights load (a
         # --type-layers past the config's depth is left to the exact check below).
-        shape = opened.shape
-        if shape is not None:
-            stacks, width = shape
-            try:
-                config_type_layers = resolve_type_layers(cfg.type_layers, stacks)
-            except EmbgeomError:
-                pass
-            else:
-                _check_memory(stacks, width, width, n_types_expected, config_type_layers, cfg, target, sharers)
+        _check_config_memory(opened, cfg, n_types_expected, target, sharers)
         t = time.perf_counter()
         loaded = opened.load(dtype=cfg.dtype, device=shard.device(cfg.device), device_map=cfg.device_map,
                              progress=show_loading)
@@ -334,13 +353,11 @@ def analyze(
         if resume is True or any(have):
             try:
                 state = snaps.load()
+                stats, progress_state = _resumed(snaps, state, progress_state, device, (n_types_expected or 0) + 1)
             except EmbgeomError as exc:
                 problem = str(exc)
         shard.check_all(problem)
         if state is not None:
-            stats = LayerStatistics.from_state_dict(state["statistics"], device=device,
-                                                    type_capacity=(n_types_expected or 0) + 1)
-            progress_state = {k: state[k] for k in progress_state}
             resumed_from = sum(shard.all_gather(int(state["tokens_done"])))
     if stats is None:
         stats = LayerStatistics(facts.n_layers, facts.widths, device, outlier_factor=cfg.outlier_factor,
@@ -362,10 +379,14 @@ def analyze(
         # forward passes are those of a plain loop. Only the first `head` windows
         # give the median.
         pool = -(-head // cfg.batch_size) * cfg.batch_size
+        skipped, index = 0, -1  # counted tokens of this rank's batches before the resumed one
         for index, batch in enumerate(iter_batches(windows, cfg.batch_size, pad, head=pool)):
             if index < start:  # done before the snapshot this run resumes from
+                skipped += batch.n_counted if shard.owns(index) else 0
                 advance(batch.n_counted)
                 continue
+            if index == start and start:
+                _check_skipped(snaps, skipped, progress_state)
             if not batch.head:
                 stats.calibrate(gather)
             if not shard.owns(index):
@@ -398,6 +419,8 @@ def analyze(
             trim_heap()
             if snaps is not None and stats.calibrated and snaps.due():
                 snaps.save({"statistics": stats.state_dict(), **progress_state})
+    if start and index < start:  # resumed after the last batch, or a next_batch past the stream
+        _check_skipped(snaps, skipped, progress_state, index + 1 == start)
     with nonfinite:
         stats.finish(gather)
     trim_heap(force=True)
@@ -594,6 +617,42 @@ def undefined_metric_warnings(layers: pd.DataFrame, id_sample: int) -> list[str]
     return out
 
 
+def _resumed(snaps: Snapshots, state: dict, progress_state: dict, device, type_capacity: int):
+    """(statistics, progress) rebuilt from a snapshot's state, each checked: a state
+    that does not fit together is refused as damaged, never resumed from."""
+    try:
+        progress = {k: state[k] for k in progress_state}
+        for key in ("next_batch", "n_padded", "tokens_done"):  # a snapshot follows at least one batch
+            low = 1 if key == "next_batch" else 0
+            if isinstance(progress[key], bool) or not isinstance(progress[key], int) or progress[key] < low:
+                raise snaps.damaged(f"{key} is {progress[key]!r}, not a count of at least {low}")
+        if not isinstance(progress["n_seen"], dict) or set(progress["n_seen"]) != set(progress_state["n_seen"]):
+            raise snaps.damaged("n_seen does not name this model's stacks")
+        stats = LayerStatistics.from_state_dict(state["statistics"], device=device, type_capacity=type_capacity)
+    except KeyError as exc:
+        raise snaps.damaged(f"it lacks {exc}") from None
+    except EmbgeomError as exc:
+        if str(exc).startswith("--resume"):
+            raise
+        raise snaps.damaged(str(exc)) from None
+    for stack, seen in progress["n_seen"].items():
+        if stack not in stats.n_layers:
+            raise snaps.damaged(f"its statistics lack the {stack} stack")
+        counted = [a.moments.n + b.moments.n for a, b in zip(stats.inliers[stack], stats.outliers[stack])]
+        sampled = [stats.samples[stack].n_seen] if stats.samples else []
+        if any(c != seen for c in counted + sampled):
+            raise snaps.damaged(f"{stack}: {seen} tokens counted, but its layers hold {sorted(set(counted))}")
+    return stats, progress
+
+
+def _check_skipped(snaps: Snapshots, skipped: int, progress: dict, in_stream: bool = True) -> None:
+    """The batches a resumed run skips must hold the tokens its snapshot says were
+    done (a snapshot whose stream position was changed is refused)."""
+    if not in_stream or skipped != progress["tokens_done"]:
+        raise snaps.damaged(f"next_batch {progress['next_batch']} does not match the {progress['tokens_done']} "
+                            "tokens it says were done")
+
+
 def _merge_ranks(shard: Shard, stats: LayerStatistics, n_seen: dict, n_padded: int, device):
     """Every rank's statistics and counts merged into rank 0's, one rank at a time
     (so rank 0 never holds more than one other rank's state); None elsewhere."""
@@ -616,10 +675,9 @@ def _model_identity(facts) -> dict:
     facts, and for a directory the names, sizes and times of its files."""
     ident = {k: v for k, v in facts.to_dict().items() if k != "path"}
     ident["path"] = str(Path(facts.path).resolve()) if Path(facts.path).exists() else facts.path
-    p = Path(facts.path)
-    files = [f for f in p.iterdir() if f.is_file()] if p.is_dir() else [p] if p.is_file() else []
+    files = model_files(facts.path)
     if files:
-        ident["files"] = sorted((f.name, st.st_size, st.st_mtime_ns) for f, st in ((f, f.stat()) for f in files))
+        ident["files"] = files
     return ident
 
 

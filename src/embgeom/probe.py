@@ -26,6 +26,7 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
+from ._lock import acquire, release
 from ._names import display_name
 from .errors import EmbgeomError
 from .results import LAYER_COLUMNS, SPECTRUM_TABLE_COLUMNS, Result, combine, prepare_out_dir
@@ -165,6 +166,8 @@ class GeometryProbe:
         self._previous: Result | None = None  # rows of an earlier run in `out` (resumed training)
         if self.out is not None:  # writable now, not after the first measurement; keep what is there
             prepare_out_dir(self.out, keep_finished=True)
+            # Held until `finish`: another process's probe or run cannot write here meanwhile.
+            self._locked = acquire(self.out, "out")
 
     # ------------------------------------------------------------------ measuring
     @property
@@ -306,4 +309,7 @@ class GeometryProbe:
         """Write the final tables and the training figures (when `out` is set); return everything."""
         if self.out is not None:
             self.save(figures=figures)
+            if getattr(self, "_locked", None) is not None:
+                release(self._locked)
+                self._locked = None
         return self.result()

@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from ._atomic import atomic_writer, write_text
+from ._lock import holding
 from .errors import EmbgeomError
 
 ID_COLUMNS = ["model", "revision", "step", "stack", "layer", "n_layers", "depth", "view", "n_tokens"]
@@ -120,6 +121,7 @@ class Result:
     outliers: pd.DataFrame | None = None
     run: dict = field(default_factory=dict)
 
+    @holding("out", "out")  # a run directory is written by one run at a time
     def save(self, out) -> Path:
         """Write the tables and run.json to `out`, layers.csv last (atomically).
         `embgeom.save_run` writes the figures and report.md as well."""
@@ -160,6 +162,7 @@ class Result:
             raise EmbgeomError(f"{out} holds no finished run (no layers.csv); run `embgeom run ... --out {out}` first")
 
         def read(name, how):
+            # Data-only readers (parquet, CSV, JSON): nothing read back is unpickled or run.
             path = out / name
             if not path.exists():
                 return None

@@ -31,6 +31,7 @@ from typing import Callable, Iterable, Sequence
 import pandas as pd
 
 from ._atomic import write_text
+from ._lock import holding
 from ._names import display_name, slug
 from .errors import EmbgeomError
 
@@ -227,10 +228,35 @@ def _corpus_key(corpus) -> dict:
     return corpus_contents(_corpus_record(corpus))
 
 
+def _hub_commit(spec: str, revision: str | None) -> str | None:
+    """The commit a Hub id's revision resolves to in the local cache, or None."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(spec, "config.json", revision=revision or "main",
+                                       cache_dir=os.environ.get("HF_HUB_CACHE"))
+    except Exception:  # noqa: BLE001 - not a valid repo id, no cache: nothing to say
+        return None
+    return Path(found).parent.name if isinstance(found, str) else None
+
+
+def content_fingerprint(t: Target) -> dict:
+    """What says the checkpoint is still the one analysed: its files' names, sizes
+    and modification times (what a snapshot checks), or for a Hub id the commit its
+    revision resolves to in the local cache."""
+    p = Path(os.path.expanduser(t.spec))
+    if p.exists():
+        from .snapshot import model_files
+
+        return {"files": model_files(p)}
+    return {"hub_commit": _hub_commit(t.spec, t.revision)}
+
+
 def _target_record(t: Target, options_key: dict, corpus_key: dict) -> dict:
     return {
         "target": {"spec": t.location, "key": t.key, "revision": t.revision, "step": t.step, "name": t.name,
                    "label": t.label},
+        "content": content_fingerprint(t),
         "options": options_key,
         "corpus": corpus_key,
     }
@@ -242,8 +268,9 @@ def _normalise_json(obj):
 
 def _comparable(record: dict) -> dict:
     """The parts of a target record that must match for a finished target to be reused:
-    what was loaded (resolved path or Hub id, and revision), its labels, the options
-    and the corpus contents; not how the path was spelled."""
+    what was loaded (resolved path or Hub id, and revision) and its contents (a
+    checkpoint retrained in place is analysed again), its labels, the options and
+    the corpus contents; not how the path was spelled."""
     rec = _normalise_json(record)
     rec["target"] = {k: v for k, v in rec.get("target", {}).items() if k != "spec"}
     return rec
@@ -291,6 +318,7 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+@holding("out", "out")  # one sweep per output directory at a time
 def run_sweep(
     targets: Iterable[Target],
     corpus,
@@ -319,7 +347,7 @@ def run_sweep(
     """
     from .distributed import Shard
     from .output import save_run
-    from .pipeline import analyze
+    from .pipeline import analyze, preflight
     from .results import Result, combine, prepare_out_dir
     from .snapshot import SNAPSHOT_DIR
 
@@ -332,16 +360,23 @@ def run_sweep(
     corpus_key = _corpus_key(corpus)
     out = prepare_out_dir(out)
     root = out / CHECKPOINTS_DIR
+    folders = [root / name for name in slugs(targets)]
+    records = [_target_record(t, options_key, corpus_key) for t in targets]
+    finished = [_finished(folder, record) for folder, record in zip(folders, records)]
+    # Every checkpoint still to analyse is found and checked before the first one is
+    # analysed: a misspelled last one fails now, not after hours of work.
+    for t, done in zip(targets, finished):
+        if not done:
+            preflight(t.spec, revision=t.revision, cache_dir=cache_dir, **options)
     results = []
-    for i, (t, name) in enumerate(zip(targets, slugs(targets)), 1):
-        folder = root / name
-        record = _target_record(t, options_key, corpus_key)
+    for i, (t, folder, record, done) in enumerate(zip(targets, folders, records, finished), 1):
         where = f"[{i}/{len(targets)}] {t.display}" + (f" (step {t.step})" if t.step is not None else "")
-        if _finished(folder, record):
+        if done:
             say(f"{where}: finished earlier, loading {folder}")
         else:
             if (folder / "layers.csv").exists():
-                say(f"{where}: {folder} was made with other options or another corpus; analysing again")
+                say(f"{where}: {folder} was made with other options, another corpus or other weights; "
+                    "analysing again")
             else:
                 say(f"{where}: analysing")
             res = analyze(t.spec, corpus, revision=t.revision, step=t.step, name=t.name, progress=progress,
@@ -350,6 +385,8 @@ def run_sweep(
             if res is None:  # not rank 0: rank 0 writes
                 continue
             res = _step_int(_relabel(res, t))
+            if record["content"].get("hub_commit", "") is None:  # downloaded by the analysis: in the cache now
+                record = _target_record(t, options_key, corpus_key)
             res.run["sweep_target"] = record["target"]
             prepare_out_dir(folder)  # drops a stale layers.csv before the new record goes in
             write_text(folder / TARGET_FILE, json.dumps(record, indent=2, default=str) + "\n")
@@ -365,8 +402,7 @@ def run_sweep(
     combined.run = dict(combined.run)
     combined.run["sweep"] = {
         "checkpoints_dir": CHECKPOINTS_DIR,
-        "targets": [dict(_target_record(t, options_key, corpus_key)["target"], folder=s)
-                    for t, s in zip(targets, slugs(targets))],
+        "targets": [dict(r["target"], folder=f.name) for r, f in zip(records, folders)],
     }
     save_run(combined, out, figures=figures)
     return combined

@@ -18,6 +18,7 @@ import torch
 from .moments import Moments, NonFiniteInput
 from .position_sample import PositionSample
 from .token_moments import TokenMoments
+from . import _state
 from ..errors import EmbgeomError
 
 VIEWS = ("all", "inliers")
@@ -380,27 +381,63 @@ class LayerStatistics:
         }
 
     @classmethod
-    def from_state_dict(cls, sd: dict, device=None, type_capacity: int = 0) -> "LayerStatistics":
-        """Rebuild statistics from ``state_dict()`` exactly, on `device`."""
-        if not isinstance(sd, dict) or sd.get("kind") != "LayerStatistics":
-            raise EmbgeomError("not a LayerStatistics state_dict (missing kind='LayerStatistics')")
-        stats = cls(sd["n_layers"], sd["width"], device, outlier_factor=sd["outlier_factor"],
-                    with_types=sd["with_types"], id_sample=0, seed=sd["seed"], type_layers=sd.get("type_layers"))
-        stats.id_sample = int(sd["id_sample"])
-
-        def part(p, capacity):
-            return {s: [LayerAccumulators(
-                Moments.from_state_dict(a["moments"], device=device),
-                TokenMoments.from_state_dict(a["types"], device=device, capacity=capacity)
-                if a["types"] is not None else None) for a in accs] for s, accs in p.items()}
-
-        stats.inliers = part(sd["inliers"], type_capacity)
-        stats.outliers = part(sd["outliers"], 0)
-        stats.median_norm = {s: list(m) for s, m in sd["median_norm"].items()}
-        stats.calibrated_on = dict(sd["calibrated_on"])
-        stats.samples = {s: PositionSample.from_state_dict(v) for s, v in sd["samples"].items()}
-        stats._outlier_rows = list(sd["outlier_rows"])
+    def from_state_dict(cls, sd: dict, device=None, *, type_capacity: int = 0) -> "LayerStatistics":
+        """Rebuild statistics from ``state_dict()`` exactly, on `device`; a state that
+        does not fit together (shapes, layer counts, thresholds) is refused."""
+        k = "LayerStatistics"
+        _state.check_kind(sd, k)
+        try:
+            stats = cls(sd["n_layers"], sd["width"], device, outlier_factor=sd["outlier_factor"],
+                        with_types=sd["with_types"], id_sample=0, seed=sd["seed"], type_layers=sd.get("type_layers"))
+            stats.id_sample = _state.count(sd["id_sample"], k, "id_sample")
+            stats.median_norm = {s: _state.finite_or_nan(sd["median_norm"][s], k, f"median_norm[{s!r}]", n + 1)
+                                 for s, n in stats.n_layers.items()}
+            stats.calibrated_on = {s: _state.count(sd["calibrated_on"][s], k, "calibrated_on") for s in stats.n_layers}
+            stats.inliers = stats._parts_from(sd["inliers"], device, type_capacity)
+            stats.outliers = stats._parts_from(sd["outliers"], device, 0)
+            stats.samples = {s: PositionSample.from_state_dict(sd["samples"][s]) for s in stats.n_layers} \
+                if stats.id_sample > 0 else {}
+            rows = sd["outlier_rows"]
+            if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+                raise TypeError("outlier_rows must be a list of dicts")
+            stats._outlier_rows = list(rows)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise EmbgeomError(f"LayerStatistics state_dict is malformed ({type(exc).__name__}: {exc})") from None
         return stats
+
+    def _parts_from(self, part: dict, device, capacity: int) -> dict:
+        """Accumulators of every (stack, layer) from one part of a state dict, checked
+        against this object's layers, widths and typed layers."""
+        out = {}
+        for s, n in self.n_layers.items():
+            accs = part[s]
+            if not isinstance(accs, list) or len(accs) != n + 1:
+                raise EmbgeomError(f"LayerStatistics state_dict: {s} must hold {n + 1} layers' accumulators")
+            out[s] = []
+            for layer, a in enumerate(accs):
+                m = Moments.from_state_dict(a["moments"], device=device)
+                typed = layer in self.type_layers[s]
+                if m.dim != self.widths[s][layer] or (a["types"] is not None) != typed:
+                    raise EmbgeomError(f"LayerStatistics state_dict: {s} layer {layer} does not match the "
+                                       "widths or typed layers it names")
+                t = TokenMoments.from_state_dict(a["types"], device=device, capacity=capacity) if typed else None
+                if t is not None and (t.dim != m.dim or t.n != m.n):
+                    raise EmbgeomError(f"LayerStatistics state_dict: {s} layer {layer} counts disagree "
+                                       f"(moments {m.n}, per-type {t.n})")
+                out[s].append(LayerAccumulators(m, t))
+        return out
+
+    def to(self, device) -> "LayerStatistics":
+        """Move every accumulator to `device` in place (the ID sample stays in host
+        memory); returns self."""
+        self.device = torch.device(device)
+        for part in (self.inliers, self.outliers):
+            for accs in part.values():
+                for a in accs:
+                    a.moments.to(self.device)
+                    if a.types is not None:
+                        a.types.to(self.device)
+        return self
 
     def merge(self, other: "LayerStatistics") -> "LayerStatistics":
         """Merge another process's statistics into these, exactly; both must be

@@ -17,6 +17,7 @@ import torch
 
 from .._validate import as_float_matrix
 from ..errors import EmbgeomError
+from . import _state
 from ..metrics.spectrum import eigenvalues, spectrum_metrics, top_eigenvalue
 
 
@@ -251,7 +252,7 @@ class Moments:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         """Plain tensors and ints (CPU), enough to rebuild this accumulator exactly."""
-        sd = {"kind": "Moments", "dim": self.dim, "n": self.n, "n_nonzero": self.n_nonzero}
+        sd = {"kind": "Moments", "version": 1, "dim": self.dim, "n": self.n, "n_nonzero": self.n_nonzero}
         if self._mean is not None:
             sd.update(
                 mean=self._mean.detach().cpu().clone(),
@@ -262,17 +263,34 @@ class Moments:
 
     @classmethod
     def from_state_dict(cls, sd: dict, device=None) -> "Moments":
-        if not isinstance(sd, dict) or sd.get("kind") != "Moments":
-            raise EmbgeomError("not a Moments state_dict (missing kind='Moments')")
-        m = cls(sd["dim"], device=device)
-        m.n = int(sd["n"])
-        m.n_nonzero = int(sd["n_nonzero"])
-        if "mean" in sd:
+        """Rebuild an accumulator from ``state_dict()`` exactly, on `device` (default
+        CPU); a state no accumulator could have written is refused (EmbgeomError)."""
+        _state.check_kind(sd, "Moments")
+        k = "Moments"
+        d = _state.count(_state.entry(sd, k, "dim"), k, "dim", low=1)
+        n = _state.count(_state.entry(sd, k, "n"), k, "n")
+        m = cls(d, device=device)
+        m.n = n
+        m.n_nonzero = _state.count(_state.entry(sd, k, "n_nonzero"), k, "n_nonzero", high=n)
+        if "mean" in sd or n:
+            mean = _state.tensor(_state.entry(sd, k, "mean"), k, "mean", (d,))
+            scatter = _state.scatter_matrix(_state.tensor(_state.entry(sd, k, "scatter"), k, "scatter", (d, d)),
+                                            k, "scatter")
+            unit_sum = _state.tensor(_state.entry(sd, k, "unit_sum"), k, "unit_sum", (d,))
+            _state.norm_at_most(unit_sum, m.n_nonzero, k, "unit_sum")
             m._init_state(device if device is not None else "cpu")
-            m._mean.copy_(sd["mean"])
-            m._scatter.copy_(sd["scatter"])
-            m._unit_sum.copy_(sd["unit_sum"])
+            m._mean.copy_(mean)
+            m._scatter.copy_(scatter)
+            m._unit_sum.copy_(unit_sum)
         return m
+
+    def to(self, device) -> "Moments":
+        """Move the state to `device` in place; returns self."""
+        self._device = torch.device(device)
+        if self._mean is not None:
+            self._mean, self._scatter, self._unit_sum = (t.to(self._device)
+                                                         for t in (self._mean, self._scatter, self._unit_sum))
+        return self
 
     @property
     def nbytes(self) -> int:

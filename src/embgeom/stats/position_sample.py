@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from ..errors import EmbgeomError
+from . import _state
 
 __all__ = ["PositionSample", "pack_position_keys", "position_priorities"]
 
@@ -366,6 +367,7 @@ class PositionSample:
         """Plain dict (torch tensors and ints) for ``torch.save``; entries sorted by key."""
         order = torch.from_numpy(self._sort_order())
         return {
+            "kind": "PositionSample",
             "version": _STATE_VERSION,
             "size": self.size,
             "n_layers": self.n_layers,
@@ -379,19 +381,23 @@ class PositionSample:
         }
 
     @classmethod
-    def from_state_dict(cls, sd: dict) -> "PositionSample":
+    def from_state_dict(cls, sd: dict, device=None) -> "PositionSample":
         """Rebuild a sample from :meth:`state_dict` (priorities are recomputed from the
-        keys and the seed)."""
+        keys and the seed); a state no sample could have written is refused
+        (EmbgeomError). `device` is checked only: the sample lives in host memory."""
+        k_ = "PositionSample"
+        _state.check_kind(sd, k_, versions=(_STATE_VERSION,))
+        if device is not None:
+            torch.device(device)
         try:
-            if int(sd["version"]) != _STATE_VERSION:
-                raise EmbgeomError(f"unsupported PositionSample state version {sd['version']}")
             dim = [int(d) for d in sd["dim"]] if isinstance(sd["dim"], (list, tuple)) else int(sd["dim"])
             s = cls(int(sd["size"]), int(sd["n_layers"]), dim, int(sd["seed"]))
-            keys = _as_keys(sd["keys"])
-            vec = torch.as_tensor(sd["vectors"]).to(torch.float32)
-            meta = {str(nm): _as_keys(v) for nm, v in dict(sd.get("metadata", {})).items()}
+            keys = _as_keys(_state.tensor(sd["keys"], k_, "keys", (None,), floating=False))
+            vec = _state.tensor(sd["vectors"], k_, "vectors", (s.n_layers, keys.shape[0], max(s.dims))).to(torch.float32)
+            meta = {str(nm): _as_keys(_state.tensor(v, k_, f"metadata[{nm!r}]", (keys.shape[0],), floating=False))
+                    for nm, v in dict(sd.get("metadata", {})).items()}
             names = sd.get("metadata_names", list(meta))
-            n_seen = int(sd["n_seen"])
+            n_seen = _state.count(sd["n_seen"], k_, "n_seen", low=keys.shape[0])
         except (KeyError, TypeError, ValueError) as exc:
             raise EmbgeomError(f"not a PositionSample state dict: {exc}") from exc
         m = keys.shape[0]
@@ -406,3 +412,9 @@ class PositionSample:
                       lambda l, sel: vec[l, :, : s.dims[l]].index_select(0, torch.from_numpy(sel.astype(np.int64))), meta)
         s.n_seen = n_seen
         return s
+
+    def to(self, device) -> "PositionSample":
+        """The accumulators' common protocol; the sample stays in host memory whatever
+        the device (the exact kNN reads it there), so `device` is only checked."""
+        torch.device(device)
+        return self

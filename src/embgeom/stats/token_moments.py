@@ -62,7 +62,7 @@ import torch
 
 from .._validate import as_float_matrix
 from ..errors import EmbgeomError
-from . import _kernels
+from . import _kernels, _state
 from ..metrics.tradeoff import norm_variance_tradeoff
 
 __all__ = ["TokenMoments", "TokenGroups"]
@@ -701,27 +701,19 @@ class TokenMoments:
         return sd
 
     @classmethod
-    def from_state_dict(cls, sd: dict, device=None, capacity: int = 0) -> "TokenMoments":
-        """Rebuild an accumulator from ``state_dict()`` exactly (on `device`, default CPU)."""
-        if not isinstance(sd, dict) or sd.get("kind") != "TokenMoments":
-            raise EmbgeomError("not a TokenMoments state_dict (missing kind='TokenMoments')")
-        try:
-            dim = int(sd["dim"])
-            ids = torch.as_tensor(sd["token_ids"]).to(_I64)
-            counts = torch.as_tensor(sd["counts"]).to(_I64)
-            mean = torch.as_tensor(sd["mean"]).to(_F64)
-            m2 = torch.as_tensor(sd["m2"]).to(_F64)
-            total = int(sd["n"])
-        except KeyError as exc:
-            raise EmbgeomError(f"TokenMoments state_dict lacks the entry {exc}") from exc
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise EmbgeomError(f"TokenMoments state_dict holds an unreadable entry: {exc}") from exc
+    def from_state_dict(cls, sd: dict, device=None, *, capacity: int = 0) -> "TokenMoments":
+        """Rebuild an accumulator from ``state_dict()`` exactly (on `device`, default
+        CPU), with room for `capacity` types; a state no accumulator could have
+        written is refused (EmbgeomError)."""
+        k_ = "TokenMoments"
+        _state.check_kind(sd, k_)
+        dim = _state.count(_state.entry(sd, k_, "dim"), k_, "dim", low=1)
+        total = _state.count(_state.entry(sd, k_, "n"), k_, "n")
+        ids = _state.tensor(_state.entry(sd, k_, "token_ids"), k_, "token_ids", (None,), floating=False).to(_I64)
         k = int(ids.shape[0])
-        if ids.ndim != 1 or counts.shape != (k,) or m2.shape != (k,) or mean.shape != (k, dim):
-            raise EmbgeomError(
-                f"TokenMoments state_dict shapes disagree: token_ids {tuple(ids.shape)}, counts "
-                f"{tuple(counts.shape)}, mean {tuple(mean.shape)}, m2 {tuple(m2.shape)} (dim {dim})"
-            )
+        counts = _state.tensor(_state.entry(sd, k_, "counts"), k_, "counts", (k,), floating=False).to(_I64)
+        mean = _state.tensor(_state.entry(sd, k_, "mean"), k_, "mean", (k, dim)).to(_F64)
+        m2 = _state.non_negative(_state.tensor(_state.entry(sd, k_, "m2"), k_, "m2", (k,)).to(_F64), k_, "m2")
         if int(counts.sum()) != total or (k and (bool((ids[1:] <= ids[:-1]).any()) or bool((counts < 1).any()))):
             raise EmbgeomError("TokenMoments state_dict is inconsistent (unsorted ids or counts not summing to n)")
         t = cls(dim, device=device, capacity=max(int(capacity), k))
