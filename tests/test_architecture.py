@@ -35,7 +35,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / PACKAGE
 # every module of the subpackage x, its __init__ included. "" is embgeom/__init__.py,
 # which holds only the version and the lazy public names.
 FLOORS = [
-    ("base", ["", "errors", "_validate", "_atomic", "_names", "progress", "_heap"]),
+    ("base", ["", "errors", "_validate", "_atomic", "_names", "progress", "_heap", "_lock", "_statefile"]),
     ("metrics", ["metrics.*"]),
     ("stats", ["stats.*"]),
     ("model", ["corpus", "windows", "models", "extract", "memory", "distributed", "snapshot", "packaged",
