@@ -14,7 +14,6 @@ from embgeom.metrics import _knn_bounds as _kb
 from embgeom.metrics import _knn_points as _kp
 from embgeom.metrics import _knn_precision as _kprec
 from embgeom.metrics import neighbors as _nb
-from embgeom.metrics.intrinsic_dim import twonn
 from embgeom.metrics.neighbors import knn
 
 with _numba.parallel():
