@@ -252,7 +252,7 @@ def resolve_rows(x, rows, keys, idx, cnt, k, to_scaled, u_o, sigma, delta, out_s
 
 @numba.njit(cache=True, nogil=True, parallel=True)
 def resolve(x, rows, keys, idx, cnt, k, to_scaled, u_o, sigma, delta, out_sq, out_nb, ok, need):  # pragma: no cover
-    """Exact distances of the candidates and the certificate (as ``_resolve``).
+    """Exact distances of the candidates and the certificate.
 
     ``keys``/``idx`` (u, p) are each point's sorted candidate list (``cnt`` valid
     entries, the others +inf); point ``i`` is row ``rows[i]`` of ``x``. The first

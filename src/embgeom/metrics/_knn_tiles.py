@@ -6,9 +6,8 @@ Keys of a bfloat16 (float32) tile are read as int16 (int32) bit patterns: for a
 threshold ``T ≥ 0`` a key is ``≤ T`` exactly when its bits, read as a signed
 integer, are ``≤`` the bits of ``T`` rounded up, so the screen is an integer
 comparison (a negative threshold is raised to +0 for the screen only, which merely
-lets more keys through to the exact float comparison). The threshold arithmetic is
-that of :class:`embgeom.metrics._knn_bounds.Bounds`, in float64 without fast-math.
-"""
+lets more keys through to the exact float comparison). Threshold arithmetic: that
+of :class:`._knn_bounds.Bounds`, float64 without fast-math."""
 from __future__ import annotations
 
 import numpy as np
@@ -18,14 +17,16 @@ from ._knn_points import _insert_pair, numba
 prange = numba.prange
 _I32 = np.int32
 
-# -----------------------------------------------------------------------
-# running top-p lists (no fast-math: the bound arithmetic of _Bounds)
-# -----------------------------------------------------------------------
+
+# running top-p lists (no fast-math: the bound arithmetic of Bounds)
 @numba.njit(cache=True, nogil=True)
 def _key_threshold(ub, delta, sigma, u_o):  # pragma: no cover - compiled
-    """_Running.threshold then _Bounds.key_threshold for one upper bound ``ub``
-    (float64) of the k-th neighbour's half squared distance: the smallest float32
-    ``T`` such that every key whose lower bound is ≤ the widened ``ub`` is ≤ T."""
+    """The screening threshold from an upper bound ``ub`` (float64) of the k-th
+    neighbour's half squared distance: ``ub`` is widened by the centring error
+    (``t = (√(2 ub) + 2δ)²/2``: a point beyond it is farther, on the original data,
+    than that neighbour), then turned into the smallest float32 ``T`` such that
+    every key ``r`` with ``lower(r) = r − u_o|r| − σ ≤ t`` has ``r ≤ T`` (the two
+    float64 roundings covered by the ``2⁻⁴⁰`` and ``2⁻¹⁰⁰⁰`` terms)."""
     if ub < 0.0:
         ub = 0.0
     y = np.sqrt(2.0 * ub) + 2.0 * delta
@@ -44,7 +45,7 @@ def _key_threshold(ub, delta, sigma, u_o):  # pragma: no cover - compiled
 @numba.njit(cache=True, nogil=True)
 def _tighten(g, keys, idx, cnt, tau, G, u_o, sigma, delta, k, scratch):  # pragma: no cover - compiled
     """tau[g] = min(tau[g], threshold of the k-th smallest upper bound among g's
-    current candidates) (_Running.tighten)."""
+    current candidates (upper bounds as in ``Bounds.upper``)."""
     c = cnt[g]
     if c < k:
         return
