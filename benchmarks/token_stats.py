@@ -7,7 +7,10 @@ against ``embgeom.stats.token_moments.TokenMoments`` on the same vectors: by def
 100k float32 vectors of width 384, Zipf(1.3) token ids over a 50k vocabulary,
 batches of 8192.
 
-TokenMoments is timed three ways: plain ``update(batch, ids)``; with rows already in
+It names the CPU first, and the first-call cost of the compiled loops (numba import
+and cached code load, or the compile on a machine's very first run), measured in a
+fresh child process. TokenMoments runs at its defaults (compiled loops on the CPU).
+It is timed three ways: plain ``update(batch, ids)``; with rows already in
 id order (the caller's gather does the reordering, so update reads in place); and
 with --layers accumulators sharing one grouping per batch, as the pipeline does.
 
@@ -26,20 +29,37 @@ peak. Prints, never asserts.
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import statistics
+import subprocess
+import sys
 import time
 import tracemalloc
 
 import numpy as np
 import torch
 
-from embgeom.stats import _kernels
+from embgeom import _hardware, _numba
 from embgeom.stats.token_moments import TokenMoments
 
-# Time the compiled loops from the first call, not the default "auto" rule (which
-# keeps the torch path until its extra time repays loading numba).
-_kernels.ENABLED = True
+_FIRST_CALL = """
+import time, numpy as np, torch
+from embgeom.stats.token_moments import TokenMoments
+x = torch.from_numpy(np.random.default_rng(0).standard_normal((4096, 384), dtype=np.float32))
+ids = torch.from_numpy(np.random.default_rng(1).integers(0, 5000, 4096))
+t = time.perf_counter(); TokenMoments(384).update(x, ids); a = time.perf_counter() - t
+t = time.perf_counter(); TokenMoments(384).update(x, ids); b = time.perf_counter() - t
+print(a, b)
+"""
+
+
+def first_call_cost() -> tuple[float, float]:
+    """(first update, second update) seconds in a fresh process: the difference is the
+    compiled loops' one-time cost (numba import and code load)."""
+    out = subprocess.run([sys.executable, "-c", _FIRST_CALL], capture_output=True, text=True, check=True)
+    a, b = map(float, out.stdout.split())
+    return a, b
 
 
 def make_data(tokens: int, dim: int, seed: int = 0, vocab: int = 50_000):
@@ -125,6 +145,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    print(f"CPU: {_hardware.cpu_name()}; bf16 {'native' if _hardware.bf16_native() else 'emulated'} "
+          f"(not used here: float64 accumulation); load {os.getloadavg()[0]:.1f}")
+    a, b = first_call_cost()
+    print(f"compiled loops' first-call cost (fresh process): first update {a:.2f} s, second {b * 1e3:.1f} ms "
+          f"-> {a - b:.2f} s once per process")
     x, ids = make_data(args.tokens, args.dim, args.seed)
     xt, idt = torch.from_numpy(x), torch.from_numpy(ids)
     n_sub = min(args.seq_tokens, args.tokens)
@@ -172,17 +197,19 @@ def main() -> None:
         t_grouped.append(dt / args.tokens / args.layers)
     del accs
 
-    # the torch operations instead of the compiled loops (the path off the CPU)
+    # the torch operations instead of the compiled loops (the path on accelerators)
     t_torch = []
-    if _kernels.use_kernels(torch.device("cpu")):
-        _kernels.ENABLED = False
+    serves = _numba.serves
+    _numba.serves = lambda device: False
+    try:
         tokenmoments_pass(xt[: 2 * args.batch], idt[: 2 * args.batch], args.batch)
         for _ in range(args.repeats):
             dt, _ = timed(sequential_pass, xs, ids_s)
             t_seq.append(dt / n_sub)
             dt, _ = timed(tokenmoments_pass, xt, idt, args.batch)
             t_torch.append(dt / args.tokens)
-        _kernels.ENABLED = True
+    finally:
+        _numba.serves = serves
 
     # memory of the loop's state (untimed run under tracemalloc)
     tracemalloc.start()
@@ -207,11 +234,12 @@ def main() -> None:
     print(f"  {us(t_seq):8.3f} us/token ({med(t_seq):.3f})  -> {us(t_seq) * args.tokens / 1e6:6.2f} s "
           f"for {args.tokens} tokens (extrapolated)")
     print(f"  state {seq_state / 2**20:.1f} MiB ({len(mean)} types), tracemalloc peak {traced_peak / 2**20:.1f} MiB")
-    compiled = "compiled CPU loops" if _kernels.use_kernels(torch.device("cpu")) else "torch operations"
+    compiled = "compiled CPU loops" if _numba.serves(torch.device("cpu")) else "torch operations"
     print(f"TokenMoments (float64 state, all {args.tokens} tokens, grouping included; {compiled}):")
     print(f"  {us(t_tm):8.3f} us/token ({med(t_tm):.3f})  -> {us(t_tm) * args.tokens / 1e6:6.2f} s")
     if t_torch:
-        print(f"  same with the torch operations used off the CPU: {us(t_torch):.3f} us/token ({med(t_torch):.3f})")
+        print(f"  same with the torch operations used on accelerators: {us(t_torch):.3f} us/token "
+              f"({med(t_torch):.3f}); {min(t_seq) / min(t_torch):.1f}x the loop")
     print(f"  rows already in id order (no gather): {us(t_sorted):.3f} us/token ({med(t_sorted):.3f})")
     print(f"  {args.layers} layers, ids grouped once per batch: {us(t_grouped):.3f} us/token/layer "
           f"({med(t_grouped):.3f}); grouping {t_group / args.tokens * 1e6:.3f} us/token per batch")

@@ -27,15 +27,16 @@ ARCHS = ["gpt2", "bert", "llama", "t5"]
 
 @pytest.fixture(params=["compiled", "torch"])
 def path(request, monkeypatch):
-    """Run a test with the accumulators' compiled CPU loops (numba) and with the torch
-    operations they use off the CPU (and where numba is missing)."""
+    """Run a test with the accumulators' compiled CPU loops (numba, the rule on the
+    CPU) and with the torch operations they use on accelerators (forced on the CPU)."""
     import torch
 
-    from embgeom.stats import _kernels
+    from embgeom import _numba
 
-    monkeypatch.setattr(_kernels, "ENABLED", request.param == "compiled")
     if request.param == "compiled":
-        assert _kernels.use_kernels(torch.device("cpu"))  # numba is a dependency: the loops serve the CPU
+        assert _numba.serves(torch.device("cpu"))  # numba is a dependency: the loops serve the CPU
+    else:
+        monkeypatch.setattr(_numba, "serves", lambda device: False)
     return request.param
 
 

@@ -35,7 +35,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / PACKAGE
 # every module of the subpackage x, its __init__ included. "" is embgeom/__init__.py,
 # which holds only the version and the lazy public names.
 FLOORS = [
-    ("base", ["", "errors", "_validate", "_atomic", "_names", "progress", "_heap", "_lock", "_statefile"]),
+    ("base", ["", "errors", "_validate", "_atomic", "_names", "progress", "_heap", "_lock", "_statefile", "_numba", "_hardware"]),
     ("metrics", ["metrics.*"]),
     ("stats", ["stats.*"]),
     ("model", ["corpus", "windows", "models", "extract", "memory", "distributed", "snapshot", "packaged",
@@ -48,14 +48,6 @@ FLOORS = [
     ("cli", ["cli", "__main__"]),
 ]
 
-# Imports known to go against the floors, (importer, imported), to be removed by
-# the work in progress that moves the shared numba plumbing below metrics and stats.
-# The lead removes this set (and these lines) after merging that work; an entry
-# that no longer exists in the code fails the test, so the set cannot go stale.
-KNOWN_VIOLATIONS = {
-    ("metrics.neighbors", "stats._kernels"),
-    ("metrics._neighbor_kernels", "stats._compiled"),
-}
 
 
 def module_name(path: Path) -> str:
@@ -178,17 +170,11 @@ def test_no_import_against_the_floors():
     against = []
     for a, b in sorted(import_edges()):
         fa, fb = floor_of(a), floor_of(b)
-        if fa is not None and fb is not None and fb > fa and (a, b) not in KNOWN_VIOLATIONS:
+        if fa is not None and fb is not None and fb > fa:
             against.append(f"{a or '__init__'} ({FLOORS[fa][0]}) imports {b} ({FLOORS[fb][0]})")
     assert not against, "imports against the floor order:\n" + "\n".join(against)
 
 
 def test_no_import_circle():
-    found = circles(import_edges() - KNOWN_VIOLATIONS)
+    found = circles(import_edges())
     assert not found, f"import circles: {found}"
-
-
-@pytest.mark.parametrize("edge", sorted(KNOWN_VIOLATIONS))
-def test_known_violations_still_exist(edge):
-    """Once the code drops one of these imports, drop it from KNOWN_VIOLATIONS too."""
-    assert edge in import_edges(), f"{edge} is gone from the code: remove it from KNOWN_VIOLATIONS"

@@ -337,16 +337,19 @@ def test_errors():
 # ---------------------------------------------------------------------------
 # the bfloat16 candidate search (issue 4): exact, with a proven bound and a fallback
 # ---------------------------------------------------------------------------
-from embgeom.metrics import neighbors as _nb  # noqa: E402
+from embgeom import _numba  # noqa: E402
+from embgeom.metrics import _knn_precision  # noqa: E402
 
-BF16 = _nb._bf16_usable(torch.device("cpu"), 8)
+with _numba.parallel():
+    BF16 = _knn_precision.bf16_keeps_bound(8)
 
 
 def _check_precision(X, k, precision, **kw):
     _check_knn(X, k, precision=precision, **kw)
+    info = knn(X, k, precision=precision, return_info=True, **kw)[2]
     if precision == "bf16" and BF16:
-        assert _nb._LAST["precision"] == "bf16"
-    return dict(_nb._LAST)
+        assert info["precision"] == "bf16"
+    return info
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
@@ -383,8 +386,7 @@ def test_knn_precisions_duplicates_and_near_ties(path, precision):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
 def test_knn_duplicates_float32_input_compacted_in_place(path, precision):
-    """float32 input with duplicates: the torch path moves the distinct rows to the
-    front of the call's own float64 copy (no second copy), the compiled path reads the
+    """float32 input with duplicates: the search reads the
     float32 rows as they are; same answer, the caller's array untouched."""
     rng = np.random.default_rng(25)
     X = (rng.standard_normal((700, 12)) * 2.0 + 7.0).astype(np.float32)
@@ -401,23 +403,6 @@ def test_knn_duplicates_float32_input_compacted_in_place(path, precision):
             ref64 = knn(X.astype(np.float64), k, precision=precision, block_size=64)
             assert torch.equal(dist, ref64[0]) and torch.equal(idx, ref64[1])
     np.testing.assert_array_equal(X, keep)
-
-
-def test_filter_slices_match_one_pass(monkeypatch):
-    """_filter (torch path) expands the passing groups a slice at a time: any slice
-    size gives the same entries in the same order."""
-    from embgeom.stats import _kernels
-
-    monkeypatch.setattr(_kernels, "ENABLED", False)
-    rng = np.random.default_rng(26)
-    X = rng.standard_normal((1050, 10))  # a last block of 32 columns: the ungrouped screen too
-    want = knn(X, 20, block_size=512)
-    info = dict(_nb._LAST)
-    for elems in (16, 48, 1000):
-        monkeypatch.setattr(_nb, "_FILTER_ELEMS", elems)
-        got = knn(X, 20, block_size=512)
-        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-        assert _nb._LAST == info
 
 
 @pytest.mark.skipif(not BF16, reason="no bf16 matrix products that keep the bound here")
@@ -439,29 +424,6 @@ def test_bf16_fallback_rows_are_exact(path):
     assert info["evaluated_beyond_k"] > 0 and 0 < info["fallback_rows"] < 100
     info = _check_precision(rng.standard_normal((700, 6)), 20, "bf16", margin=0, block_size=128)
     assert info["fallback_rows"] == 700  # p = k: nothing certifies, everything falls back
-
-
-@pytest.mark.skipif(not BF16, reason="no bf16 matrix products that keep the bound here")
-def test_bf16_key_bound_holds():
-    """The proven bound lower(r) ≤ ‖x_i − x_j‖²/2 ≤ upper(r) on every pair, for data
-    built to stress it: near-duplicates, far from the origin, outlier coordinates."""
-    rng = np.random.default_rng(23)
-    for X in (
-        rng.standard_normal((300, 96)) * 1e-3 + rng.standard_normal(96) * 1e3,
-        np.vstack([rng.standard_normal((150, 96))] * 2) + 1e-6 * rng.standard_normal((300, 96)),
-        rng.standard_normal((300, 96)) * np.r_[np.full(4, 300.0), np.ones(92)],
-    ):
-        X64 = torch.from_numpy(X)
-        n, d = X64.shape
-        mean = X64.mean(0)
-        x32, nhat, eps_n = _nb._centred32(X64, mean, 1.0, n)
-        tile, dt, b = _nb._bf16_operands(x32, nhat, eps_n, n, d, X64.device)
-        r = tile(0, n, 0, n, torch.empty((n, n), dtype=dt)).double()
-        xc = X64 - mean
-        D = 0.5 * ((xc[:, None, :] - xc[None, :, :]) ** 2).sum(-1)
-        idx = torch.arange(n)
-        assert bool((b.lower(r) <= D).all())
-        assert bool((D <= b.upper(r, idx, idx)).all())
 
 
 def test_knn_precision_argument():

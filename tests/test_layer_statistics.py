@@ -157,3 +157,14 @@ def test_intrinsic_dimension_of_both_views_from_one_search(first):
             for key in ("id_twonn", "id_twonn_ml", "id_mle"):
                 assert got[view][key] == pytest.approx(want[view][key], rel=1e-12, abs=0), (view, key)
         assert "inliers_dist" not in stats._id_cache[("decoder", layer)]  # freed once both views are done
+    # one search per layer (the all view extends it), its diagnostics kept for run.json
+    summary = stats.knn_summary()
+    assert summary["searches"] == 2 and summary["points"] == sum(
+        int((torch.linalg.vector_norm(torch.from_numpy(stats.samples["decoder"].layer(layer)), dim=1)
+             <= 10.0 * stats.median_norm["decoder"][layer]).sum()) for layer in (0, 1))
+    assert summary["fallback_rows"] >= 0 and summary["choices"]
+    assert {c["precision"] for c in summary["choices"]} <= {"bf16", "fp32"}
+    assert all(c["chosen_by"] == "measured" and c["tile_seconds"]["fp32"] > 0 for c in summary["choices"])
+    import json
+
+    json.dumps(summary)  # run.json can hold it

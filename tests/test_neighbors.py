@@ -1,21 +1,23 @@
-"""The exact k-NN's two CPU paths: the compiled loops (numba) and the torch operations
-(used off the CPU and without numba). Both must give the float64 brute-force answer on
-data built to be hard for the bf16/fp32 candidate search, and agree with each other.
-The ``path`` fixture (tests/conftest.py) runs a test once per path."""
+"""The exact k-NN: every candidate precision must give the float64 brute-force answer
+on data built to be hard for the bf16/fp32 candidate search (near-duplicates far from
+the origin, exact ties, duplicates, tight clusters), and the same neighbour sets; the
+"auto" precision is chosen by measured speed among native paths only."""
 import math
 
 import numpy as np
 import pytest
 import torch
 
+from embgeom import _hardware, _numba
 from embgeom.errors import EmbgeomError
-from embgeom.metrics import _neighbor_kernels as _nk
+from embgeom.metrics import _knn_bounds as _kb
+from embgeom.metrics import _knn_points as _kp
+from embgeom.metrics import _knn_precision as _kprec
 from embgeom.metrics import neighbors as _nb
-from embgeom.metrics.intrinsic_dim import twonn
 from embgeom.metrics.neighbors import knn
-from embgeom.stats import _kernels
 
-BF16 = _nb._bf16_usable(torch.device("cpu"), 8)
+with _numba.parallel():
+    BF16 = _kprec.bf16_keeps_bound(8)
 
 
 def _brute(X, k):
@@ -70,16 +72,32 @@ def _tricky(rng):
     return out
 
 
+def _sets(idx):
+    return [frozenset(r) for r in idx.tolist()]
+
+
 @pytest.mark.parametrize("k", [1, 2, 20])
-def test_tricky_data_exact(path, k):
+def test_tricky_data_exact_and_same_sets_on_every_path(k):
+    """Every precision (and "auto") gives the brute-force distances, and the same
+    neighbour sets wherever no exact tie straddles the k-th place."""
     rng = np.random.default_rng(100 + k)
     for name, X in _tricky(rng).items():
-        for block in (64, 2048):  # many tiles (and remainder groups), or one
-            _check(X, k, block_size=block)
+        got = {}
+        # many tiles (and remainder groups) with each precision, or one
+        for precision, block in (("bf16", 64), ("fp32", 64), ("fp32", 2048), ("auto", 2048)):
+            got[precision, block] = _check(X, k, block_size=block, precision=precision)
+        dist0, idx0 = got["fp32", 2048]
+        ref = _brute(X, k + 1) if k + 1 < len(X) else None
+        untied = (ref[:, k - 1] < ref[:, k]).numpy() if ref is not None else np.ones(len(X), bool)
+        for key, (dist, idx) in got.items():
+            assert torch.equal(dist, dist0), (name, key)
+            a = [s for s, u in zip(_sets(idx), untied) if u]
+            b = [s for s, u in zip(_sets(idx0), untied) if u]
+            assert a == b, (name, key)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
-def test_precisions_and_margins_exact(path, precision):
+def test_precisions_and_margins_exact(precision):
     rng = np.random.default_rng(7)
     X = rng.standard_normal((700, 12)) * 4.0 + 9.0
     X[::50] = X[1::50]
@@ -88,21 +106,57 @@ def test_precisions_and_margins_exact(path, precision):
     _check(X.astype(np.float32), 4, precision=precision, block_size=96)  # float32 input, read as it is
 
 
-def test_paths_agree(monkeypatch):
-    """The compiled and torch paths give the same distances (up to the summation order
-    of the exact float64 sums) and the same TwoNN estimate."""
-    rng = np.random.default_rng(3)
-    X = rng.standard_normal((1500, 48)) @ rng.standard_normal((48, 48)) + 20.0
-    X[:30] = X[500:530]
-    got = {}
-    for enabled in (True, False):
-        monkeypatch.setattr(_kernels, "ENABLED", enabled)
-        got[enabled] = (knn(X, 20, block_size=256)[0], twonn(X))
-    np.testing.assert_allclose(got[True][0].numpy(), got[False][0].numpy(), rtol=1e-13, atol=0)
-    assert got[True][1] == pytest.approx(got[False][1], rel=1e-12)
+def test_pick_fastest_with_injected_timings():
+    """The chooser takes the faster path, never an emulated one, whatever its time."""
+    assert _hardware.pick_fastest({"fp32": 2.0, "bf16": 1.0}) == "bf16"
+    assert _hardware.pick_fastest({"fp32": 1.0, "bf16": 2.0}) == "fp32"
+    assert _hardware.pick_fastest({"fp32": 2.0, "bf16": 1.0}, emulated=("bf16",)) == "fp32"
+    assert _hardware.pick_fastest({"fp32": 2.0, "bf16": None}) == "fp32"
+    assert _hardware.pick_fastest({"fp32": 1.0, "bf16": 1.0}) == "fp32"  # ties: the first listed
+    with pytest.raises(ValueError):
+        _hardware.pick_fastest({"bf16": 1.0}, emulated=("bf16",))
 
 
-def test_scaling_and_extreme_magnitudes(path):
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("faster", ["bf16", "fp32"])
+def test_auto_precision_follows_injected_timings(monkeypatch, native, faster):
+    """knn(precision="auto") uses the path the (injected) tile timings say is faster,
+    and fp32 where bf16 is emulated (its timing is then not even taken); the choice
+    and both timings come back with the diagnostics; the result is the same."""
+    times = {"bf16": 1e-3 if faster == "bf16" else 5e-3, "fp32": 1e-3 if faster == "fp32" else 5e-3}
+    timed = []
+
+    def fake(precision, d):
+        timed.append(precision)
+        return times[precision]
+
+    monkeypatch.setattr(_kprec, "tile_seconds", fake)
+    monkeypatch.setattr(_kprec, "_CHOICES", {})
+    monkeypatch.setattr(_hardware, "bf16_native", lambda device=None: native)
+    X = np.random.default_rng(4).standard_normal((400, 10)) + 30.0
+    dist, idx, info = knn(X, 3, return_info=True, block_size=64)
+    want = "bf16" if native and BF16 and faster == "bf16" else "fp32"
+    assert info["precision"] == want and info["chosen_by"] == "measured"
+    assert info["bf16_native"] is native
+    assert info["tile_seconds"]["fp32"] == times["fp32"]
+    if native and BF16:
+        assert info["tile_seconds"]["bf16"] == times["bf16"]
+    else:
+        assert info["tile_seconds"]["bf16"] is None and "bf16" not in timed
+    knn(X, 2, return_info=True)  # once per process and width: not timed again
+    assert len(timed) == (2 if native and BF16 else 1)
+    ref = knn(X, 3, precision="fp32", block_size=64)
+    assert torch.equal(dist, ref[0])
+
+
+def test_tile_timing_is_real_and_short():
+    """tile_seconds measures an actual tile product (positive, finite)."""
+    with _numba.parallel():
+        t = _kprec.tile_seconds("fp32", 16)
+    assert 0 < t < 10
+
+
+def test_scaling_and_extreme_magnitudes():
     rng = np.random.default_rng(11)
     for scale in (1e200, 1e-200, 2.0 ** 30, 2.0 ** -30):
         X = rng.standard_normal((300, 10)) * scale
@@ -116,7 +170,7 @@ def test_scaling_and_extreme_magnitudes(path):
     _check(X, 2)
 
 
-def test_errors_and_degenerate_inputs(path):
+def test_errors_and_degenerate_inputs():
     rng = np.random.default_rng(12)
     X = rng.standard_normal((80, 6))
     for bad in (np.nan, np.inf, -np.inf):
@@ -134,7 +188,7 @@ def test_errors_and_degenerate_inputs(path):
     _check(rng.standard_normal((3, 1)), 2)  # tiny
 
 
-def test_duplicates_expand(path):
+def test_duplicates_expand():
     """Many copies of a few points: a copy's other copies come first, at distance 0,
     then the copies of its distinct neighbours."""
     rng = np.random.default_rng(13)
@@ -148,8 +202,9 @@ def test_duplicates_expand(path):
         assert (same.sum(1) >= torch.clamp(copies, max=k)).all()
 
 
-@pytest.mark.skipif(not _kernels.AVAILABLE, reason="numba is not installed")
-def test_compiled_groups_match_torch_dedupe():
+def test_groups_are_exact():
+    """_groups: exactly equal rows grouped (by comparison, not by hash), as numpy's
+    unique over rows groups them."""
     rng = np.random.default_rng(14)
     X = rng.standard_normal((300, 20))
     X[:, :16] = 0.0  # every cheap hash collides
@@ -157,16 +212,17 @@ def test_compiled_groups_match_torch_dedupe():
     X[100:103] = X[200]
     X[250] = X[251]
     X[250, 19] = np.nextafter(X[251, 19], np.inf)  # equal but for the last bit: not a copy
-    want = _nb._dedupe(torch.from_numpy(X))
-    got = _nb._groups_compiled(X)
-    assert got[1][250] != got[1][251] and got[1][50] == got[1][3] == got[1][59]
-    assert torch.equal(want[0], torch.from_numpy(got[0])) and torch.equal(want[1], torch.from_numpy(got[1]))
-    assert _nb._groups_compiled(rng.standard_normal((50, 4))) is None
+    reps, group = _nb._groups(X)
+    assert group[250] != group[251] and group[50] == group[3] == group[59]
+    _, first, inv = np.unique(X, axis=0, return_index=True, return_inverse=True)
+    np.testing.assert_array_equal(np.sort(first), reps)
+    np.testing.assert_array_equal(reps[group], first[inv.ravel()])
+    assert _nb._groups(rng.standard_normal((50, 4))) is None
 
 
-@pytest.mark.skipif(not (_kernels.AVAILABLE and BF16), reason="no numba or no bf16 products that keep the bound")
-def test_compiled_bf16_operands_keep_the_bound():
-    """The compiled pass and per-point terms (prep_bf16, finish_bf16) give keys that
+@pytest.mark.skipif(not BF16, reason="no bf16 products that keep the bound")
+def test_bf16_operands_keep_the_bound():
+    """The compiled pass and per-point terms (prepare, operands) give keys that
     satisfy lower(r) ≤ ‖x_i − x_j‖²/2 ≤ upper(r) on every pair, on data built to stress
     the bound; centred on a sample mean, not the mean."""
     rng = np.random.default_rng(15)
@@ -177,18 +233,14 @@ def test_compiled_bf16_operands_keep_the_bound():
     ):
         n, d = X.shape
         rows = np.arange(n, dtype=np.int64)
-        centre, _ = _nk.sample_centre(X, rows, 7)
         n_pad = -(-n // 16) * 16
-        A = torch.empty((n_pad, d + 4), dtype=torch.bfloat16)
-        B = torch.empty((n_pad, d + 4), dtype=torch.bfloat16)
-        Au = A.view(torch.int16).numpy().view(np.uint16)
-        Bu = B.view(torch.int16).numpy().view(np.uint16)
-        nhat, ne, G = np.empty(n), np.empty(n), np.empty(n_pad)
-        _nk.prep_bf16(X, rows, centre, 1.0, Au, Bu, nhat, ne, np.array([0, n]))
-        _nk.finish_bf16(nhat, ne, _nb._EPS_N(d), d, Au, Bu, G, n, _nb._U32, _nb._U16,
-                        _nb._bf16_of(_nb._PAD_KEY), _nb._bf16_of(1.0))
+        with _numba.parallel():
+            centre, _ = _kp.sample_centre(X, rows, 7)
+            nhat, _, state = _kb.prepare(X, rows, centre, 1.0, "bf16", n_pad)
+            A, B = state[0], state[1]
+            _, _, b = _kb.operands(state, nhat, n_pad, d)
         r = (A @ B.T).double()[:n, :n]
-        b = _nb._Bounds(_nb._U16 / (1 - _nb._U16), (5 * (d + 4) + 16) * 2.0 ** -126, torch.from_numpy(G))
+        r = (A @ B.T).double()[:n, :n]
         xc = torch.from_numpy(X) - torch.from_numpy(centre)
         D = 0.5 * ((xc[:, None, :] - xc[None, :, :]) ** 2).sum(-1)
         idx = torch.arange(n)
@@ -199,20 +251,24 @@ def test_compiled_bf16_operands_keep_the_bound():
         assert bool((pad > 2.0 ** 99).all())
 
 
-def test_fallback_rows_both_paths(path):
-    """Rows the bf16 bound cannot certify take the float64 fallback, in both paths."""
+def test_fallback_rows_reported():
+    """Rows the bf16 bound cannot certify take the float64 fallback; the diagnostics
+    returned say how many."""
     if not BF16:
         pytest.skip("no bf16 matrix products that keep the bound here")
     rng = np.random.default_rng(16)
     X = np.vstack([rng.standard_normal((600, 24)) * 10.0, 40.0 + 1e-4 * rng.standard_normal((30, 24))])
     _check(X, 3, precision="bf16", block_size=128)
-    assert 30 <= _nb._LAST["fallback_rows"] < len(X) // 2
-    _check(rng.standard_normal((300, 6)), 20, precision="bf16", margin=0, block_size=128)
-    assert _nb._LAST["fallback_rows"] == 300  # p = k: nothing certifies, everything falls back
+    info = knn(X, 3, precision="bf16", block_size=128, return_info=True)[2]
+    assert info["precision"] == "bf16" and 30 <= info["fallback_rows"] < len(X) // 2
+    Y = rng.standard_normal((300, 6))
+    _check(Y, 20, precision="bf16", margin=0, block_size=128)
+    info = knn(Y, 20, precision="bf16", margin=0, block_size=128, return_info=True)[2]
+    assert info["fallback_rows"] == 300  # p = k: nothing certifies, everything falls back
 
 
 @pytest.mark.parametrize("k", [1, 2, 20])
-def test_extending_a_subsets_search_equals_searching_everything(path, k):
+def test_extending_a_subsets_search_equals_searching_everything(k):
     """extend_knn_distances: the subset's k-NN merged with exact distances to the
     points outside equals a search of all points, when the points outside are mixed
     in among the others (so they are neighbours of inside points), with exact copies

@@ -109,6 +109,8 @@ def test_save_and_load_round_trip(tiny_models, lee_corpus, tmp_path):
     run = json.loads((out / "run.json").read_text())
     assert run["model"]["kind"] == "decoder" and run["model"]["norm_placement"] == "pre-LN"
     assert run["corpus"]["sha256"]
+    # the k-NN's precision choice (by measured tile timings) is recorded
+    assert run["knn"]["searches"] > 0 and run["knn"]["choices"][0]["precision"] in ("bf16", "fp32")
     spec = back.spectrum[(back.spectrum["layer"] == 2) & (back.spectrum["view"] == "all")]
     assert len(spec) == 32 and (np.diff(spec["eigenvalue"].to_numpy()) <= 0).all()
     assert spec["eigenvalue"].sum() == pytest.approx(float(res.layers.query("layer == 2 and view == 'all'")["V"].iloc[0]), rel=1e-9)

@@ -290,7 +290,7 @@ def test_group_contents(path):
 def test_compiled_grouping_equals_the_sort(n, monkeypatch):
     """The O(n) grouping (hash table + counting sort) gives exactly what one stable
     sort gives, for extreme int64 ids, heavy repeats, presorted and reversed runs."""
-    from embgeom.stats import _kernels
+    from embgeom import _numba
 
     rng = np.random.default_rng(n)
     pool = np.array([np.iinfo(np.int64).min, np.iinfo(np.int64).max, -1, 0, 1, 2**32, -(2**32)], dtype=np.int64)
@@ -300,9 +300,9 @@ def test_compiled_grouping_equals_the_sort(n, monkeypatch):
     names = ("ids", "counts", "perm", "starts", "first", "inverse", "sorted_inverse")
     for ids in cases:
         fast = TokenGroups(ids)
-        monkeypatch.setattr(_kernels, "ENABLED", False)
-        slow = TokenGroups(ids)
-        monkeypatch.setattr(_kernels, "ENABLED", True)
+        with monkeypatch.context() as m:
+            m.setattr(_numba, "serves", lambda device: False)
+            slow = TokenGroups(ids)
         assert fast.presorted == slow.presorted == bool(np.all(ids[1:] >= ids[:-1]))
         for name in names:
             assert torch.equal(getattr(fast, name), getattr(slow, name)), name
@@ -504,13 +504,12 @@ def test_both_paths_match_reference_and_one_batch(path, kind, dtype, presorted):
 
 
 def test_compiled_and_torch_paths_agree(monkeypatch):
-    from embgeom.stats import _kernels
+    from embgeom import _numba
 
     x, ids = make_data("far", n=2400, seed=24, dtype=np.float32)
-    runs = {}
-    for enabled in (True, False):
-        monkeypatch.setattr(_kernels, "ENABLED", enabled)
-        runs[enabled] = feed(TokenMoments(D), x, ids, 600)
+    runs = {True: feed(TokenMoments(D), x, ids, 600)}
+    monkeypatch.setattr(_numba, "serves", lambda device: False)
+    runs[False] = feed(TokenMoments(D), x, ids, 600)
     assert_tables_close(runs[True].table(), runs[False].table(), 1e-12)
     assert_dec_close(runs[True].decomposition(), runs[False].decomposition(), 1e-12)
 
@@ -525,7 +524,7 @@ def test_half_precision_batches_convert_exactly(path):
 
 
 def test_row_chunks_balance_rows_over_whole_groups():
-    from embgeom.stats._kernels import row_chunks
+    from embgeom._numba import row_chunks
 
     rng = np.random.default_rng(22)
     sizes = np.concatenate([[5000], rng.integers(1, 5, 3000)])  # one huge group first

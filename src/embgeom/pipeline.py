@@ -516,6 +516,7 @@ def analyze(
             "median_norm": stats.median_norm,
             "count": {s: [int(stats.outliers[s][l].moments.n) for l in range(L + 1)] for s, L in facts.n_layers.items()},
         },
+        "knn": stats.knn_summary(),
         "accumulator_bytes": int(stats.nbytes),
         "planned_accumulator_bytes": int(planned_bytes),
         "processes": shard.world,

@@ -1,26 +1,28 @@
-"""The compiled loops (numba) behind :mod:`embgeom.stats._kernels`.
+"""The compiled loops (numba) of the accumulators' per-batch passes on the CPU.
 
-Importing this module imports numba and selects its threading layer; loading the
-cached machine code of its functions happens on their first call. Both cost about a
-second per process, so nothing imports this module until a compiled loop is about
-to run (see ``_kernels.use_kernels``).
+Torch expresses a per-type residual sum only as several whole-batch operations,
+each a pass over memory with a float64 temporary; these loops read the batch once,
+keep the float64 work in registers and cache, and write only what is needed. The
+arithmetic is that of the torch path (float64 throughout, exact float32→float64
+conversion); only the order of the terms in a sum differs (`fastmath` is limited
+to re-association and fused multiply-add, so NaN and inf propagate as usual).
+
+Importing this module imports numba (through :mod:`embgeom._numba`, which selects
+its threading layer); loading the cached machine code happens on each function's
+first call. Nothing imports it until a compiled loop is about to run.
 """
 from __future__ import annotations
 
-import os
-
-import numba
 import numpy as np
-from llvmlite import ir as _ir
-from numba import prange
-from numba.core import cgutils as _cg
-from numba.extending import intrinsic as _intrinsic
 
-# numba's own thread pool: its OpenMP layer would share (and reset) the thread count
-# of torch's OpenMP runtime. The parallel loops are only ever launched from one
-# thread at a time (the workqueue layer does not nest).
-if not os.environ.get("NUMBA_THREADING_LAYER"):
-    numba.config.THREADING_LAYER = "workqueue"
+from .._numba import numba as _numba
+
+numba = _numba()
+
+from llvmlite import ir as _ir  # noqa: E402
+from numba import prange  # noqa: E402
+from numba.core import cgutils as _cg  # noqa: E402
+from numba.extending import intrinsic as _intrinsic  # noqa: E402
 
 _FASTMATH = {"reassoc", "contract"}
 

@@ -117,6 +117,7 @@ class LayerStatistics:
         self._pending = {s: _Pending() for s in self.n_layers}
         self._outlier_rows: list = []
         self._id_cache: dict = {}
+        self.knn_runs: list = []  # the diagnostics of each k-NN search (knn_summary)
         self._consumed: set = set()  # (stack, layer) whose outliers were merged into the inliers
         self.samples = {s: PositionSample(id_sample, n + 1, self._sample_dim(s), seed=seed)
                         for s, n in self.n_layers.items()} \
@@ -341,7 +342,9 @@ class LayerStatistics:
         inliers_dist = cache.get("inliers_dist")
         if inliers_dist is None and m >= 3 and (view == "inliers" or n - m <= max(64, n // 8)):
             X_in = X if m == n else X[keep]
-            inliers_dist = cache["inliers_dist"] = knn_distances(X_in, min(k, m - 1))
+            inliers_dist, info = knn_distances(X_in, min(k, m - 1), return_info=True)
+            cache["inliers_dist"] = inliers_dist
+            self.knn_runs.append(info)
             cache[m] = estimate(inliers_dist)
         if m == n:  # one set of points: both views are done
             cache.pop("inliers_dist", None)
@@ -350,7 +353,8 @@ class LayerStatistics:
         if inliers_dist is not None:  # a few outliers: extend the inliers' search
             dist = extend_knn_distances(X, keep, inliers_dist, min(k, n - 1))
         else:  # many: search them all
-            dist = knn_distances(X, min(k, n - 1))
+            dist, info = knn_distances(X, min(k, n - 1), return_info=True)
+            self.knn_runs.append(info)
         cache[n] = estimate(dist)
         cache.pop("inliers_dist", None)  # both views done
         return cache[n]
@@ -465,6 +469,18 @@ class LayerStatistics:
         self._outlier_rows.extend(other._outlier_rows)
         self._id_cache = {}
         return self
+
+    def knn_summary(self) -> dict:
+        """What the k-NN searches did, for run.json: the candidate precision chosen
+        per width with the tile timings that chose it, and totals."""
+        from .._hardware import bf16_native, cpu_name
+
+        runs = getattr(self, "knn_runs", [])
+        return {"cpu": cpu_name(), "bf16_native": bf16_native(), "searches": len(runs),
+                "choices": list({(r.get("precision"), str(r.get("tile_seconds"))): {
+                    k: r.get(k) for k in ("precision", "chosen_by", "tile_seconds")} for r in runs}.values()),
+                "fallback_rows": sum(int(r.get("fallback_rows", 0)) for r in runs),
+                "points": sum(int(r.get("n", 0)) for r in runs)}
 
     def outlier_records(self) -> list[dict]:
         return self._outlier_rows

@@ -23,10 +23,9 @@ types):
   batch. The residual y = x − r_t is formed in float64 (exact conversion, a single
   rounding of a small number; no float32 arithmetic anywhere) and summed per type,
   Σ y and Σ ‖y‖², in float64;
-* on CPU a compiled loop (numba, see `_kernels`) reads the batch once, type by
-  type, keeping each type's float64 sums in cache; a second one updates the
-  touched rows. Without numba, and off the CPU, the same arithmetic runs as
-  whole-batch torch operations;
+* on CPU a compiled loop (numba) reads the batch once, type by type, keeping each
+  type's float64 sums in cache; a second one updates the touched rows. Off the
+  CPU the same arithmetic runs as whole-batch torch operations (:mod:`._token_update`);
 * the batch's per-type mean and centred sum of squares follow without cancellation:
   μ_b = r + ȳ, S_b = Σ ‖y‖² − n_b ‖ȳ‖² with ȳ = Σ y / n_b small;
 * it is merged into the running state per type, vectorised over types, with the
@@ -39,22 +38,12 @@ of the state (CUDA included): compiled loops on CPU, torch operations elsewhere.
 
 Accumulators merge exactly the same way (``merge``), so shards and ranks combine.
 
-Reusing one grouping for many layers
-------------------------------------
-The pipeline updates one accumulator per layer with the *same* token ids. Group the
-ids once per batch and hand the result to every layer::
-
-    groups = TokenMoments.group(token_ids)          # a TokenGroups
-    for layer, acc in enumerate(per_layer):
-        acc.update(hidden[layer], groups)           # no re-grouping
-
-Nothing in a `TokenGroups` depends on an accumulator, so it serves any number of
-them; it is moved to an accumulator's device once and cached.
+Group a batch's ids once for many layers with ``TokenMoments.group`` (see
+:class:`TokenGroups`).
 """
 from __future__ import annotations
 
 import math
-import mmap
 
 import numpy as np
 import pandas as pd
@@ -62,192 +51,16 @@ import torch
 
 from .._validate import as_float_matrix
 from ..errors import EmbgeomError
-from . import _kernels, _state
+from . import _state
 from ..metrics.tradeoff import norm_variance_tradeoff
+from . import _token_update
+from ._row_store import _RowStore
+from ._token_groups import TokenGroups
 
 __all__ = ["TokenMoments", "TokenGroups"]
 
 _I64 = torch.int64
 _F64 = torch.float64
-_INT64_MAX = np.iinfo(np.int64).max
-
-_HUGE = 1 << 21
-
-
-class _RowStore:
-    """The (rows, d) float64 means, uninitialised, on a device.
-
-    On CPU a large table lives in an anonymous private memory mapping, for two
-    reasons. It grows in place: ``mremap`` moves page tables instead of copying
-    (growing a 34 MiB table by doubling would otherwise copy ~70 MiB over a run).
-    And it is marked for transparent huge pages (a hint): rows are first touched
-    one by one as types appear, and with 4 KiB pages those first touches (a page
-    fault every ~1.3 rows at width 384) cost as much as the arithmetic of an update.
-    Elsewhere, or where mapping is refused, a plain tensor grown by copying.
-    """
-
-    __slots__ = ("map", "tensor")
-
-    def __init__(self, rows: int, dim: int, device):
-        self.map = None
-        nbytes = rows * dim * 8
-        if torch.device(device).type == "cpu" and nbytes >= 2 * _HUGE and hasattr(mmap, "MAP_PRIVATE"):
-            try:
-                self.map = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)
-            except (OSError, ValueError):
-                self.map = None
-        if self.map is None:
-            self.tensor = torch.empty(rows, dim, dtype=_F64, device=device)
-        else:
-            self._view(rows, dim)
-
-    @classmethod
-    def wrap(cls, tensor: torch.Tensor) -> "_RowStore":
-        store = object.__new__(cls)
-        store.map, store.tensor = None, tensor
-        return store
-
-    def _view(self, rows: int, dim: int) -> None:
-        if hasattr(mmap, "MADV_HUGEPAGE"):
-            try:
-                self.map.madvise(mmap.MADV_HUGEPAGE)
-            except OSError:  # a hint: kernels without THP refuse it
-                pass
-        self.tensor = torch.from_numpy(np.frombuffer(self.map, dtype=np.float64, count=rows * dim).reshape(rows, dim))
-
-    def grown(self, rows: int, keep: int) -> "_RowStore":
-        """A store of `rows` rows whose first `keep` rows are this one's; this store
-        must not be used afterwards."""
-        dim = self.tensor.shape[1]
-        if self.map is not None:
-            self.tensor = None  # release the buffer export so the mapping may move
-            try:
-                self.map.resize(rows * dim * 8)
-            except (BufferError, OSError, ValueError, SystemError):
-                # a view still alive somewhere, or no mremap here: copy instead
-                self.tensor = torch.from_numpy(np.frombuffer(self.map, dtype=np.float64)).view(-1, dim)
-            else:
-                self._view(rows, dim)
-                return self
-        new = _RowStore(rows, dim, self.tensor.device)
-        new.tensor[:keep] = self.tensor[:keep]
-        return new
-
-
-def _as_id_vector(token_ids, name: str = "token_ids") -> torch.Tensor:
-    """Token ids as a 1-d int64 torch tensor; EmbgeomError for anything else."""
-    if isinstance(token_ids, torch.Tensor):
-        t = token_ids.detach()
-        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-            raise EmbgeomError(f"{name} must be integers, got dtype {t.dtype}; pass the token ids, not the vectors")
-        if t.ndim != 1:
-            raise EmbgeomError(f"{name} must be a 1-d array of shape (n,), got shape {tuple(t.shape)}")
-        return t.to(_I64)
-    a = np.asarray(token_ids)
-    if a.ndim != 1:
-        raise EmbgeomError(f"{name} must be a 1-d array of shape (n,), got shape {a.shape}")
-    if a.size == 0:
-        a = a.astype(np.int64)
-    if a.dtype.kind not in "iu":
-        raise EmbgeomError(f"{name} must be integers, got dtype {a.dtype}; pass the token ids, not the vectors")
-    if a.dtype.kind == "u" and a.dtype.itemsize >= 8 and a.size and int(a.max()) > _INT64_MAX:
-        raise EmbgeomError(f"{name} holds {int(a.max())}, beyond the int64 range")
-    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
-
-
-class TokenGroups:
-    """The grouping of one batch's token ids, computed once and reusable.
-
-    Attributes (torch tensors on one device)
-    ----------
-    ids : (m,) int64, the distinct token ids of the batch, ascending.
-    inverse : (n,) int64, ``ids[inverse] == token_ids``.
-    counts : (m,) int64, occurrences of each id in the batch.
-    perm : (n,) int64, a stable order of the rows that sorts them by id, so that the
-        rows of each type are contiguous: ``inverse[perm]`` is non-decreasing.
-    starts : (m,) int64, where each type's rows begin in that order.
-    first : (m,) int64, the first position of each id in the batch (``perm[starts]``).
-    presorted : bool, whether the ids came in non-decreasing order. Then the rows of
-        each type are already contiguous and ``update`` reads the batch in place
-        instead of gathering it: a caller that gathers its vectors in id order anyway
-        (``x = h[order]`` with ``order = torch.sort(ids, stable=True).indices``)
-        saves a pass over the batch.
-    n : int, the batch length.
-
-    Build it with ``TokenMoments.group(token_ids)`` (or ``TokenGroups(token_ids)``)
-    and pass it to ``TokenMoments.update`` in place of the ids, for as many
-    accumulators (layers) as share those ids. It holds nothing specific to an
-    accumulator.
-    """
-
-    __slots__ = (
-        "ids", "inverse", "counts", "perm", "sorted_inverse", "starts", "first", "presorted", "n",
-        "_moved",
-    )
-
-    def __init__(self, token_ids, device=None):
-        t = _as_id_vector(token_ids)
-        if device is not None:
-            t = t.to(device)
-        self.n = n = int(t.shape[0])
-        self.presorted = True
-        if n == 0:
-            e = torch.empty(0, dtype=_I64, device=t.device)
-            self.ids = self.inverse = self.counts = self.perm = self.sorted_inverse = self.starts = self.first = e
-        elif _kernels.use_kernels(t.device):
-            # O(n): a hash table of the distinct ids and a counting sort of the rows
-            # (only the distinct ids are sorted), same results as the sort below.
-            presorted, *parts = _kernels.group_ids(t.numpy())
-            self.presorted = bool(presorted)
-            (self.ids, self.counts, self.perm, self.starts, self.sorted_inverse, self.inverse,
-             self.first) = (torch.from_numpy(a) for a in parts)
-        else:
-            # One stable sort gives everything: the order, the distinct ids (where
-            # the sorted values change), their counts and each row's type.
-            self.presorted = bool((t[1:] >= t[:-1]).all())
-            if self.presorted:
-                vals, perm = t, torch.arange(n, dtype=_I64, device=t.device)
-            else:
-                vals, perm = torch.sort(t, stable=True)
-            head = torch.ones(n, dtype=torch.bool, device=t.device)
-            torch.ne(vals[1:], vals[:-1], out=head[1:])
-            sorted_inverse = torch.cumsum(head, 0) - 1
-            starts = head.nonzero().squeeze(1)
-            counts = torch.diff(starts, append=torch.tensor([n], dtype=_I64, device=t.device))
-            self.ids, self.counts, self.starts = vals.index_select(0, starts), counts, starts
-            self.perm, self.sorted_inverse = perm, sorted_inverse
-            if self.presorted:
-                self.inverse = sorted_inverse
-            else:
-                self.inverse = torch.empty_like(sorted_inverse).index_copy_(0, perm, sorted_inverse)
-            self.first = perm.index_select(0, starts)
-        self._moved = {}
-
-    @property
-    def device(self) -> torch.device:
-        return self.ids.device
-
-    def __len__(self) -> int:
-        return self.n
-
-    def to(self, device) -> "TokenGroups":
-        """This grouping on `device` (cached, so many layers pay for one copy)."""
-        device = torch.device(device)
-        if device == self.device:
-            return self
-        g = self._moved.get(device)
-        if g is None:
-            g = object.__new__(TokenGroups)
-            g.n = self.n
-            g.presorted = self.presorted
-            for name in ("ids", "inverse", "counts", "perm", "sorted_inverse", "starts", "first"):
-                setattr(g, name, getattr(self, name).to(device))
-            g._moved = {}
-            self._moved[device] = g
-        return g
-
-    def __repr__(self) -> str:
-        return f"TokenGroups(n={self.n}, types={int(self.ids.shape[0])}, device={self.device})"
 
 
 class TokenMoments:
@@ -367,98 +180,6 @@ class TokenMoments:
         self._mean_store = self._mean_store.grown(new_cap, k)
         self._m2 = grow(self._m2, torch.zeros(new_cap, dtype=_F64, device=dev))
 
-    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        """Rows of `ids` (any order), -1 where the type is not stored. Read-only."""
-        k = self._k
-        if k == 0:
-            return torch.full_like(ids, -1)
-        pos = torch.searchsorted(self._sorted_ids, ids).clamp_(max=k - 1)
-        found = self._sorted_ids[pos] == ids
-        return torch.where(found, self._sorted_rows[pos], torch.full_like(ids, -1))
-
-    def _provisional_rows(self, ids: torch.Tensor, rows: torch.Tensor):
-        """Rows for the ids with row -1 (not stored), taken from the free rows k, k+1, …
-        in ascending id order, without storing anything: until ``_commit_rows`` they
-        stay free (count 0, S 0; their means may be written as scratch). Returns
-        (rows with the new ones filled in, positions of the new ids in `ids`)."""
-        missing = rows < 0
-        new_pos = missing.nonzero().squeeze(1)
-        p = int(new_pos.shape[0])
-        if p == 0:
-            return rows, new_pos
-        k = self._k
-        self._reserve(k + p)
-        rows = rows.clone()
-        rows.index_copy_(0, new_pos, torch.arange(k, k + p, dtype=_I64, device=self._device))
-        return rows, new_pos
-
-    def _provisional_rows_compiled(self, ids: torch.Tensor):
-        """`_provisional_rows(ids, _lookup(ids))` on CPU in one compiled merge walk
-        of the sorted index (ids are ascending)."""
-        k = self._k
-        rows, is_new = _kernels.lookup_rows(self._sorted_ids.numpy(), self._sorted_rows.numpy(), ids.numpy(), k)
-        new_pos = torch.from_numpy(np.flatnonzero(is_new))
-        self._reserve(k + int(new_pos.shape[0]))
-        return torch.from_numpy(rows), new_pos
-
-    def _commit_rows(self, new_ids: torch.Tensor) -> None:
-        """Make rows k..k+p-1 (from ``_provisional_rows``) the rows of `new_ids`
-        (ascending, distinct, not stored yet): merge them into the sorted index in
-        O(k + p), without a full sort."""
-        p = int(new_ids.shape[0])
-        if p == 0:
-            return
-        k, dev = self._k, self._device
-        if _kernels.use_kernels(dev):
-            out_ids, out_rows = _kernels.insert_sorted(self._sorted_ids.numpy(), self._sorted_rows.numpy(),
-                                                       new_ids.numpy(), k)
-            self._sorted_ids, self._sorted_rows = torch.from_numpy(out_ids), torch.from_numpy(out_rows)
-            self._k = k + p
-            return
-        new_rows = torch.arange(k, k + p, dtype=_I64, device=dev)
-        if k == 0:
-            self._sorted_ids, self._sorted_rows = new_ids.clone(), new_rows
-        else:
-            old_ids, old_rows = self._sorted_ids, self._sorted_rows
-            dest_new = torch.searchsorted(old_ids, new_ids) + torch.arange(p, dtype=_I64, device=dev)
-            dest_old = torch.searchsorted(new_ids, old_ids) + torch.arange(k, dtype=_I64, device=dev)
-            merged_ids = torch.empty(k + p, dtype=_I64, device=dev)
-            merged_rows = torch.empty(k + p, dtype=_I64, device=dev)
-            merged_ids[dest_old] = old_ids
-            merged_ids[dest_new] = new_ids
-            merged_rows[dest_old] = old_rows
-            merged_rows[dest_new] = new_rows
-            self._sorted_ids, self._sorted_rows = merged_ids, merged_rows
-        self._k = k + p
-
-    def _insert_missing(self, ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Give new rows (count 0, S 0; mean unset) to the ids with row -1. `ids` must
-        be ascending and distinct. Returns the full row vector."""
-        rows, new_pos = self._provisional_rows(ids, rows)
-        self._commit_rows(ids.index_select(0, new_pos))
-        return rows
-
-    def _gather_means(self, rows, found) -> torch.Tensor:
-        """Stored means of `rows`, zero where the type is not stored (row -1)."""
-        if self._k == 0:
-            return torch.zeros(rows.shape[0], self.dim, dtype=_F64, device=self._device)
-        mean = self._mean.index_select(0, rows.clamp(min=0))
-        return torch.where(found[:, None], mean, 0.0)
-
-    def _combine(self, rows, n_b, mean_a, delta, m2_b) -> None:
-        """Chan et al. parallel update of rows `rows` (distinct) with batch parts:
-        counts n_b (int64), δ = μ_b − μ_a, centred sums of squares m2_b. `mean_a`
-        (the rows' current means, a private copy) is updated in place."""
-        n_a = self._counts.index_select(0, rows)
-        n_tot = n_a + n_b
-        w = n_b.to(_F64) / n_tot.to(_F64)
-        m2 = torch.linalg.vector_norm(delta, dim=1).square_().mul_(n_a.to(_F64) * w)
-        m2 += self._m2.index_select(0, rows)
-        m2 += m2_b
-        self._mean.index_copy_(0, rows, mean_a.addcmul_(delta, w[:, None]))
-        self._m2.index_copy_(0, rows, m2)
-        self._counts.index_copy_(0, rows, n_tot)
-
     # ------------------------------------------------------------------ updates
     def update(self, batch, token_ids) -> "TokenMoments":
         """Add a batch: `batch` (n, d) numpy array or torch tensor of any float dtype,
@@ -484,91 +205,9 @@ class TokenMoments:
             x = x.to(dev)
         g = g.to(dev)
 
-        ids = g.ids
-        compiled = _kernels.use_kernels(dev)
-
-        # Reference point per type: its stored mean, or for a type new to this
-        # accumulator its first vector here, written (exactly, in float64) into the
-        # free row it will get. Nothing is committed until the batch is summed and
-        # found finite: free rows keep count 0 and S 0, and are not in the index.
-        if compiled:
-            rows, new_pos = self._provisional_rows_compiled(ids)
-        else:
-            rows, new_pos = self._provisional_rows(ids, self._lookup(ids))
-
-        # Σ y and Σ ‖y‖² per type, y = x − ref in float64 (the conversion is exact;
-        # one rounding of the small residual), then the Chan et al. update per type.
-        if compiled:
-            self._update_compiled(x, g, rows, new_pos)
-        else:
-            self._update_torch(x, g, rows, new_pos)
-        self._commit_rows(ids.index_select(0, new_pos))
+        _token_update.update(self, x, g)
         self.n += nb
-        if not compiled and dev.type == "cpu":
-            _kernels.count_torch_work(nb, self.dim)  # in "auto" mode, long runs switch to the compiled loops
         return self
-
-    @staticmethod
-    def _non_finite(x) -> EmbgeomError:
-        return EmbgeomError(f"batch of shape {tuple(x.shape)} holds NaN or infinite values; nothing was added")
-
-    def _update_compiled(self, x, g: TokenGroups, rows, new_pos) -> None:
-        """CPU: one compiled pass over the batch for the sums (it also writes the
-        first vector of each new type into that type's free row, its reference),
-        one over the touched rows for the update (see `_kernels`)."""
-        xn = _kernels.as_array(x)
-        starts = g.starts.numpy()
-        m = starts.shape[0]
-        rows_n = rows.numpy()
-        s1 = _kernels.scratch("token_sums", m, self.dim)  # this thread's, reused by the next batch
-        s2 = np.empty(m)
-        new = np.zeros(m, dtype=np.bool_)
-        new[new_pos.numpy()] = True
-        with _kernels.parallel() as threads:
-            chunks = _kernels.row_chunks(starts, g.n, 4 * threads)
-            _kernels.type_residual_sums(xn, g.perm.numpy(), starts, rows_n, self._mean.numpy(), new, s1, s2,
-                                        chunks)
-            # A NaN or inf anywhere makes its type's Σ‖y‖², hence the total,
-            # non-finite; the state is untouched so far.
-            if not math.isfinite(float(s2.sum())):
-                raise self._non_finite(x)
-            _kernels.merge_type_sums(rows_n, g.counts.numpy(), s1, s2, self._mean.numpy(), self._m2.numpy(),
-                                     self._counts.numpy())
-
-    def _update_torch(self, x, g: TokenGroups, rows, new_pos) -> None:
-        """Any device: the batch in one pass of whole-batch operations."""
-        dev = x.device
-        p = int(new_pos.shape[0])
-        if p:  # the new rows are k, k+1, … in id order; their reference: the first vector
-            k = self._k
-            self._mean[k : k + p].copy_(x.index_select(0, g.first.index_select(0, new_pos)))
-        m = int(g.ids.shape[0])
-        counts = g.counts
-        xs = x if g.presorted else x.index_select(0, g.perm)
-        y = xs.to(_F64)
-        if y.data_ptr() == x.data_ptr():
-            y = y.clone()
-        y -= self._mean.index_select(0, rows.index_select(0, g.sorted_inverse))
-        s1 = torch.zeros(m, self.dim, dtype=_F64, device=dev).index_add_(0, g.sorted_inverse, y)
-        s2 = torch.zeros(m, dtype=_F64, device=dev).index_add_(
-            0, g.sorted_inverse, torch.linalg.vector_norm(y, dim=1).square_())
-        # A NaN or inf anywhere makes its row's ‖y‖², hence s2, non-finite.
-        if not bool(torch.isfinite(s2.sum())):
-            raise self._non_finite(x)
-        # Chan et al. update per type, vectorised. With n_b = count here, ȳ = Σy/n_b:
-        #   μ_b = ref + ȳ,  S_b = Σ‖y‖² − ‖Σy‖²/n_b,  n = n_a + n_b,
-        #   μ = μ_a + (μ_b − μ_a) n_b/n = ref + Σy/n   (ref = μ_a, or n_a = 0),
-        #   S = S_a + S_b + ‖μ_b − μ_a‖² n_a n_b/n = S_a + S_b + (‖Σy‖²/n_b) n_a/n.
-        n_a = self._counts.index_select(0, rows)
-        n_tot = n_a + counts
-        inv_n = n_tot.to(_F64).reciprocal_()
-        qc = torch.linalg.vector_norm(s1, dim=1).square_().div_(counts.to(_F64))
-        m2 = s2.sub_(qc).clamp_(min=0.0)
-        m2 += qc.mul_(n_a.to(_F64)).mul_(inv_n)
-        m2 += self._m2.index_select(0, rows)
-        self._mean.index_add_(0, rows, s1.mul_(inv_n[:, None]))
-        self._m2.index_copy_(0, rows, m2)
-        self._counts.index_copy_(0, rows, n_tot)
 
     def merge(self, other: "TokenMoments") -> "TokenMoments":
         """Merge another accumulator into this one, in place and exactly (Chan et al.,
@@ -590,10 +229,10 @@ class TokenMoments:
         mean_b = other._mean.index_select(0, o_rows).to(dev)
         m2_b = other._m2.index_select(0, o_rows).to(dev)
 
-        rows = self._lookup(ids)
-        mean_a = self._gather_means(rows, rows >= 0)
-        rows = self._insert_missing(ids, rows)
-        self._combine(rows, n_b, mean_a, mean_b - mean_a, m2_b)
+        rows = _token_update.lookup(self, ids)
+        mean_a = _token_update.gather_means(self, rows, rows >= 0)
+        rows = _token_update.insert_missing(self, ids, rows)
+        _token_update.combine(self, rows, n_b, mean_a, mean_b - mean_a, m2_b)
         self.n += other.n
         return self
 

@@ -1,0 +1,78 @@
+"""What this machine computes fast: the CPU's name, whether it multiplies bfloat16
+in hardware, and the rule that picks a precision by measurement.
+
+The rule, for every product whose precision embgeom chooses on its own: among the
+exact paths the hardware runs natively, time one representative piece of work of
+each (once per process and shape, a few milliseconds) and take the fastest. A
+precision the hardware only emulates (bfloat16 without AVX512-BF16 / AMX on x86,
+without the BF16 extension on ARM, or any GPU that lacks it) is never a default,
+whatever its timing.
+"""
+from __future__ import annotations
+
+import platform
+import time
+
+__all__ = ["cpu_name", "bf16_native", "pick_fastest", "best_time"]
+
+
+def _cpuinfo() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _cpu_field(names) -> str:
+    for line in _cpuinfo().splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in names:
+            return value.strip()
+    return ""
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or what ``platform`` knows."""
+    return _cpu_field(("model name", "cpu model", "hardware")) or platform.processor() or platform.machine()
+
+
+def bf16_native(device=None) -> bool:
+    """Whether bfloat16 products run in hardware here: on x86 CPUs AVX512-BF16 or
+    AMX-BF16, on ARM CPUs the BF16 extension; on CUDA devices of compute
+    capability ≥ 8.0. Unknown means emulated."""
+    if device is not None and getattr(device, "type", str(device)) == "cuda":
+        import torch
+
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    flags = set(_cpu_field(("flags", "features")).split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def pick_fastest(timings: dict, emulated=()) -> str:
+    """The path with the smallest timing among those not in `emulated`; ties go to
+    the first listed. `timings`: {path: seconds} (NaN or None = not measurable)."""
+    best = None
+    for path, t in timings.items():
+        if path in emulated or t is None or not (t == t):
+            continue
+        if best is None or t < timings[best]:
+            best = path
+    if best is None:
+        raise ValueError(f"no measurable native path among {sorted(timings)}")
+    return best
+
+
+def best_time(fn, repeat: int = 3, sync=None) -> float:
+    """Best wall time of ``fn()`` over `repeat` runs after one warm-up run."""
+    fn()
+    if sync is not None:
+        sync()
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        if sync is not None:
+            sync()
+        best = min(best, time.perf_counter() - t)
+    return best
