@@ -396,7 +396,7 @@ def test_a_second_run_into_one_out_is_refused_and_a_dead_holder_is_taken_over(ti
         from embgeom.results import Result
 
         with pytest.raises(EmbgeomError, match=f"out {out} is in use"):
-            Result(layers=__import__("pandas").DataFrame({"a": [1]})).save(out, figures=False)
+            Result(layers=__import__("pandas").DataFrame({"a": [1]})).save(out)
     finally:
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait()

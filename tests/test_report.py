@@ -92,13 +92,13 @@ def test_save_run_writes_tables_then_figures_then_report_then_layers_csv(gpt2_re
     """Result.save writes the tables alone; save_run draws once the tables are
     there, writes report.md after the figures, and layers.csv (a finished run) last."""
     tables = gpt2_result.save(tmp_path / "tables")
-    assert sorted(p.name for p in tables.iterdir()) == [
-        "layers.csv", "layers.parquet", "outliers.csv", "run.json", "spectrum.parquet", "tokens.parquet"]
+    assert sorted(p.name for p in tables.iterdir()) == [  # .embgeom.lock: who writes it (see _lock)
+        ".embgeom.lock", "layers.csv", "layers.parquet", "outliers.csv", "run.json", "spectrum.parquet", "tokens.parquet"]
     seen = []
 
     def draw(results, figdir, warnings=None):
         out = figdir.parent
-        seen.append(sorted(p.name for p in out.iterdir()))
+        seen.append(sorted(p.name for p in out.iterdir() if p.name != ".embgeom.lock"))
         figdir.mkdir()
         (figdir / "layer_profiles.png").write_bytes(b"png")
         return [figdir / "layer_profiles.png"]

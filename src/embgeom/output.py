@@ -10,11 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+from ._lock import holding
 from .plots import plot_runs
 from .report import write_report
 from .results import Result, combine, prepare_out_dir, write_csv, writing_to
 
 
+@holding("out", "out")  # a run directory is written by one run at a time
 def save_run(result: Result, out, *, figures: bool = True, report: bool = True,
              draw: Callable = plot_runs, extra_tables: dict | None = None, rewrite: bool = False) -> Path:
     """Write `result` to the directory `out` and return it.
