@@ -82,17 +82,20 @@ class LayerStatistics:
     id_sample : positions kept (uniformly, by seeded hash of their keys) with their
         vectors in every layer, for intrinsic dimension; 0 keeps none.
     seed : the sample's seed.
+    id_order : "random" (a uniform sample of positions) or "first" (the first
+        `id_sample` counted positions of the stream: paper A's protocol).
     """
 
     def __init__(self, n_layers: dict, width: int | dict, device=None, outlier_factor: float = 10.0,
                  with_types: bool = True, type_capacity: int = 0, id_sample: int = 0, seed: int = 0,
-                 type_layers: dict | None = None):
+                 type_layers: dict | None = None, id_order: str = "random"):
         self.n_layers = dict(n_layers)
         self.width = width
         self.widths = self.layer_widths(self.n_layers, width)
         self.device = torch.device(device) if device is not None else None
         self.id_sample = int(id_sample)
         self.seed = int(seed)
+        self.id_order = id_order
         self.outlier_factor = float(outlier_factor)
         self.with_types = with_types
         self.type_layers = self.typed_layers(self.n_layers, with_types, type_layers)
@@ -109,7 +112,7 @@ class LayerStatistics:
         self._outlier_rows: list = []
         self._id_cache: dict = {}
         self._consumed: set = set()  # (stack, layer) whose outliers were merged into the inliers
-        self.samples = {s: PositionSample(id_sample, n + 1, self._sample_dim(s), seed=seed)
+        self.samples = {s: PositionSample(id_sample, n + 1, self._sample_dim(s), seed=seed, order=id_order)
                         for s, n in self.n_layers.items()} \
             if id_sample > 0 else {}
 
@@ -300,14 +303,21 @@ class LayerStatistics:
         raise EmbgeomError(f"unknown view {name!r}; use one of {VIEWS}")
 
     def intrinsic_dimension(self, stack: str, layer: int, view: str, k: int = 20,
-                            discard_fraction: float = 0.1) -> dict:
+                            discard_fraction: float = 0.1, duplicates: str = "drop") -> dict:
         """The id_* columns of one layer and view, from the position sample (the
         inliers view drops sampled positions above the layer's outlier limit).
+
+        discard_fraction : TwoNN's share of the largest ratios left out.
+        duplicates : "drop" (points whose nearest neighbour is at distance 0 are
+            dropped before ranking) or "keep-rank" (paper A: points with
+            μ ≤ 1 + 1e-8 are left out of the fit but keep their ranks; see
+            `embgeom.metrics.intrinsic_dim.twonn_ranked_from_distances`); only
+            id_twonn depends on it.
 
         One k-NN search serves both views: the inliers are searched, and when the
         sample holds a few outliers, the all view's k-NN extends the inliers' by
         comparing those few with every point (exact, as a second search would be)."""
-        from ..metrics.intrinsic_dim import intrinsic_dimensions
+        from ..metrics.intrinsic_dim import intrinsic_dimensions, twonn_ranked_from_distances
         from ..metrics.neighbors import extend_knn_distances, knn_distances
 
         nan = float("nan")
@@ -321,21 +331,28 @@ class LayerStatistics:
         n, m = X.shape[0], int(keep.sum())
         # The inliers are a subset of all points: the same count means the same
         # points, whichever view came first.
-        cache = self._id_cache.setdefault((stack, layer), {})
+        cache = self._id_cache.setdefault((stack, layer, discard_fraction, duplicates), {})
         want = m if view == "inliers" else n
         if want in cache:
             return cache[want]
         if want < 3:
             return empty
 
-        def estimate(dist):
-            return intrinsic_dimensions(distances=dist, k=k, discard_fraction=discard_fraction)
+        def estimate(dist, points):
+            out = intrinsic_dimensions(distances=dist, k=k, discard_fraction=discard_fraction)
+            if duplicates == "keep-rank":
+                scale = float(torch.linalg.vector_norm(points.double() - points.double().mean(0), dim=1).mean())
+                try:
+                    out["id_twonn"] = twonn_ranked_from_distances(dist, discard_fraction, scale=scale)
+                except EmbgeomError:
+                    out["id_twonn"] = nan
+            return out
 
         inliers_dist = cache.get("inliers_dist")
         if inliers_dist is None and m >= 3 and (view == "inliers" or n - m <= max(64, n // 8)):
             X_in = X if m == n else X[keep]
             inliers_dist = cache["inliers_dist"] = knn_distances(X_in, min(k, m - 1))
-            cache[m] = estimate(inliers_dist)
+            cache[m] = estimate(inliers_dist, X_in)
         if m == n:  # one set of points: both views are done
             cache.pop("inliers_dist", None)
         if view == "inliers" or m == n:
@@ -344,7 +361,7 @@ class LayerStatistics:
             dist = extend_knn_distances(X, keep, inliers_dist, min(k, n - 1))
         else:  # many: search them all
             dist = knn_distances(X, min(k, n - 1))
-        cache[n] = estimate(dist)
+        cache[n] = estimate(dist, X)
         cache.pop("inliers_dist", None)  # both views done
         return cache[n]
 
@@ -365,6 +382,7 @@ class LayerStatistics:
             "kind": "LayerStatistics", "version": 1,
             "n_layers": dict(self.n_layers), "width": self.width, "outlier_factor": self.outlier_factor,
             "with_types": self.with_types, "id_sample": self.id_sample, "seed": self.seed,
+            "id_order": self.id_order,
             "type_layers": {st: list(v) for st, v in self.type_layers.items()},
             "median_norm": {s: list(m) for s, m in self.median_norm.items()},
             "calibrated_on": dict(self.calibrated_on),
@@ -379,7 +397,8 @@ class LayerStatistics:
         if not isinstance(sd, dict) or sd.get("kind") != "LayerStatistics":
             raise EmbgeomError("not a LayerStatistics state_dict (missing kind='LayerStatistics')")
         stats = cls(sd["n_layers"], sd["width"], device, outlier_factor=sd["outlier_factor"],
-                    with_types=sd["with_types"], id_sample=0, seed=sd["seed"], type_layers=sd.get("type_layers"))
+                    with_types=sd["with_types"], id_sample=0, seed=sd["seed"], type_layers=sd.get("type_layers"),
+                    id_order=sd.get("id_order", "random"))
         stats.id_sample = int(sd["id_sample"])
 
         def part(p, capacity):
@@ -401,7 +420,8 @@ class LayerStatistics:
         calibrated with the same thresholds. Returns self."""
         if not isinstance(other, LayerStatistics):
             raise EmbgeomError(f"can only merge LayerStatistics, got {type(other).__name__}")
-        for name in ("n_layers", "widths", "outlier_factor", "with_types", "type_layers", "id_sample", "seed"):
+        for name in ("n_layers", "widths", "outlier_factor", "with_types", "type_layers", "id_sample", "seed",
+                     "id_order"):
             if getattr(self, name) != getattr(other, name):
                 raise EmbgeomError(f"cannot merge LayerStatistics with different {name}: "
                                    f"{getattr(self, name)!r} vs {getattr(other, name)!r}")
