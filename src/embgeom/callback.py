@@ -137,7 +137,8 @@ class GeometryProbe:
     `probe.layers` holds every row (the columns of layers.csv and `train_loss`). With
     `out`, the tables are rewritten after each measurement (layers.csv last,
     atomically), so they can be watched while training runs. A step measured again
-    replaces its rows.
+    replaces its rows. `options` are those of `embgeom.analyze`, `protocol="paper-a"`
+    or `"paper-b"` included (each paper's own way of computing its numbers).
     """
 
     def __init__(self, corpus, tokenizer=None, *, out=None, name: str | None = None, keep_tokens: bool = False,
@@ -414,7 +415,7 @@ class GeometryCallback(TrainerCallback):
     log: send headline numbers (see `headline_metrics`) to the Trainer's loggers;
     log_layers: per layer as well as the mean over layers.
     **options: those of `embgeom.analyze` (max_tokens, seq_len, batch_size,
-    id_sample, token_types, exclude_special, exclude_positions, outlier_factor, ...).
+    id_sample, token_types, exclude_special, exclude_positions, outlier_factor, protocol, ...).
 
     `callback.layers` holds every row so far; `callback.probe` is the GeometryProbe.
     Only the main process measures in distributed training; the model must not be
