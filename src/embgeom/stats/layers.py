@@ -331,7 +331,10 @@ class LayerStatistics:
         n, m = X.shape[0], int(keep.sum())
         # The inliers are a subset of all points: the same count means the same
         # points, whichever view came first.
-        cache = self._id_cache.setdefault((stack, layer, discard_fraction, duplicates), {})
+        cache = self._id_cache.setdefault((stack, layer), {})
+        if cache.setdefault("options", (discard_fraction, duplicates)) != (discard_fraction, duplicates):
+            cache.clear()  # estimates made with other options do not hold
+            cache["options"] = (discard_fraction, duplicates)
         want = m if view == "inliers" else n
         if want in cache:
             return cache[want]
