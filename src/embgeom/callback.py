@@ -99,7 +99,7 @@ class GeometryCallback(TrainerCallback):
     log: send headline numbers (see `headline_metrics`) to the Trainer's loggers;
     log_layers: per layer as well as the mean over layers.
     **options: those of `embgeom.analyze` (max_tokens, seq_len, batch_size,
-    id_sample, token_types, exclude_special, exclude_positions, outlier_factor, ...).
+    id_sample, token_types, exclude_special, exclude_positions, outlier_factor, protocol, ...).
 
     `callback.layers` holds every row so far; `callback.probe` is the GeometryProbe.
     Only the main process measures in distributed training; the model must not be

@@ -50,7 +50,12 @@ def run(
     device_map: Optional[str] = typer.Option(None, "--device-map", help="auto: spread a model too large for one device over all devices (accelerate)."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16 (statistics are float64)."),
     id_sample: int = typer.Option(10000, "--id-sample", help="Token positions sampled for intrinsic dimension."),
-    token_types: str = typer.Option("id", "--token-types", help="id (vocabulary id), string (surface form), or none: no per-type statistics, so memory stays constant however many types a long run meets."),
+    id_first: Optional[int] = typer.Option(None, "--id-first", help="Intrinsic dimension on the first N counted tokens of each layer (the same tokens in every layer) instead of --id-sample random positions; 0: the random sample (the default; paper-a sets 4096)."),
+    twonn_discard: Optional[float] = typer.Option(None, "--twonn-discard", help="TwoNN: fraction of the largest ratios r2/r1 left out of the fit (default 0.1; paper-a sets 0.8)."),
+    twonn_duplicates: Optional[str] = typer.Option(None, "--twonn-duplicates", help="TwoNN: drop (points at distance 0 from their nearest neighbour dropped before ranking; the default) or keep-rank (points with mu <= 1+1e-8 left out of the fit but keeping their ranks, as paper A; paper-a sets it)."),
+    types_filtered: Optional[bool] = typer.Option(None, "--types-filtered/--all-types", help="Layer-level Q, M, V, V_within, V_between over the tokens of the types with --min-count <= n_t <= --max-count only (paper-b sets it), or over every token (the default)."),
+    protocol: str = typer.Option("embgeom", "--protocol", help="embgeom, paper-a or paper-b: a preset of --id-first, --twonn-discard, --twonn-duplicates, --token-types and --types-filtered that reproduces how each paper computed its numbers (paper-a: ID on the first 4096 counted tokens, 20% of the TwoNN ratios kept, mu <= 1+1e-8 left out but ranked; paper-b: string types, Q/M/V over the types within --min-count/--max-count). Any of those options given explicitly overrides the preset."),
+    token_types: Optional[str] = typer.Option(None, "--token-types", help="id (vocabulary id; the default), string (surface form), or none: no per-type statistics, so memory stays constant however many types a long run meets. --protocol paper-b sets string."),
     type_layers: List[int] = typer.Option([], "--type-layers", help="Keep per-type statistics only at these layers (0 = embeddings; -1 = last); repeatable. Per-type tables hold d float64 per type and layer, most of a long run's memory on a big model."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sampled positions for intrinsic dimension "
                              "(the same positions in every layer, whatever the batching or ranks)."),
@@ -87,10 +92,15 @@ def run(
     prepare_out_dir(out)
     options = dict(
         max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, device=device, dtype=dtype,
-        id_sample=id_sample, token_types=token_types, type_layers=tuple(type_layers) or None, seed=seed, exclude_special=exclude_special,
+        id_sample=id_sample, type_layers=tuple(type_layers) or None, seed=seed, exclude_special=exclude_special,
         exclude_positions=tuple(exclude_positions), outlier_factor=outlier_factor, text_field=text_field,
         encoding_errors=encoding_errors, device_map=device_map, min_count=min_count, max_count=max_count,
+        protocol=protocol,
     )
+    # The options a protocol sets are passed only when given, so that the preset fills in the others.
+    given = dict(token_types=token_types, id_first=id_first, twonn_discard=twonn_discard,
+                 twonn_duplicates=twonn_duplicates, types_filtered=types_filtered)
+    options.update({k: v for k, v in given.items() if v is not None})
     targets = expand_targets(models, revision, step)
     if is_sweep(targets, models):
         result = run_sweep(targets, corpus, out, progress=progress, figures=figures, cache_dir=cache_dir,

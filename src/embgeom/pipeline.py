@@ -21,6 +21,7 @@ from .memory import check_accumulators_fit, processes_on_this_machine
 from .models import LoadedModel, open_model, resolve_device
 from .snapshot import Snapshots, check_interval, model_files
 from .progress import layer_progress, token_progress
+from .protocols import preset, record as protocol_record, resolve as resolve_protocol
 from ._heap import HeapTrimmer
 from .results import SPECTRUM_TABLE_COLUMNS, Result, empty_tokens_frame, layers_frame
 from .stats.layers import VIEWS, LayerStatistics, NonFiniteHidden
@@ -55,14 +56,21 @@ class AnalysisConfig:
     min_count: int = 10
     max_count: int = 100000
     calibration_tokens: int = 2048
+    # A preset of the options below (see `embgeom.protocols`); explicit options win.
+    protocol: str = "embgeom"
+    id_first: int = 0  # > 0: ID on the first N counted tokens of each layer, not a random sample
+    twonn_discard: float = 0.1
+    twonn_duplicates: str = "drop"  # or "keep-rank" (paper A's μ ≤ 1 + ε rule)
+    types_filtered: bool = False  # Q, M, V, V_within, V_between over the types within the count bounds
 
     @classmethod
     def from_options(cls, **options) -> "AnalysisConfig":
-        """A checked configuration from keyword options (unknown names are an error)."""
+        """A checked configuration from keyword options (unknown names are an error).
+        `protocol` fills in the options it sets that are not given explicitly."""
         unknown = set(options) - set(cls.__dataclass_fields__)
         if unknown:
             raise EmbgeomError(f"unknown option(s) {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
-        cfg = cls(**options)
+        cfg = cls(**resolve_protocol(options))
         cfg.exclude_positions = tuple(int(p) for p in (cfg.exclude_positions or ()))
         if cfg.type_layers is not None:
             layers = (cfg.type_layers,) if isinstance(cfg.type_layers, (int, np.integer)) else tuple(cfg.type_layers)
@@ -101,6 +109,27 @@ class AnalysisConfig:
         if self.min_count < 1 or self.max_count < self.min_count:
             raise EmbgeomError(f"{option('min_count')}/{option('max_count')} must satisfy 1 <= min <= max, "
                                f"got {self.min_count}, {self.max_count}")
+        self._validate_protocol()
+
+    def _validate_protocol(self) -> None:
+        preset(self.protocol)  # a known name
+        if isinstance(self.id_first, bool) or not isinstance(self.id_first, (int, np.integer)) or self.id_first < 0:
+            raise EmbgeomError(f"{option('id_first')} must be a non-negative integer (0: a random sample), got {self.id_first!r}")
+        d = self.twonn_discard
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d < 1:
+            raise EmbgeomError(f"{option('twonn_discard')} must be a fraction in [0, 1), got {d!r}")
+        if self.twonn_duplicates not in ("drop", "keep-rank"):
+            raise EmbgeomError(f"{option('twonn_duplicates')} must be 'drop' or 'keep-rank', got {self.twonn_duplicates!r}")
+        if not isinstance(self.types_filtered, (bool, np.bool_)):
+            raise EmbgeomError(f"{option('types_filtered')} must be True or False, got {self.types_filtered!r}")
+        if self.types_filtered and self.token_types == "none":
+            raise EmbgeomError(f"{option('types_filtered')} takes Q, M, V over the token types within the count bounds, "
+                               f"but {option('token_types', 'none')} keeps no types; drop one of the two")
+
+    @property
+    def id_points(self) -> int:
+        """Positions kept for intrinsic dimension: --id-first if set, else --id-sample."""
+        return int(self.id_first or self.id_sample)
 
 
 def resolve_type_layers(type_layers: tuple | None, n_layers: dict) -> dict | None:
@@ -124,12 +153,12 @@ def _check_memory(n_layers: dict, widths, width: int, n_types: int | None, type_
                   cfg: AnalysisConfig, device, sharers: int) -> int:
     """Refuse a run whose statistics cannot fit (see `embgeom.memory`); returns the
     planned bytes. `type_layers`: --type-layers resolved for these stacks."""
-    planned = LayerStatistics.planned_parts(n_layers, widths, n_types, cfg.id_sample, type_layers)
+    planned = LayerStatistics.planned_parts(n_layers, widths, n_types, cfg.id_points, type_layers)
     typed = sum(map(len, LayerStatistics.typed_layers(n_layers, n_types is not None, type_layers).values()))
     hidden = sum(n + 1 for n in n_layers.values())
     what = {"covariances": f"2 x width² float64 for each of {hidden} hidden states",
             "per-type means": f"{n_types or 0:,} token types x {typed} hidden states x width {width} in float64",
-            "ID sample": f"{cfg.id_sample:,} positions x {hidden} hidden states x width in float32"}
+            "ID sample": f"{cfg.id_points:,} positions x {hidden} hidden states x width in float32"}
     placed = {k: (b, what[k]) for k, b in planned.items()}
     # The ID sample is kept in host memory whatever the device; the rest lives on it.
     if torch.device(device).type != "cpu" and "ID sample" in placed:
@@ -237,7 +266,10 @@ def analyze(
     **options : the fields of `AnalysisConfig` (max_tokens, seq_len, batch_size,
         device, device_map, dtype, id_sample, token_types, type_layers, seed, exclude_special,
         exclude_positions, outlier_factor, text_field, encoding_errors, min_count,
-        max_count).
+        max_count, protocol, id_first, twonn_discard, twonn_duplicates, types_filtered).
+        `protocol` ("embgeom", "paper-a" or "paper-b", see `embgeom.protocols`) sets
+        id_first, twonn_discard, twonn_duplicates, token_types and types_filtered;
+        those given explicitly beside it override it.
 
     Under torchrun (WORLD_SIZE > 1) the batches are shared among the processes and
     their accumulators merged exactly; rank 0 returns the Result, the others None.
@@ -363,7 +395,8 @@ def analyze(
         stats = LayerStatistics(facts.n_layers, facts.widths, device, outlier_factor=cfg.outlier_factor,
                                 with_types=with_types, type_layers=type_layers,
                                 type_capacity=(n_types_expected or 0) + 1,
-                                id_sample=cfg.id_sample, seed=cfg.seed)
+                                id_sample=cfg.id_points, seed=cfg.seed,
+                                id_order="first" if cfg.id_first else "random")
     type_lut = torch.as_tensor(type_of, device=device) if type_of is not None else None
     pad = pad_token_id(tok)
     gather = shard.gather_tensors if shard.world > 1 else None
@@ -459,6 +492,8 @@ def analyze(
                     else:
                         where = f"{stack} layer {layer} ({view})"
                         done = per_view[view] = (n, *_layer_values(acc, cfg, where, warnings_))
+                        if cfg.types_filtered:  # paper B: over the tokens of the fitted types only
+                            done[1].update(_filtered_moments(acc.types, cfg))
                 for view in VIEWS:
                     n, values, lam, table = per_view[view]
                     ident = dict(model=name, revision=rev, step=step, stack=stack, layer=layer)
@@ -467,9 +502,11 @@ def analyze(
                         rows.append(row)
                         continue
                     row.update(values)
-                    if cfg.id_sample > 0:
+                    if cfg.id_points > 0:
                         row.update(_guarded(f"{stack} layer {layer} ({view}): intrinsic dimension", warnings_,
-                                            stats.intrinsic_dimension, stack, layer, view) or {})
+                                            lambda: stats.intrinsic_dimension(
+                                                stack, layer, view, discard_fraction=cfg.twonn_discard,
+                                                duplicates=cfg.twonn_duplicates)) or {})
                     rows.append(row)
                     if lam is not None:
                         spectrum_rows.append(pd.DataFrame(dict(ident, view=view, rank=np.arange(1, len(lam) + 1),
@@ -481,7 +518,7 @@ def analyze(
                         token_frames.append(table)
                 advance_layer(1)
     layers = layers_frame(rows)
-    warnings_ += undefined_metric_warnings(layers, cfg.id_sample)
+    warnings_ += undefined_metric_warnings(layers, cfg.id_points)
     spectrum = (pd.concat(spectrum_rows, ignore_index=True) if spectrum_rows
                 else pd.DataFrame(columns=SPECTRUM_TABLE_COLUMNS))
     tokens = pd.concat(token_frames, ignore_index=True) if token_frames else empty_tokens_frame()
@@ -499,6 +536,7 @@ def analyze(
         "versions": _versions(),
         "config": {**asdict(cfg), "model": str(model) if not isinstance(model, LoadedModel) else facts.path,
                    "revision": revision, "step": step},
+        "protocol": protocol_record(asdict(cfg)),
         "corpus": corpus_record,
         "counts": {
             "windows": n_windows,
@@ -652,6 +690,17 @@ def _check_skipped(snaps: Snapshots, skipped: int, progress: dict, in_stream: bo
     if not in_stream or skipped != progress["tokens_done"]:
         raise snaps.damaged(f"next_batch {progress['next_batch']} does not match the {progress['tokens_done']} "
                             "tokens it says were done")
+
+
+def _filtered_moments(types, cfg: AnalysisConfig) -> dict:
+    """Q, M, V, V_within, V_between over the tokens of the types with min_count ≤ n_t ≤
+    max_count (--types-filtered); NaN at a layer that keeps no per-type statistics
+    (--type-layers), where they cannot be restricted."""
+    nan = float("nan")
+    if types is None:
+        return dict(Q=nan, M=nan, V=nan, V_within=nan, V_between=nan)
+    out = types.pooled(min_count=cfg.min_count, max_count=cfg.max_count)
+    return {k: out[k] for k in ("Q", "M", "V", "V_within", "V_between")}
 
 
 def _merge_ranks(shard: Shard, stats: LayerStatistics, n_seen: dict, n_padded: int, device):

@@ -134,7 +134,8 @@ class GeometryProbe:
     `probe.layers` holds every row (the columns of layers.csv and `train_loss`). With
     `out`, the tables are rewritten after each measurement (layers.csv last,
     atomically), so they can be watched while training runs. A step measured again
-    replaces its rows.
+    replaces its rows. `options` are those of `embgeom.analyze`, `protocol="paper-a"`
+    or `"paper-b"` included (each paper's own way of computing its numbers).
     """
 
     def __init__(self, corpus, tokenizer=None, *, out=None, name: str | None = None, keep_tokens: bool = False,

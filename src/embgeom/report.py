@@ -67,7 +67,10 @@ def _run_section(run: dict) -> list[str]:
                    f"{_fmt(counts.get('token_types'))} token types, "
                    f"padding {_fmt(100 * counts.get('padding_fraction', math.nan), 2)}%"),
         ("options", f"seq_len {cfg.get('seq_len')}, batch {cfg.get('batch_size')}, dtype {cfg.get('dtype')}, "
-                    f"token types `{cfg.get('token_types')}`, ID sample {cfg.get('id_sample')}, "
+                    f"token types `{cfg.get('token_types')}`, "
+                    + (f"ID on the first {cfg['id_first']} tokens, " if cfg.get("id_first")
+                       else f"ID sample {cfg.get('id_sample')}, ")
+                    + f"protocol `{cfg.get('protocol', 'embgeom')}`, "
                     f"outlier factor {cfg.get('outlier_factor')}, trade-off counts "
                     f"{cfg.get('min_count')}–{cfg.get('max_count')}"
                     + (", special tokens excluded" if cfg.get("exclude_special") else "")
@@ -152,6 +155,15 @@ def _layer_table(g: pd.DataFrame) -> list[str]:
     return lines
 
 
+def _protocol_lines(runs: list[dict]) -> list[str]:
+    """One line per distinct protocol among the runs: which one the numbers follow and
+    how they differ from the others."""
+    from .protocols import describe
+
+    seen = list(dict.fromkeys(describe(run.get("config") or {}) for run in runs if run.get("config")))
+    return [*seen, ""] if seen else []
+
+
 def report_markdown(result, figures_dir: Path | None = None, base: Path | None = None) -> str:
     """The report of `result` (a Result); figure links relative to `base`."""
     layers = result.layers
@@ -160,6 +172,7 @@ def report_markdown(result, figures_dir: Path | None = None, base: Path | None =
     lines += ["Read off `layers.csv` (one row per model, stack, layer and view); `view = all` counts every "
               "token, `inliers` leaves out the massive-activation tokens. Column meanings: README.", ""]
     runs = _runs(result.run)
+    lines += _protocol_lines(runs)
     groups = [(key, g.sort_values("layer")) for key, g in groups_by_run(layers)]
     few = len(groups) <= MAX_LAYER_TABLES
     for i, run in enumerate(runs if few else runs[:1]):

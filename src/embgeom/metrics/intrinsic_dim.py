@@ -35,6 +35,7 @@ References
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from statistics import NormalDist
 
 import numpy as np
@@ -48,6 +49,7 @@ __all__ = [
     "distinct_points",
     "twonn",
     "twonn_from_distances",
+    "twonn_ranked_from_distances",
     "twonn_ml",
     "twonn_ml_from_distances",
     "mle_id",
@@ -197,6 +199,67 @@ def twonn_from_distances(dist, discard_fraction: float = 0.1) -> float:
     sxx = float(x @ x)
     if sxx == 0.0:
         raise EmbgeomError("TwoNN is undefined: every kept ratio r2/r1 equals 1 (degenerate, lattice-like data)")
+    return float(x @ y) / sxx
+
+
+def _kept_count(n: int, discard_fraction: float) -> int:
+    """⌊n (1 − f)⌋ with f read as the decimal it was written as (0.8 keeps n // 5,
+    where n·(1 − 0.8) in binary floating point falls just short for n a multiple of 5)."""
+    keep = 1 - Fraction(repr(float(discard_fraction)))
+    return int(n * keep.numerator // keep.denominator)
+
+
+def twonn_ranked_from_distances(dist, discard_fraction: float = 0.8, *, scale: float = 1.0,
+                                eps: float = 1e-8) -> float:
+    """TwoNN as Razzhigaev et al. (EACL 2024 Findings, paper A) compute it: degenerate
+    points are left out of the fit but keep their ranks.
+
+    ``dist`` is (N, ≥2), each point's distances to its two nearest other points
+    (columns 0 and 1). ``scale`` is the mean distance of the points from their
+    centroid (the authors divide the centred points by it, so ``eps`` is relative to
+    it).
+
+    1. ``μ_i = r2/r1``; a point is degenerate when ``r1 < eps·scale`` (a duplicate)
+       or ``μ_i ≤ 1 + eps`` (its two nearest neighbours tie); there are ``u`` of
+       them, all ranked below the others;
+    2. the other ``n = N − u`` ratios, ascending, get ``F_i = (u + i)/N``, i = 1..n
+       (the empirical distribution over all N points);
+    3. the ``m = min(⌊n (1 − discard_fraction)⌋, n − 1)`` smallest are kept,
+       ``x_i = log μ_(i)``, ``y_i = −log(1 − F_i)``, and ``d = Σ x_i y_i / Σ x_i²``.
+
+    Without degenerate points this is :func:`twonn_from_distances`. With them it is
+    not: :func:`twonn_from_distances` drops duplicates before ranking (F over the
+    others), while here they shift every F up, which raises the estimate, the more
+    the more points repeat (paper A's embedding layers). The authors keep 20%
+    (``discard_fraction = 0.8``; their ``n // 5``).
+
+    Raises EmbgeomError for fewer than 3 usable points or all kept ratios equal to 1.
+    """
+    f = _check_fraction(discard_fraction)
+    a = _as_distances(dist, 2)
+    if not (math.isfinite(scale) and scale >= 0):
+        raise EmbgeomError(f"scale must be a finite non-negative number, got {scale!r}")
+    r1, r2 = a[:, 0], a[:, 1]
+    good = r1 >= eps * scale
+    mu = np.full(a.shape[0], 1.0)
+    np.divide(r2, r1, out=mu, where=good & (r1 > 0))
+    good &= mu > 1 + eps
+    N = a.shape[0]
+    u = N - int(good.sum())
+    x_all = np.sort(np.log(mu[good]))
+    n = x_all.size
+    if n < 3:
+        raise EmbgeomError(f"TwoNN needs at least 3 points whose two nearest neighbours are apart and not tied; "
+                           f"got {N} point(s), {n} usable")
+    m = min(_kept_count(n, f), n - 1)
+    if m < 2:
+        raise EmbgeomError(f"TwoNN with discard_fraction={f} keeps only {m} of {n} ratios; "
+                           f"use more points or a smaller discard_fraction")
+    x = x_all[:m]
+    y = -np.log1p(-(u + np.arange(1, m + 1, dtype=np.float64)) / N)
+    sxx = float(x @ x)
+    if sxx == 0.0:
+        raise EmbgeomError("TwoNN is undefined: every kept ratio r2/r1 equals 1")
     return float(x @ y) / sxx
 
 

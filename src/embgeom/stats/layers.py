@@ -91,17 +91,20 @@ class LayerStatistics:
     id_sample : positions kept (uniformly, by seeded hash of their keys) with their
         vectors in every layer, for intrinsic dimension; 0 keeps none.
     seed : the sample's seed.
+    id_order : "random" (a uniform sample of positions) or "first" (the first
+        `id_sample` counted positions of the stream: paper A's protocol).
     """
 
     def __init__(self, n_layers: dict, width: int | dict, device=None, outlier_factor: float = 10.0,
                  with_types: bool = True, type_capacity: int = 0, id_sample: int = 0, seed: int = 0,
-                 type_layers: dict | None = None):
+                 type_layers: dict | None = None, id_order: str = "random"):
         self.n_layers = dict(n_layers)
         self.width = width
         self.widths = self.layer_widths(self.n_layers, width)
         self.device = torch.device(device) if device is not None else None
         self.id_sample = int(id_sample)
         self.seed = int(seed)
+        self.id_order = id_order
         self.outlier_factor = float(outlier_factor)
         self.with_types = with_types
         self.type_layers = self.typed_layers(self.n_layers, with_types, type_layers)
@@ -119,7 +122,7 @@ class LayerStatistics:
         self._id_cache: dict = {}
         self.knn_runs: list = []  # the diagnostics of each k-NN search (knn_summary)
         self._consumed: set = set()  # (stack, layer) whose outliers were merged into the inliers
-        self.samples = {s: PositionSample(id_sample, n + 1, self._sample_dim(s), seed=seed)
+        self.samples = {s: PositionSample(id_sample, n + 1, self._sample_dim(s), seed=seed, order=id_order)
                         for s, n in self.n_layers.items()} \
             if id_sample > 0 else {}
 
@@ -307,15 +310,23 @@ class LayerStatistics:
         raise EmbgeomError(f"unknown view {name!r}; use one of {VIEWS}")
 
     def intrinsic_dimension(self, stack: str, layer: int, view: str, k: int = 20,
-                            discard_fraction: float = 0.1) -> dict:
+                            discard_fraction: float = 0.1, duplicates: str = "drop") -> dict:
         """The id_* columns of one layer and view, from the distinct vectors of the
         position sample (a repeated vector, e.g. one token's embedding, counts once;
-        the inliers view drops those above the layer's outlier limit).
+        the inliers view drops those above the layer's outlier limit). With
+        duplicates="keep-rank" the repeated vectors stay, as paper A keeps them.
+
+        discard_fraction : TwoNN's share of the largest ratios left out.
+        duplicates : "drop" (points whose nearest neighbour is at distance 0 are
+            dropped before ranking) or "keep-rank" (paper A: points with
+            μ ≤ 1 + 1e-8 are left out of the fit but keep their ranks; see
+            `embgeom.metrics.intrinsic_dim.twonn_ranked_from_distances`); only
+            id_twonn depends on it.
 
         One k-NN search serves both views: the inliers are searched, and when the
         sample holds a few outliers, the all view's k-NN extends the inliers' by
         comparing those few with every point (exact, as a second search would be)."""
-        from ..metrics.intrinsic_dim import distinct_points, intrinsic_dimensions
+        from ..metrics.intrinsic_dim import distinct_points, intrinsic_dimensions, twonn_ranked_from_distances
         from ..metrics.neighbors import extend_knn_distances, knn_distances
 
         nan = float("nan")
@@ -323,21 +334,33 @@ class LayerStatistics:
         sample = self.samples.get(stack)
         if sample is None or len(sample) < 3:
             return empty
-        X = distinct_points(torch.from_numpy(sample.layer(layer)))
+        X = torch.from_numpy(sample.layer(layer))
+        if duplicates == "drop":
+            X = distinct_points(X)
         limit = self.outlier_factor * self.median_norm[stack][layer]
         keep = torch.linalg.vector_norm(X, dim=1) <= limit
         n, m = X.shape[0], int(keep.sum())
         # The inliers are a subset of all points: the same count means the same
         # points, whichever view came first.
         cache = self._id_cache.setdefault((stack, layer), {})
+        if cache.setdefault("options", (discard_fraction, duplicates)) != (discard_fraction, duplicates):
+            cache.clear()  # estimates made with other options do not hold
+            cache["options"] = (discard_fraction, duplicates)
         want = m if view == "inliers" else n
         if want in cache:
             return cache[want]
         if want < 3:
             return empty
 
-        def estimate(dist):
-            return intrinsic_dimensions(distances=dist, k=k, discard_fraction=discard_fraction)
+        def estimate(dist, points):
+            out = intrinsic_dimensions(distances=dist, k=k, discard_fraction=discard_fraction)
+            if duplicates == "keep-rank":
+                scale = float(torch.linalg.vector_norm(points.double() - points.double().mean(0), dim=1).mean())
+                try:
+                    out["id_twonn"] = twonn_ranked_from_distances(dist, discard_fraction, scale=scale)
+                except EmbgeomError:
+                    out["id_twonn"] = nan
+            return out
 
         inliers_dist = cache.get("inliers_dist")
         if inliers_dist is None and m >= 3 and (view == "inliers" or n - m <= max(64, n // 8)):
@@ -345,7 +368,7 @@ class LayerStatistics:
             inliers_dist, info = knn_distances(X_in, min(k, m - 1), return_info=True)
             cache["inliers_dist"] = inliers_dist
             self.knn_runs.append(info)
-            cache[m] = estimate(inliers_dist)
+            cache[m] = estimate(inliers_dist, X_in)
         if m == n:  # one set of points: both views are done
             cache.pop("inliers_dist", None)
         if view == "inliers" or m == n:
@@ -355,7 +378,7 @@ class LayerStatistics:
         else:  # many: search them all
             dist, info = knn_distances(X, min(k, n - 1), return_info=True)
             self.knn_runs.append(info)
-        cache[n] = estimate(dist)
+        cache[n] = estimate(dist, X)
         cache.pop("inliers_dist", None)  # both views done
         return cache[n]
 
@@ -376,6 +399,7 @@ class LayerStatistics:
             "kind": "LayerStatistics", "version": 1,
             "n_layers": dict(self.n_layers), "width": self.width, "outlier_factor": self.outlier_factor,
             "with_types": self.with_types, "id_sample": self.id_sample, "seed": self.seed,
+            "id_order": self.id_order,
             "type_layers": {st: list(v) for st, v in self.type_layers.items()},
             "median_norm": {s: list(m) for s, m in self.median_norm.items()},
             "calibrated_on": dict(self.calibrated_on),
@@ -392,7 +416,8 @@ class LayerStatistics:
         _state.check_kind(sd, k)
         try:
             stats = cls(sd["n_layers"], sd["width"], device, outlier_factor=sd["outlier_factor"],
-                        with_types=sd["with_types"], id_sample=0, seed=sd["seed"], type_layers=sd.get("type_layers"))
+                        with_types=sd["with_types"], id_sample=0, seed=sd["seed"], type_layers=sd.get("type_layers"),
+                        id_order=sd.get("id_order", "random"))
             stats.id_sample = _state.count(sd["id_sample"], k, "id_sample")
             stats.median_norm = {s: _state.finite_or_nan(sd["median_norm"][s], k, f"median_norm[{s!r}]", n + 1)
                                  for s, n in stats.n_layers.items()}
@@ -448,7 +473,8 @@ class LayerStatistics:
         calibrated with the same thresholds. Returns self."""
         if not isinstance(other, LayerStatistics):
             raise EmbgeomError(f"can only merge LayerStatistics, got {type(other).__name__}")
-        for name in ("n_layers", "widths", "outlier_factor", "with_types", "type_layers", "id_sample", "seed"):
+        for name in ("n_layers", "widths", "outlier_factor", "with_types", "type_layers", "id_sample", "seed",
+                     "id_order"):
             if getattr(self, name) != getattr(other, name):
                 raise EmbgeomError(f"cannot merge LayerStatistics with different {name}: "
                                    f"{getattr(self, name)!r} vs {getattr(other, name)!r}")

@@ -18,6 +18,11 @@ depends only on its key and the seed:
   sample;
 - it is the same positions for every layer (one key, one priority, all layers).
 
+With ``order="first"`` the priority is the key itself: the sample is the ``size``
+tokens with the smallest keys, i.e. the first ``size`` counted tokens of the stream
+(with the pipeline's keys), as paper A's protocol takes them; it merges exactly the
+same way.
+
 Keys. The caller packs each counted token's identity into an int64 that is unique in
 the whole stream; the recommended packing is :func:`pack_position_keys`:
 ``key = document_index · 2³² + token_offset_in_document`` (document index < 2³¹,
@@ -112,18 +117,23 @@ class PositionSample:
     dim : width of the hidden vectors, or a sequence of ``n_layers`` widths for a
         model whose hidden states differ in width (OPT-350m projects its last one).
     seed : sampling seed (``--seed``); any integer, used modulo 2⁶⁴.
+    order : "random" (the seeded hash priorities) or "first" (the smallest keys: the
+        first ``size`` tokens in key order; the seed is then unused).
 
     The accessors (:attr:`keys`, :meth:`layer`, :meth:`metadata`) return the sampled
     positions **sorted by key** (stream order with the recommended packing).
     """
 
-    def __init__(self, size: int, n_layers: int, dim, seed: int = 0):
+    def __init__(self, size: int, n_layers: int, dim, seed: int = 0, order: str = "random"):
         dims = tuple(dim) if isinstance(dim, (list, tuple)) else None
         for nm, v in (("size", size), ("n_layers", n_layers), *((("dim", d) for d in dims) if dims else [("dim", dim)])):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise EmbgeomError(f"{nm} must be a positive integer, got {v!r}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise EmbgeomError(f"seed must be an integer, got {seed!r}")
+        if order not in ("random", "first"):
+            raise EmbgeomError(f"order must be 'random' or 'first', got {order!r}")
+        self.order = order
         if dims is not None and len(dims) != n_layers:
             raise EmbgeomError(f"dim must be one width or n_layers={n_layers} widths, got {len(dims)}: {list(dims)}")
         self.size, self.n_layers, self.seed = int(size), int(n_layers), int(seed)
@@ -148,7 +158,7 @@ class PositionSample:
     def __repr__(self) -> str:
         return (
             f"PositionSample(size={self.size}, n_layers={self.n_layers}, dim={self.dim}, "
-            f"seed={self.seed}, stored={self._m}, seen={self.n_seen})"
+            f"seed={self.seed}, order={self.order!r}, stored={self._m}, seen={self.n_seen})"
         )
 
     @property
@@ -276,7 +286,7 @@ class PositionSample:
         self.n_seen += n
         if n == 0:
             return self
-        prio = position_priorities(k, self.seed)
+        prio = self._priorities(k)
         # Only tokens that beat the current worst kept one (when full) can enter.
         if self._m == self.size:
             tp, tk = self._worst_entry()
@@ -295,6 +305,9 @@ class PositionSample:
 
         self._insert(k[cand], prio[cand], fetch, {nm: a[cand] for nm, a in meta_in.items()})
         return self
+
+    def _priorities(self, keys: np.ndarray) -> np.ndarray:
+        return keys.copy() if self.order == "first" else position_priorities(keys, self.seed)
 
     def _worst_entry(self) -> tuple[int, int]:
         if self._worst is None:
@@ -344,7 +357,7 @@ class PositionSample:
             raise EmbgeomError(f"can only merge another PositionSample, got {type(other).__name__}")
         if other is self:
             raise EmbgeomError("cannot merge a PositionSample with itself")
-        for nm in ("size", "n_layers", "dim", "seed"):
+        for nm in ("size", "n_layers", "dim", "seed", "order"):
             if getattr(self, nm) != getattr(other, nm):
                 raise EmbgeomError(
                     f"cannot merge samples with different {nm}: {getattr(self, nm)} vs {getattr(other, nm)}"
@@ -373,6 +386,7 @@ class PositionSample:
             "n_layers": self.n_layers,
             "dim": self.dim,
             "seed": self.seed,
+            "order": self.order,
             "n_seen": self.n_seen,
             "keys": torch.from_numpy(self.keys.copy()),
             "vectors": self._vec[:, : self._m].index_select(1, order),
@@ -391,7 +405,7 @@ class PositionSample:
             torch.device(device)
         try:
             dim = [int(d) for d in sd["dim"]] if isinstance(sd["dim"], (list, tuple)) else int(sd["dim"])
-            s = cls(int(sd["size"]), int(sd["n_layers"]), dim, int(sd["seed"]))
+            s = cls(int(sd["size"]), int(sd["n_layers"]), dim, int(sd["seed"]), str(sd.get("order", "random")))
             keys = _as_keys(_state.tensor(sd["keys"], k_, "keys", (None,), floating=False))
             vec = _state.tensor(sd["vectors"], k_, "vectors", (s.n_layers, keys.shape[0], max(s.dims))).to(torch.float32)
             meta = {str(nm): _as_keys(_state.tensor(v, k_, f"metadata[{nm!r}]", (keys.shape[0],), floating=False))
@@ -408,7 +422,7 @@ class PositionSample:
             if set(meta) != set(s.metadata_names):
                 raise EmbgeomError("PositionSample state dict: metadata fields do not match metadata_names")
         if m:
-            s._insert(keys, position_priorities(keys, s.seed),
+            s._insert(keys, s._priorities(keys),
                       lambda l, sel: vec[l, :, : s.dims[l]].index_select(0, torch.from_numpy(sel.astype(np.int64))), meta)
         s.n_seen = n_seen
         return s

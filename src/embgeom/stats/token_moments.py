@@ -272,12 +272,35 @@ class TokenMoments:
         """{'V', 'V_within', 'V_between'} over all N vectors (population 1/N):
         V_within = Σ (n_t/N) V_t, V_between = Σ (n_t/N) ‖μ_t − μ‖², V = their sum.
         NaN for all three before any vector was added."""
-        k = self._k
-        if k == 0 or self.n == 0:
+        if self._k == 0 or self.n == 0:
             return {"V": math.nan, "V_within": math.nan, "V_between": math.nan}
-        # Sorted-id order throughout, so the result does not depend on the order in
-        # which types arrived (a state_dict round trip reproduces it bit for bit).
+        out = self._pool(self._sorted_rows)
+        return {k: out[k] for k in ("V", "V_within", "V_between")}
+
+    def pooled(self, min_count: int = 1, max_count: int | None = None) -> dict:
+        """The moments of the pooled vectors of the types with min_count ≤ n_t ≤
+        max_count (None: no upper bound): {'n', 'Q', 'M', 'V', 'V_within', 'V_between'}
+        with n = Σ n_t over those types, μ = Σ (n_t/n) μ_t, M = ‖μ‖², V_within and
+        V_between as in `decomposition` but over those types, V = V_within + V_between,
+        Q = M + V. Yamagiwa & Shimodaira take their layer-level figures over the types
+        of their M–V fit only (10 ≤ n_t ≤ 100000). NaN (n = 0) where no type qualifies."""
+        nan = math.nan
+        empty = {"n": 0, "Q": nan, "M": nan, "V": nan, "V_within": nan, "V_between": nan}
+        if self._k == 0 or self.n == 0:
+            return empty
         rows = self._sorted_rows
+        cnt = self._counts.index_select(0, rows)
+        keep = cnt >= int(min_count)
+        if max_count is not None:
+            keep &= cnt <= int(max_count)
+        rows = rows[keep]
+        return self._pool(rows) if rows.numel() else empty
+
+    def _pool(self, rows: torch.Tensor) -> dict:
+        """n, Q, M, V, V_within, V_between of the pooled vectors of `rows` (stored
+        rows, in sorted-id order so the result does not depend on the order in which
+        types arrived: a state_dict round trip reproduces it bit for bit)."""
+        k = int(rows.shape[0])
         cnt = self._counts.index_select(0, rows).to(_F64)
         N = float(cnt.sum())
         v_within = float(self._m2.index_select(0, rows).sum()) / N
@@ -300,7 +323,10 @@ class TokenMoments:
             dd = offsets(a, b).sub_(mu_off)
             between += float(cnt[a:b] @ dd.square_().sum(1))
         v_between = between / N
-        return {"V": v_within + v_between, "V_within": v_within, "V_between": v_between}
+        mean = pivot + mu_off
+        M = float(mean @ mean)
+        V = v_within + v_between
+        return {"n": int(N), "Q": M + V, "M": M, "V": V, "V_within": v_within, "V_between": v_between}
 
     def tradeoff(self, min_count: int = 10, max_count: int = 100_000, table: pd.DataFrame | None = None) -> dict:
         """Norm–variance trade-off across the types with min_count ≤ n_t ≤ max_count:
