@@ -39,7 +39,7 @@ FLOORS = [
     ("metrics", ["metrics.*"]),
     ("stats", ["stats.*"]),
     ("model", ["corpus", "windows", "models", "extract", "memory", "distributed", "snapshot", "packaged",
-               "wiki", "wikitext", "_wikitext_templates"]),
+               "wiki", "wikitext", "_wikitext_templates", "protocols"]),
     ("tables", ["results"]),
     ("pipeline", ["pipeline"]),
     ("figures", ["report", "plots", "plots_training", "_png", "claims"]),
