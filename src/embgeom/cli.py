@@ -39,6 +39,7 @@ def run(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (under torchrun: each rank's own GPU)."),
     device_map: Optional[str] = typer.Option(None, "--device-map", help="auto: spread a model too large for one device over all devices (accelerate)."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16 (statistics are float64)."),
+    precision: str = typer.Option("auto", "--precision", help="auto: each batch's covariance products in float32 (IEEE, no TF32), on data centred by a reference row, accumulated in float64; float64: every product in float64 (slower)."),
     id_sample: int = typer.Option(10000, "--id-sample", help="Token positions sampled for intrinsic dimension."),
     token_types: str = typer.Option("id", "--token-types", help="id (vocabulary id), string (surface form), or none: no per-type statistics, so memory stays constant however many types a long run meets."),
     type_layers: List[int] = typer.Option([], "--type-layers", help="Keep per-type statistics only at these layers (0 = embeddings; -1 = last); repeatable. Per-type tables hold d float64 per type and layer, most of a long run's memory on a big model."),
@@ -78,6 +79,7 @@ def run(
         id_sample=id_sample, token_types=token_types, type_layers=tuple(type_layers) or None, seed=seed, exclude_special=exclude_special,
         exclude_positions=tuple(exclude_positions), outlier_factor=outlier_factor, text_field=text_field,
         encoding_errors=encoding_errors, device_map=device_map, min_count=min_count, max_count=max_count,
+        precision=precision,
     )
     targets = expand_targets(models, revision, step)
     if is_sweep(targets, models):

@@ -24,6 +24,7 @@ from .progress import layer_progress, token_progress
 from ._heap import HeapTrimmer
 from .results import Result, empty_tokens_frame, layers_frame
 from .stats.layers import VIEWS, LayerStatistics
+from .stats.moments import PRECISIONS
 from .windows import POSITION_BITS, Window, WindowPlan, iter_batches, iter_windows, pad_token_id, validate_plan
 
 
@@ -54,6 +55,7 @@ class AnalysisConfig:
     min_count: int = 10
     max_count: int = 100000
     calibration_tokens: int = 2048
+    precision: str = "auto"
 
     @classmethod
     def from_options(cls, **options) -> "AnalysisConfig":
@@ -95,6 +97,8 @@ class AnalysisConfig:
             raise EmbgeomError(f"--encoding-errors must be strict, replace or ignore, got {self.encoding_errors!r}")
         if self.device_map not in (None, "auto", "balanced", "balanced_low_0", "sequential"):
             raise EmbgeomError(f"--device-map must be auto, balanced, balanced_low_0 or sequential, got {self.device_map!r}")
+        if self.precision not in PRECISIONS:
+            raise EmbgeomError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.min_count < 1 or self.max_count < self.min_count:
             raise EmbgeomError(f"--min-count/--max-count must satisfy 1 <= min <= max, got {self.min_count}, {self.max_count}")
 
@@ -206,7 +210,9 @@ def analyze(
     **options : the fields of `AnalysisConfig` (max_tokens, seq_len, batch_size,
         device, device_map, dtype, id_sample, token_types, type_layers, seed, exclude_special,
         exclude_positions, outlier_factor, text_field, encoding_errors, min_count,
-        max_count).
+        max_count, precision: "auto" forms each batch's covariance products in float32
+        on centred data and accumulates in float64, "float64" keeps every product in
+        float64; see `embgeom.stats.moments`).
 
     Under torchrun (WORLD_SIZE > 1) the batches are shared among the processes and
     their accumulators merged exactly; rank 0 returns the Result, the others None.
@@ -341,7 +347,7 @@ def analyze(
         stats = LayerStatistics(facts.n_layers, facts.widths, device, outlier_factor=cfg.outlier_factor,
                                 with_types=with_types, type_layers=type_layers,
                                 type_capacity=(n_types_expected or 0) + 1,
-                                id_sample=cfg.id_sample, seed=cfg.seed)
+                                id_sample=cfg.id_sample, seed=cfg.seed, precision=cfg.precision)
     type_lut = torch.as_tensor(type_of, device=device) if type_of is not None else None
     pad = pad_token_id(tok)
     gather = shard.gather_tensors if shard.world > 1 else None
@@ -498,6 +504,9 @@ def analyze(
         "timings_s": {"load": t_load, "count": t_count, "stream": t_stream, "metrics": t_metrics,
                       "total": time.perf_counter() - t0},
         "device": str(device),
+        # What the covariance products were formed in (the state is float64 always).
+        "precision": {"option": cfg.precision, "products": stats.products, "accumulation": "float64",
+                      "tf32": False},
     }
     return Result(layers=layers, spectrum=spectrum, tokens=tokens, outliers=outliers, run=run)
 

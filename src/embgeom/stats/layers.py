@@ -31,8 +31,8 @@ class LayerAccumulators:
     types: TokenMoments | None
 
     @classmethod
-    def new(cls, width, device, with_types, capacity=0):
-        return cls(Moments(width, device=device), TokenMoments(width, device=device, capacity=capacity) if with_types else None)
+    def new(cls, width, device, with_types, capacity=0, precision="auto"):
+        return cls(Moments(width, device=device, precision=precision), TokenMoments(width, device=device, capacity=capacity) if with_types else None)
 
     def update(self, x: torch.Tensor, groups) -> None:
         self.moments.update(x)
@@ -82,12 +82,15 @@ class LayerStatistics:
     id_sample : positions kept (uniformly, by seeded hash of their keys) with their
         vectors in every layer, for intrinsic dimension; 0 keeps none.
     seed : the sample's seed.
+    precision : "auto" (float32 products for batches in model precision, float64
+        accumulation) or "float64" (every product in float64); see `Moments`.
     """
 
     def __init__(self, n_layers: dict, width: int | dict, device=None, outlier_factor: float = 10.0,
                  with_types: bool = True, type_capacity: int = 0, id_sample: int = 0, seed: int = 0,
-                 type_layers: dict | None = None):
+                 type_layers: dict | None = None, precision: str = "auto"):
         self.n_layers = dict(n_layers)
+        self.precision = precision
         self.width = width
         self.widths = self.layer_widths(self.n_layers, width)
         self.device = torch.device(device) if device is not None else None
@@ -98,7 +101,8 @@ class LayerStatistics:
         self.type_layers = self.typed_layers(self.n_layers, with_types, type_layers)
 
         def part(capacity):
-            return {s: [LayerAccumulators.new(self.widths[s][layer], device, layer in self.type_layers[s], capacity)
+            return {s: [LayerAccumulators.new(self.widths[s][layer], device, layer in self.type_layers[s], capacity,
+                                              precision)
                         for layer in range(n + 1)] for s, n in self.n_layers.items()}
 
         self.inliers = part(type_capacity)
@@ -365,6 +369,7 @@ class LayerStatistics:
             "kind": "LayerStatistics", "version": 1,
             "n_layers": dict(self.n_layers), "width": self.width, "outlier_factor": self.outlier_factor,
             "with_types": self.with_types, "id_sample": self.id_sample, "seed": self.seed,
+            "precision": self.precision,
             "type_layers": {st: list(v) for st, v in self.type_layers.items()},
             "median_norm": {s: list(m) for s, m in self.median_norm.items()},
             "calibrated_on": dict(self.calibrated_on),
@@ -379,7 +384,8 @@ class LayerStatistics:
         if not isinstance(sd, dict) or sd.get("kind") != "LayerStatistics":
             raise EmbgeomError("not a LayerStatistics state_dict (missing kind='LayerStatistics')")
         stats = cls(sd["n_layers"], sd["width"], device, outlier_factor=sd["outlier_factor"],
-                    with_types=sd["with_types"], id_sample=0, seed=sd["seed"], type_layers=sd.get("type_layers"))
+                    with_types=sd["with_types"], id_sample=0, seed=sd["seed"], type_layers=sd.get("type_layers"),
+                    precision=sd.get("precision", "auto"))
         stats.id_sample = int(sd["id_sample"])
 
         def part(p, capacity):
@@ -422,6 +428,13 @@ class LayerStatistics:
         self._outlier_rows.extend(other._outlier_rows)
         self._id_cache = {}
         return self
+
+    @property
+    def products(self) -> list[str]:
+        """The dtypes the covariance products were formed in, over every layer (for
+        the run record): ['float32'], ['float64'] or both."""
+        return sorted(set().union(*(a.moments.products for part in (self.inliers, self.outliers)
+                                    for accs in part.values() for a in accs)))
 
     def outlier_records(self) -> list[dict]:
         return self._outlier_rows

@@ -7,10 +7,21 @@ spread lose nothing (no difference of large raw sums). The batch's Gram matrix i
 added straight into the upper triangle of the state, one matrix product per row
 strip. Memory is O(d²) whatever the number of vectors; accumulators merge exactly,
 so shards and ranks combine.
+
+Precision of the per-batch products (``precision``): with "auto" (the default), a
+batch in model precision (float32, bfloat16, float16) is centred on the
+accumulator's reference row (its first batch's mean, rounded to float32 and fixed
+thereafter) and its Gram matrix, sums and unit-vector sum are formed in float32 (IEEE:
+no TF32 or bf16 shortcuts, on every device); each batch's results are then turned
+into float64 and merged into the float64 state with the same Chan update. Centring
+first is what keeps float32 exact enough: the products see the spread of the data,
+not its offset. float64 inputs, and ``precision="float64"``, keep every product in
+float64.
 """
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 import torch
@@ -18,6 +29,22 @@ import torch
 from .._validate import as_float_matrix
 from ..errors import EmbgeomError
 from ..metrics.spectrum import eigenvalues, spectrum_metrics, top_eigenvalue
+
+PRECISIONS = ("auto", "float64")
+# Dtypes models emit: their batches get float32 products under "auto".
+MODEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise EmbgeomError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return precision
+
+
+def product_dtype(precision: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a batch of `dtype` forms its products in: float32 for model
+    precision under "auto", float64 otherwise (float64 inputs, precision="float64")."""
+    return torch.float32 if precision == "auto" and dtype in MODEL_DTYPES else torch.float64
 
 
 class NonFiniteInput(EmbgeomError):
@@ -31,15 +58,31 @@ def _strips(d: int) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
-def add_gram_upper(acc: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def add_gram_upper(acc: torch.Tensor, x: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
     """acc += xᵀx on the upper triangle (and diagonal blocks) only, in place: one
     matrix product per row strip of about 96 columns, written straight into `acc`.
     There is no symmetric rank-k update in torch; at widths in the hundreds this
     takes 70–85% of the time of x.T @ x (float64, CPU) and needs no temporary.
-    Entries strictly below the diagonal blocks are left as they were."""
+    Entries strictly below the diagonal blocks are left as they were; beta=0 writes
+    xᵀx instead of adding it (what was there is ignored, NaN included)."""
     for a, b in _strips(x.shape[1]):
-        acc[a:b, a:].addmm_(x[:, a:b].T, x[:, a:])
+        acc[a:b, a:].addmm_(x[:, a:b].T, x[:, a:], beta=beta)
     return acc
+
+
+_work = threading.local()
+
+
+def _gram_work(dim: int, device: torch.device) -> torch.Tensor:
+    """A float32 d × d work matrix for one batch's Gram, shared by the accumulators of
+    this thread (one per width and device, not one per accumulator). `add_gram_upper`
+    with beta=0 overwrites the same upper strips every time, so below the diagonal
+    blocks it stays zero."""
+    cache = _work.__dict__.setdefault("gram", {})
+    key = (dim, str(device))
+    if key not in cache:
+        cache[key] = torch.zeros(dim, dim, dtype=torch.float32, device=device)
+    return cache[key]
 
 
 def symmetric_from_upper(m: torch.Tensor) -> torch.Tensor:
@@ -62,6 +105,10 @@ class Moments:
     device : str or torch.device, optional
         Where the float64 state lives; batches are moved there. Defaults to the
         device of the first batch.
+    precision : {"auto", "float64"}
+        "auto": batches in model precision (float32, bfloat16, float16) form their
+        products in float32 after centring on the reference row, float64 batches in
+        float64; "float64": every product in float64. The state is float64 either way.
 
     Attributes (float64, population normalisation 1/N)
     ----------
@@ -74,7 +121,7 @@ class Moments:
     second_moment : (1/N) Σ x xᵀ = covariance + μμᵀ.
     """
 
-    def __init__(self, dim: int, device=None):
+    def __init__(self, dim: int, device=None, precision: str = "auto"):
         if not isinstance(dim, (int, np.integer)) or dim < 1:
             raise EmbgeomError(f"Moments(dim) needs a positive integer width, got {dim!r}")
         self.dim = int(dim)
@@ -84,6 +131,9 @@ class Moments:
         self._mean = None
         self._scatter = None
         self._unit_sum = None
+        self.precision = check_precision(precision)
+        self._ref = None  # float64 reference row, float32-representable; set by the first float32 batch
+        self.products: set = set()  # dtypes the products were formed in, for the run record
 
     # ------------------------------------------------------------------ updates
     def _init_state(self, device) -> None:
@@ -101,6 +151,10 @@ class Moments:
             return self
         if self._mean is None:
             self._init_state(self._device if self._device is not None else x.device)
+        if product_dtype(self.precision, x.dtype) == torch.float32 and self._update_float32(x.detach()):
+            self.products.add("float32")
+            return self
+        self.products.add("float64")
         # One float64 copy of the batch (on the state's device) with a spare last row.
         # Centred on the batch's own mean, its Gram matrix goes straight into the
         # state; the spare row carries the Chan cross term, so the Gram adds it too
@@ -135,6 +189,53 @@ class Moments:
         self.n_nonzero += int(torch.count_nonzero(norms))
         return self
 
+    def _update_float32(self, x: torch.Tensor) -> bool:
+        """Add a batch in model precision with float32 products (module docstring).
+        Returns False, with nothing changed, when float32 overflowed on finite data
+        (huge bfloat16 values): the caller then takes the float64 path."""
+        from ..metrics.neighbors import _ieee_fp32_matmul
+
+        if x.device != self._device:
+            x = x.to(self._device)
+        nb = x.shape[0]
+        if self._ref is None:
+            first = x.sum(0, dtype=torch.float64) / nb
+            if not bool(torch.isfinite(first).all()):
+                raise NonFiniteInput("batch holds NaN or infinite values")
+            # Rounded to float32 once, so that the float32 centring subtracts the
+            # very row that the float64 algebra adds back.
+            self._ref = first.to(torch.float32).to(torch.float64)
+        gram = _gram_work(self.dim, self._device)
+        with _ieee_fp32_matmul():
+            # One pass converts and centres (a float32 result whatever the model dtype).
+            y = torch.sub(x, self._ref.to(torch.float32))
+            norms = torch.linalg.vector_norm(x, dim=1, dtype=torch.float32)
+            # 1/‖x‖, and 0 for zero vectors (no direction). Σ x/‖x‖ = Σ y/‖x‖ + ref Σ 1/‖x‖.
+            inv_norm = torch.reciprocal(norms).nan_to_num_(nan=0.0, posinf=0.0)
+            yt = y.T
+            ysum = torch.mv(yt, torch.ones_like(inv_norm))
+            usum = torch.mv(yt, inv_norm)
+            add_gram_upper(gram, y, beta=0.0)
+        finite = torch.isfinite(ysum).all() & torch.isfinite(norms).all() & torch.isfinite(gram.diagonal()).all()
+        if not bool(finite):
+            if not bool(torch.isfinite(x).all()):
+                raise NonFiniteInput("batch holds NaN or infinite values")
+            return False
+        # float64 from here: batch scatter Σ(x − m)(x − m)ᵀ = Σ yyᵀ − nb ȳȳᵀ with
+        # m = ref + ȳ, then the Chan update as in `update`.
+        ybar = ysum.to(torch.float64).div_(nb)
+        n = self.n + nb
+        delta = (self._ref + ybar).sub_(self._mean)
+        self._scatter.add_(gram)  # below the diagonal blocks the work matrix holds zeros
+        self._scatter.addr_(ybar, ybar, alpha=-float(nb))
+        if self.n:
+            self._scatter.addr_(delta, delta, alpha=self.n * nb / n)
+        self._mean.add_(delta, alpha=nb / n)
+        self._unit_sum.add_(usum.to(torch.float64)).add_(self._ref, alpha=float(inv_norm.sum(dtype=torch.float64)))
+        self.n = n
+        self.n_nonzero += int(torch.count_nonzero(norms))
+        return True
+
     def _scatter_full(self) -> torch.Tensor:
         """Σ (x − μ)(x − μ)ᵀ, symmetric (the state keeps its upper triangle)."""
         return symmetric_from_upper(self._scatter)
@@ -162,6 +263,11 @@ class Moments:
         self._unit_sum.add_(other._unit_sum.to(dev))
         self.n = n
         self.n_nonzero += other.n_nonzero
+        # The state is ref-free (mean and scatter about it), so different reference
+        # rows merge exactly; this accumulator keeps its own (or takes the other's).
+        if self._ref is None and other._ref is not None:
+            self._ref = other._ref.to(dev).clone()
+        self.products |= other.products
         return self
 
     # ------------------------------------------------------------------ results
@@ -241,27 +347,33 @@ class Moments:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         """Plain tensors and ints (CPU), enough to rebuild this accumulator exactly."""
-        sd = {"kind": "Moments", "dim": self.dim, "n": self.n, "n_nonzero": self.n_nonzero}
+        sd = {"kind": "Moments", "dim": self.dim, "n": self.n, "n_nonzero": self.n_nonzero,
+              "precision": self.precision, "products": sorted(self.products)}
         if self._mean is not None:
             sd.update(
                 mean=self._mean.detach().cpu().clone(),
                 scatter=self._scatter_full().detach().cpu(),
                 unit_sum=self._unit_sum.detach().cpu().clone(),
             )
+        if self._ref is not None:
+            sd["reference"] = self._ref.detach().cpu().clone()
         return sd
 
     @classmethod
     def from_state_dict(cls, sd: dict, device=None) -> "Moments":
         if not isinstance(sd, dict) or sd.get("kind") != "Moments":
             raise EmbgeomError("not a Moments state_dict (missing kind='Moments')")
-        m = cls(sd["dim"], device=device)
+        m = cls(sd["dim"], device=device, precision=sd.get("precision", "auto"))
         m.n = int(sd["n"])
         m.n_nonzero = int(sd["n_nonzero"])
+        m.products = set(sd.get("products", ()))
         if "mean" in sd:
             m._init_state(device if device is not None else "cpu")
             m._mean.copy_(sd["mean"])
             m._scatter.copy_(sd["scatter"])
             m._unit_sum.copy_(sd["unit_sum"])
+            if "reference" in sd:
+                m._ref = sd["reference"].to(device=m._device, dtype=torch.float64).clone()
         return m
 
     @property
