@@ -9,11 +9,11 @@ strip. Memory is O(d²) whatever the number of vectors; accumulators merge exact
 so shards and ranks combine.
 
 Precision of the per-batch products (``precision``): with "auto" (the default), a
-batch in model precision (float32, bfloat16, float16) is centred on the
-accumulator's reference row (its first batch's mean, rounded to float32 and fixed
-thereafter) and its Gram matrix, sums and unit-vector sum are formed in float32 (IEEE:
-no TF32 or bf16 shortcuts, on every device); each batch's results are then turned
-into float64 and merged into the float64 state with the same Chan update. Centring
+batch in model precision (float32, bfloat16, float16) is centred on a reference row
+(its own mean, roughly, held in float32) and its Gram matrix, sums and unit-vector
+sum are formed in float32 (IEEE: no TF32 or bf16 shortcuts, on every device); each
+batch's results are then turned into float64, the reference row added back
+exactly, and merged into the float64 state with the same Chan update. Centring
 first is what keeps float32 exact enough: the products see the spread of the data,
 not its offset. float64 inputs, and ``precision="float64"``, keep every product in
 float64.
@@ -132,7 +132,6 @@ class Moments:
         self._scatter = None
         self._unit_sum = None
         self.precision = check_precision(precision)
-        self._ref = None  # float64 reference row, float32-representable; set by the first float32 batch
         self.products: set = set()  # dtypes the products were formed in, for the run record
 
     # ------------------------------------------------------------------ updates
@@ -198,17 +197,16 @@ class Moments:
         if x.device != self._device:
             x = x.to(self._device)
         nb = x.shape[0]
-        if self._ref is None:
-            first = x.sum(0, dtype=torch.float64) / nb
-            if not bool(torch.isfinite(first).all()):
-                raise NonFiniteInput("batch holds NaN or infinite values")
-            # Rounded to float32 once, so that the float32 centring subtracts the
-            # very row that the float64 algebra adds back.
-            self._ref = first.to(torch.float32).to(torch.float64)
         gram = _gram_work(self.dim, self._device)
         with _ieee_fp32_matmul():
+            # The reference row: the batch's own mean, roughly (float32 sums) and held
+            # in float32, so that the float64 algebra below adds back exactly the row
+            # the centring took off. It depends on the batch alone, so a batch gives
+            # the same products in any accumulator: sharding, merge order and
+            # resuming leave the numbers as they are, and nothing is kept in the state.
+            ref32 = x.sum(0, dtype=torch.float32).div_(nb)
             # One pass converts and centres (a float32 result whatever the model dtype).
-            y = torch.sub(x, self._ref.to(torch.float32))
+            y = torch.sub(x, ref32)
             norms = torch.linalg.vector_norm(x, dim=1, dtype=torch.float32)
             # 1/‖x‖, and 0 for zero vectors (no direction). Σ x/‖x‖ = Σ y/‖x‖ + ref Σ 1/‖x‖.
             inv_norm = torch.reciprocal(norms).nan_to_num_(nan=0.0, posinf=0.0)
@@ -223,15 +221,16 @@ class Moments:
             return False
         # float64 from here: batch scatter Σ(x − m)(x − m)ᵀ = Σ yyᵀ − nb ȳȳᵀ with
         # m = ref + ȳ, then the Chan update as in `update`.
+        ref = ref32.to(torch.float64)
         ybar = ysum.to(torch.float64).div_(nb)
         n = self.n + nb
-        delta = (self._ref + ybar).sub_(self._mean)
+        delta = (ref + ybar).sub_(self._mean)
         self._scatter.add_(gram)  # below the diagonal blocks the work matrix holds zeros
         self._scatter.addr_(ybar, ybar, alpha=-float(nb))
         if self.n:
             self._scatter.addr_(delta, delta, alpha=self.n * nb / n)
         self._mean.add_(delta, alpha=nb / n)
-        self._unit_sum.add_(usum.to(torch.float64)).add_(self._ref, alpha=float(inv_norm.sum(dtype=torch.float64)))
+        self._unit_sum.add_(usum.to(torch.float64)).add_(ref, alpha=float(inv_norm.sum(dtype=torch.float64)))
         self.n = n
         self.n_nonzero += int(torch.count_nonzero(norms))
         return True
@@ -263,10 +262,6 @@ class Moments:
         self._unit_sum.add_(other._unit_sum.to(dev))
         self.n = n
         self.n_nonzero += other.n_nonzero
-        # The state is ref-free (mean and scatter about it), so different reference
-        # rows merge exactly; this accumulator keeps its own (or takes the other's).
-        if self._ref is None and other._ref is not None:
-            self._ref = other._ref.to(dev).clone()
         self.products |= other.products
         return self
 
@@ -355,8 +350,6 @@ class Moments:
                 scatter=self._scatter_full().detach().cpu(),
                 unit_sum=self._unit_sum.detach().cpu().clone(),
             )
-        if self._ref is not None:
-            sd["reference"] = self._ref.detach().cpu().clone()
         return sd
 
     @classmethod
@@ -372,8 +365,6 @@ class Moments:
             m._mean.copy_(sd["mean"])
             m._scatter.copy_(sd["scatter"])
             m._unit_sum.copy_(sd["unit_sum"])
-            if "reference" in sd:
-                m._ref = sd["reference"].to(device=m._device, dtype=torch.float64).clone()
         return m
 
     @property
