@@ -230,7 +230,7 @@ class Moments:
         if self.n:
             self._scatter.addr_(delta, delta, alpha=self.n * nb / n)
         self._mean.add_(delta, alpha=nb / n)
-        self._unit_sum.add_(usum.to(torch.float64)).add_(ref, alpha=float(inv_norm.sum(dtype=torch.float64)))
+        self._unit_sum.add_(usum.to(torch.float64)).add_(ref.mul_(inv_norm.sum(dtype=torch.float64)))
         self.n = n
         self.n_nonzero += int(torch.count_nonzero(norms))
         return True
