@@ -319,7 +319,7 @@ def test_hidden_states_of_different_widths(tmp_path, lee_corpus):
     tok.save_pretrained(tmp_path / "opt")
     texts = lee_corpus.read_text().splitlines()[:5]
     res = analyze(str(tmp_path / "opt"), texts, seq_len=48, batch_size=1, device="cpu", id_sample=200,
-                  outlier_factor=1e6)
+                  outlier_factor=1e6, precision="float64")  # float64 products: exact to 1e-9
     facts = res.run["model"]
     assert facts["width"] == 32 and facts["layer_widths"] == {"decoder": [32, 32, 16]}
     assert facts["norm_placement"] == "post-LN"

@@ -268,7 +268,7 @@ def test_reduced_precision_forward_is_accumulated_in_float64(tiny_models, lee_co
     reference to 1e-9."""
     texts = lee_corpus.read_text().splitlines()[:4]
     res = analyze(str(tiny_models["gpt2"]), texts, seq_len=48, batch_size=1, device="cpu", dtype=dtype,
-                  id_sample=0)
+                  id_sample=0, precision="float64")  # float64 products too (the default's are float32: 1e-5)
     lm = load_model(str(tiny_models["gpt2"]), device="cpu", dtype=dtype)
     windows = windows_of(texts, lm.tokenizer, 48, lm.facts.special_prefix, lm.facts.special_suffix)
     ref = hidden_vectors(lm.model, windows)["main"]

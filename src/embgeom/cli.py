@@ -49,6 +49,7 @@ def run(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (under torchrun: each rank's own GPU)."),
     device_map: Optional[str] = typer.Option(None, "--device-map", help="auto: spread a model too large for one device over all devices (accelerate)."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16 (statistics are float64)."),
+    precision: str = typer.Option("auto", "--precision", help="auto: each batch's covariance products in float32 (IEEE, no TF32), on data centred by a reference row, accumulated in float64; float64: every product in float64 (slower)."),
     id_sample: int = typer.Option(10000, "--id-sample", help="Token positions sampled for intrinsic dimension."),
     id_first: Optional[int] = typer.Option(None, "--id-first", help="Intrinsic dimension on the first N counted tokens of each layer (the same tokens in every layer) instead of --id-sample random positions; 0: the random sample (the default; paper-a sets 4096)."),
     twonn_discard: Optional[float] = typer.Option(None, "--twonn-discard", help="TwoNN: fraction of the largest ratios r2/r1 left out of the fit (default 0.1; paper-a sets 0.8)."),
@@ -96,6 +97,7 @@ def run(
         exclude_positions=tuple(exclude_positions), outlier_factor=outlier_factor, text_field=text_field,
         encoding_errors=encoding_errors, device_map=device_map, min_count=min_count, max_count=max_count,
         protocol=protocol,
+        precision=precision,
     )
     # The options a protocol sets are passed only when given, so that the preset fills in the others.
     given = dict(token_types=token_types, id_first=id_first, twonn_discard=twonn_discard,

@@ -25,6 +25,7 @@ from .protocols import preset, record as protocol_record, resolve as resolve_pro
 from ._heap import HeapTrimmer
 from .results import SPECTRUM_TABLE_COLUMNS, Result, empty_tokens_frame, layers_frame
 from .stats.layers import VIEWS, LayerStatistics, NonFiniteHidden
+from .stats.moments import PRECISIONS
 from .windows import (POSITION_BITS, Window, WindowPlan, default_seq_len, iter_batches, iter_windows, pad_token_id,
                       validate_plan)
 
@@ -62,6 +63,7 @@ class AnalysisConfig:
     twonn_discard: float = 0.1
     twonn_duplicates: str = "drop"  # or "keep-rank" (paper A's μ ≤ 1 + ε rule)
     types_filtered: bool = False  # Q, M, V, V_within, V_between over the types within the count bounds
+    precision: str = "auto"
 
     @classmethod
     def from_options(cls, **options) -> "AnalysisConfig":
@@ -106,6 +108,8 @@ class AnalysisConfig:
         if self.device_map not in (None, "auto", "balanced", "balanced_low_0", "sequential"):
             raise EmbgeomError(f"{option('device_map')} must be auto, balanced, balanced_low_0 or sequential, "
                                f"got {self.device_map!r}")
+        if self.precision not in PRECISIONS:
+            raise EmbgeomError(f"{option('precision')} must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.min_count < 1 or self.max_count < self.min_count:
             raise EmbgeomError(f"{option('min_count')}/{option('max_count')} must satisfy 1 <= min <= max, "
                                f"got {self.min_count}, {self.max_count}")
@@ -266,10 +270,13 @@ def analyze(
     **options : the fields of `AnalysisConfig` (max_tokens, seq_len, batch_size,
         device, device_map, dtype, id_sample, token_types, type_layers, seed, exclude_special,
         exclude_positions, outlier_factor, text_field, encoding_errors, min_count,
-        max_count, protocol, id_first, twonn_discard, twonn_duplicates, types_filtered).
-        `protocol` ("embgeom", "paper-a" or "paper-b", see `embgeom.protocols`) sets
-        id_first, twonn_discard, twonn_duplicates, token_types and types_filtered;
-        those given explicitly beside it override it.
+        max_count, protocol, id_first, twonn_discard, twonn_duplicates, types_filtered,
+        precision). `protocol` ("embgeom", "paper-a" or "paper-b", see
+        `embgeom.protocols`) sets id_first, twonn_discard, twonn_duplicates,
+        token_types and types_filtered; those given explicitly beside it override it.
+        `precision`: "auto" forms each batch's covariance products in float32 on
+        centred data and accumulates in float64, "float64" keeps every product in
+        float64 (see `embgeom.stats.moments`).
 
     Under torchrun (WORLD_SIZE > 1) the batches are shared among the processes and
     their accumulators merged exactly; rank 0 returns the Result, the others None.
@@ -396,7 +403,7 @@ def analyze(
                                 with_types=with_types, type_layers=type_layers,
                                 type_capacity=(n_types_expected or 0) + 1,
                                 id_sample=cfg.id_points, seed=cfg.seed,
-                                id_order="first" if cfg.id_first else "random")
+                                id_order="first" if cfg.id_first else "random", precision=cfg.precision)
     type_lut = torch.as_tensor(type_of, device=device) if type_of is not None else None
     pad = pad_token_id(tok)
     gather = shard.gather_tensors if shard.world > 1 else None
@@ -565,6 +572,9 @@ def analyze(
                       "total": time.perf_counter() - t0},
         "device": str(device),
         "warnings": warnings_,
+        # What the covariance products were formed in (the state is float64 always).
+        "precision": {"option": cfg.precision, "products": stats.products, "accumulation": "float64",
+                      "tf32": False},
     }
     return Result(layers=layers, spectrum=spectrum, tokens=tokens, outliers=outliers, run=run)
 

@@ -32,8 +32,8 @@ class LayerAccumulators:
     types: TokenMoments | None
 
     @classmethod
-    def new(cls, width, device, with_types, capacity=0):
-        return cls(Moments(width, device=device), TokenMoments(width, device=device, capacity=capacity) if with_types else None)
+    def new(cls, width, device, with_types, capacity=0, precision="auto"):
+        return cls(Moments(width, device=device, precision=precision), TokenMoments(width, device=device, capacity=capacity) if with_types else None)
 
     def update(self, x: torch.Tensor, groups) -> None:
         self.moments.update(x)
@@ -93,12 +93,15 @@ class LayerStatistics:
     seed : the sample's seed.
     id_order : "random" (a uniform sample of positions) or "first" (the first
         `id_sample` counted positions of the stream: paper A's protocol).
+    precision : "auto" (float32 products for batches in model precision, float64
+        accumulation) or "float64" (every product in float64); see `Moments`.
     """
 
     def __init__(self, n_layers: dict, width: int | dict, device=None, outlier_factor: float = 10.0,
                  with_types: bool = True, type_capacity: int = 0, id_sample: int = 0, seed: int = 0,
-                 type_layers: dict | None = None, id_order: str = "random"):
+                 type_layers: dict | None = None, id_order: str = "random", precision: str = "auto"):
         self.n_layers = dict(n_layers)
+        self.precision = precision
         self.width = width
         self.widths = self.layer_widths(self.n_layers, width)
         self.device = torch.device(device) if device is not None else None
@@ -110,7 +113,8 @@ class LayerStatistics:
         self.type_layers = self.typed_layers(self.n_layers, with_types, type_layers)
 
         def part(capacity):
-            return {s: [LayerAccumulators.new(self.widths[s][layer], device, layer in self.type_layers[s], capacity)
+            return {s: [LayerAccumulators.new(self.widths[s][layer], device, layer in self.type_layers[s], capacity,
+                                              precision)
                         for layer in range(n + 1)] for s, n in self.n_layers.items()}
 
         self.inliers = part(type_capacity)
@@ -400,6 +404,7 @@ class LayerStatistics:
             "n_layers": dict(self.n_layers), "width": self.width, "outlier_factor": self.outlier_factor,
             "with_types": self.with_types, "id_sample": self.id_sample, "seed": self.seed,
             "id_order": self.id_order,
+            "precision": self.precision,
             "type_layers": {st: list(v) for st, v in self.type_layers.items()},
             "median_norm": {s: list(m) for s, m in self.median_norm.items()},
             "calibrated_on": dict(self.calibrated_on),
@@ -409,29 +414,17 @@ class LayerStatistics:
         }
 
     @classmethod
-    def from_state_dict(cls, sd: dict, device=None, *, type_capacity: int = 0) -> "LayerStatistics":
-        """Rebuild statistics from ``state_dict()`` exactly, on `device`; a state that
-        does not fit together (shapes, layer counts, thresholds) is refused."""
-        k = "LayerStatistics"
-        _state.check_kind(sd, k)
-        try:
-            stats = cls(sd["n_layers"], sd["width"], device, outlier_factor=sd["outlier_factor"],
-                        with_types=sd["with_types"], id_sample=0, seed=sd["seed"], type_layers=sd.get("type_layers"),
-                        id_order=sd.get("id_order", "random"))
-            stats.id_sample = _state.count(sd["id_sample"], k, "id_sample")
-            stats.median_norm = {s: _state.finite_or_nan(sd["median_norm"][s], k, f"median_norm[{s!r}]", n + 1)
-                                 for s, n in stats.n_layers.items()}
-            stats.calibrated_on = {s: _state.count(sd["calibrated_on"][s], k, "calibrated_on") for s in stats.n_layers}
-            stats.inliers = stats._parts_from(sd["inliers"], device, type_capacity)
-            stats.outliers = stats._parts_from(sd["outliers"], device, 0)
-            stats.samples = {s: PositionSample.from_state_dict(sd["samples"][s]) for s in stats.n_layers} \
-                if stats.id_sample > 0 else {}
-            rows = sd["outlier_rows"]
-            if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-                raise TypeError("outlier_rows must be a list of dicts")
-            stats._outlier_rows = list(rows)
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise EmbgeomError(f"LayerStatistics state_dict is malformed ({type(exc).__name__}: {exc})") from None
+    def knn_summary(self) -> dict:
+        """What the k-NN searches did, for run.json: the candidate precision chosen
+        per width with the tile timings that chose it, and totals."""
+        from .._hardware import bf16_native, cpu_name
+
+        runs = getattr(self, "knn_runs", [])
+        return {"cpu": cpu_name(), "bf16_native": bf16_native(), "searches": len(runs),
+                "choices": list({(r.get("precision"), str(r.get("tile_seconds"))): {
+                    k: r.get(k) for k in ("precision", "chosen_by", "tile_seconds")} for r in runs}.values()),
+                "fallback_rows": sum(int(r.get("fallback_rows", 0)) for r in runs),
+                "points": sum(int(r.get("n", 0)) for r in runs)}
         return stats
 
     def _parts_from(self, part: dict, device, capacity: int) -> dict:
@@ -507,6 +500,12 @@ class LayerStatistics:
                     k: r.get(k) for k in ("precision", "chosen_by", "tile_seconds")} for r in runs}.values()),
                 "fallback_rows": sum(int(r.get("fallback_rows", 0)) for r in runs),
                 "points": sum(int(r.get("n", 0)) for r in runs)}
+    @property
+    def products(self) -> list[str]:
+        """The dtypes the covariance products were formed in, over every layer (for
+        the run record): ['float32'], ['float64'] or both."""
+        return sorted(set().union(*(a.moments.products for part in (self.inliers, self.outliers)
+                                    for accs in part.values() for a in accs)))
 
     def outlier_records(self) -> list[dict]:
         return self._outlier_rows

@@ -7,10 +7,21 @@ spread lose nothing (no difference of large raw sums). The batch's Gram matrix i
 added straight into the upper triangle of the state, one matrix product per row
 strip. Memory is O(d²) whatever the number of vectors; accumulators merge exactly,
 so shards and ranks combine.
+
+Precision of the per-batch products (``precision``): with "auto" (the default), a
+batch in model precision (float32, bfloat16, float16) is centred on a reference row
+(its own mean, roughly, held in float32) and its Gram matrix, sums and unit-vector
+sum are formed in float32 (IEEE: no TF32 or bf16 shortcuts, on every device); each
+batch's results are then turned into float64, the reference row added back
+exactly, and merged into the float64 state with the same Chan update. Centring
+first is what keeps float32 exact enough: the products see the spread of the data,
+not its offset. float64 inputs, and ``precision="float64"``, keep every product in
+float64.
 """
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 import torch
@@ -19,6 +30,22 @@ from .._validate import as_float_matrix
 from ..errors import EmbgeomError
 from . import _state
 from ..metrics.spectrum import eigenvalues, spectrum_metrics, top_eigenvalue
+
+PRECISIONS = ("auto", "float64")
+# Dtypes models emit: their batches get float32 products under "auto".
+MODEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise EmbgeomError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return precision
+
+
+def product_dtype(precision: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a batch of `dtype` forms its products in: float32 for model
+    precision under "auto", float64 otherwise (float64 inputs, precision="float64")."""
+    return torch.float32 if precision == "auto" and dtype in MODEL_DTYPES else torch.float64
 
 
 # Largest vector norm accepted: the float64 sums of squares (n up to 1e12 vectors)
@@ -37,15 +64,31 @@ def _strips(d: int) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
-def add_gram_upper(acc: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def add_gram_upper(acc: torch.Tensor, x: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
     """acc += xᵀx on the upper triangle (and diagonal blocks) only, in place: one
     matrix product per row strip of about 96 columns, written straight into `acc`.
     There is no symmetric rank-k update in torch; at widths in the hundreds this
     takes 70–85% of the time of x.T @ x (float64, CPU) and needs no temporary.
-    Entries strictly below the diagonal blocks are left as they were."""
+    Entries strictly below the diagonal blocks are left as they were; beta=0 writes
+    xᵀx instead of adding it (what was there is ignored, NaN included)."""
     for a, b in _strips(x.shape[1]):
-        acc[a:b, a:].addmm_(x[:, a:b].T, x[:, a:])
+        acc[a:b, a:].addmm_(x[:, a:b].T, x[:, a:], beta=beta)
     return acc
+
+
+_work = threading.local()
+
+
+def _gram_work(dim: int, device: torch.device) -> torch.Tensor:
+    """A float32 d × d work matrix for one batch's Gram, shared by the accumulators of
+    this thread (one per width and device, not one per accumulator). `add_gram_upper`
+    with beta=0 overwrites the same upper strips every time, so below the diagonal
+    blocks it stays zero."""
+    cache = _work.__dict__.setdefault("gram", {})
+    key = (dim, str(device))
+    if key not in cache:
+        cache[key] = torch.zeros(dim, dim, dtype=torch.float32, device=device)
+    return cache[key]
 
 
 def symmetric_from_upper(m: torch.Tensor) -> torch.Tensor:
@@ -68,6 +111,10 @@ class Moments:
     device : str or torch.device, optional
         Where the float64 state lives; batches are moved there. Defaults to the
         device of the first batch.
+    precision : {"auto", "float64"}
+        "auto": batches in model precision (float32, bfloat16, float16) form their
+        products in float32 after centring on the reference row, float64 batches in
+        float64; "float64": every product in float64. The state is float64 either way.
 
     Attributes (float64, population normalisation 1/N)
     ----------
@@ -80,7 +127,7 @@ class Moments:
     second_moment : (1/N) Σ x xᵀ = covariance + μμᵀ.
     """
 
-    def __init__(self, dim: int, device=None):
+    def __init__(self, dim: int, device=None, precision: str = "auto"):
         if not isinstance(dim, (int, np.integer)) or dim < 1:
             raise EmbgeomError(f"Moments(dim) needs a positive integer width, got {dim!r}")
         self.dim = int(dim)
@@ -90,6 +137,8 @@ class Moments:
         self._mean = None
         self._scatter = None
         self._unit_sum = None
+        self.precision = check_precision(precision)
+        self.products: set = set()  # dtypes the products were formed in, for the run record
 
     # ------------------------------------------------------------------ updates
     def _init_state(self, device) -> None:
@@ -107,6 +156,10 @@ class Moments:
             return self
         if self._mean is None:
             self._init_state(self._device if self._device is not None else x.device)
+        if product_dtype(self.precision, x.dtype) == torch.float32 and self._update_float32(x.detach()):
+            self.products.add("float32")
+            return self
+        self.products.add("float64")
         # One float64 copy of the batch (on the state's device) with a spare last row.
         # Centred on the batch's own mean, its Gram matrix goes straight into the
         # state; the spare row carries the Chan cross term, so the Gram adds it too
@@ -146,6 +199,53 @@ class Moments:
         self.n_nonzero += int(torch.count_nonzero(norms))
         return self
 
+    def _update_float32(self, x: torch.Tensor) -> bool:
+        """Add a batch in model precision with float32 products (module docstring).
+        Returns False, with nothing changed, when float32 overflowed on finite data
+        (huge bfloat16 values): the caller then takes the float64 path."""
+        from ..metrics.neighbors import _ieee_fp32_matmul
+
+        if x.device != self._device:
+            x = x.to(self._device)
+        nb = x.shape[0]
+        gram = _gram_work(self.dim, self._device)
+        with _ieee_fp32_matmul():
+            # The reference row: the batch's own mean, roughly (float32 sums) and held
+            # in float32, so that the float64 algebra below adds back exactly the row
+            # the centring took off. It depends on the batch alone, so a batch gives
+            # the same products in any accumulator: sharding, merge order and
+            # resuming leave the numbers as they are, and nothing is kept in the state.
+            ref32 = x.sum(0, dtype=torch.float32).div_(nb)
+            # One pass converts and centres (a float32 result whatever the model dtype).
+            y = torch.sub(x, ref32)
+            norms = torch.linalg.vector_norm(x, dim=1, dtype=torch.float32)
+            # 1/‖x‖, and 0 for zero vectors (no direction). Σ x/‖x‖ = Σ y/‖x‖ + ref Σ 1/‖x‖.
+            inv_norm = torch.reciprocal(norms).nan_to_num_(nan=0.0, posinf=0.0)
+            yt = y.T
+            ysum = torch.mv(yt, torch.ones_like(inv_norm))
+            usum = torch.mv(yt, inv_norm)
+            add_gram_upper(gram, y, beta=0.0)
+        finite = torch.isfinite(ysum).all() & torch.isfinite(norms).all() & torch.isfinite(gram.diagonal()).all()
+        if not bool(finite):
+            if not bool(torch.isfinite(x).all()):
+                raise NonFiniteInput("batch holds NaN or infinite values")
+            return False
+        # float64 from here: batch scatter Σ(x − m)(x − m)ᵀ = Σ yyᵀ − nb ȳȳᵀ with
+        # m = ref + ȳ, then the Chan update as in `update`.
+        ref = ref32.to(torch.float64)
+        ybar = ysum.to(torch.float64).div_(nb)
+        n = self.n + nb
+        delta = (ref + ybar).sub_(self._mean)
+        self._scatter.add_(gram)  # below the diagonal blocks the work matrix holds zeros
+        self._scatter.addr_(ybar, ybar, alpha=-float(nb))
+        if self.n:
+            self._scatter.addr_(delta, delta, alpha=self.n * nb / n)
+        self._mean.add_(delta, alpha=nb / n)
+        self._unit_sum.add_(usum.to(torch.float64)).add_(ref.mul_(inv_norm.sum(dtype=torch.float64)))
+        self.n = n
+        self.n_nonzero += int(torch.count_nonzero(norms))
+        return True
+
     def _scatter_full(self) -> torch.Tensor:
         """Σ (x − μ)(x − μ)ᵀ, symmetric (the state keeps its upper triangle)."""
         return symmetric_from_upper(self._scatter)
@@ -173,6 +273,7 @@ class Moments:
         self._unit_sum.add_(other._unit_sum.to(dev))
         self.n = n
         self.n_nonzero += other.n_nonzero
+        self.products |= other.products
         return self
 
     # ------------------------------------------------------------------ results
@@ -252,7 +353,8 @@ class Moments:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         """Plain tensors and ints (CPU), enough to rebuild this accumulator exactly."""
-        sd = {"kind": "Moments", "version": 1, "dim": self.dim, "n": self.n, "n_nonzero": self.n_nonzero}
+        sd = {"kind": "Moments", "version": 1, "dim": self.dim, "n": self.n, "n_nonzero": self.n_nonzero,
+              "precision": self.precision, "products": sorted(self.products)}
         if self._mean is not None:
             sd.update(
                 mean=self._mean.detach().cpu().clone(),
@@ -269,9 +371,13 @@ class Moments:
         k = "Moments"
         d = _state.count(_state.entry(sd, k, "dim"), k, "dim", low=1)
         n = _state.count(_state.entry(sd, k, "n"), k, "n")
-        m = cls(d, device=device)
+        m = cls(d, device=device, precision=sd.get("precision", "auto"))
         m.n = n
         m.n_nonzero = _state.count(_state.entry(sd, k, "n_nonzero"), k, "n_nonzero", high=n)
+        products = sd.get("products", ())
+        if not isinstance(products, (list, tuple)) or not all(isinstance(p, str) for p in products):
+            raise EmbgeomError(f"Moments state_dict: products must be a list of names, got {products!r}")
+        m.products = set(products)
         if "mean" in sd or n:
             mean = _state.tensor(_state.entry(sd, k, "mean"), k, "mean", (d,))
             scatter = _state.scatter_matrix(_state.tensor(_state.entry(sd, k, "scatter"), k, "scatter", (d, d)),
