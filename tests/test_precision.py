@@ -121,7 +121,7 @@ def test_non_finite_float32_batch_adds_nothing(bad):
 def test_unknown_precision_is_refused(tiny_models):
     with pytest.raises(EmbgeomError, match="precision"):
         Moments(4, precision="float16")
-    with pytest.raises(EmbgeomError, match="--precision"):
+    with pytest.raises(EmbgeomError, match="^precision must"):  # the Python API's spelling
         analyze(str(tiny_models["gpt2"]), ["some text here"], precision="bf16")
 
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import platform
 import time
+from contextlib import contextmanager
 
-__all__ = ["cpu_name", "bf16_native", "pick_fastest", "best_time"]
+__all__ = ["cpu_name", "bf16_native", "pick_fastest", "best_time", "ieee_fp32_matmul"]
 
 
 def _cpuinfo() -> str:
@@ -76,3 +77,48 @@ def best_time(fn, repeat: int = 3, sync=None) -> float:
             sync()
         best = min(best, time.perf_counter() - t)
     return best
+
+
+@contextmanager
+def ieee_fp32_matmul():
+    """Force IEEE float32 matrix products (no TF32 / bf16 shortcuts) inside the block
+    (exact float32 is what the k-NN bounds and the float32 Gram are written for)."""
+    import torch
+
+    restore = []
+    for backend in ("mkldnn", "cuda"):
+        mod = getattr(getattr(torch.backends, backend, None), "matmul", None)
+        if mod is not None and hasattr(mod, "fp32_precision"):
+            try:
+                old = mod.fp32_precision
+                if old not in ("ieee",):
+                    mod.fp32_precision = "ieee"
+                    restore.append((mod, "fp32_precision", old))
+            except Exception:  # pragma: no cover - backend-specific
+                pass
+    cuda_mm = getattr(getattr(torch.backends, "cuda", None), "matmul", None)
+    if cuda_mm is not None and not hasattr(cuda_mm, "fp32_precision"):  # older torch
+        try:
+            if cuda_mm.allow_tf32:
+                cuda_mm.allow_tf32 = False
+                restore.append((cuda_mm, "allow_tf32", True))
+        except Exception:  # pragma: no cover
+            pass
+        try:
+            old = torch.get_float32_matmul_precision()
+            if old != "highest":
+                torch.set_float32_matmul_precision("highest")
+                restore.append((None, "legacy", old))
+        except Exception:  # pragma: no cover
+            pass
+    try:
+        yield
+    finally:
+        for mod, attr, old in reversed(restore):
+            try:
+                if mod is None:
+                    torch.set_float32_matmul_precision(old)
+                else:
+                    setattr(mod, attr, old)
+            except Exception:  # pragma: no cover
+                pass

@@ -43,9 +43,9 @@ SOURCES = {
 def preset(name: str) -> dict:
     """The options protocol `name` sets; EmbgeomError for an unknown name."""
     if name not in PROTOCOLS:
-        from .errors import EmbgeomError
+        from .errors import EmbgeomError, option
 
-        raise EmbgeomError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {name!r}")
+        raise EmbgeomError(f"{option('protocol')} must be one of {', '.join(PROTOCOLS)}, got {name!r}")
     return dict(PROTOCOLS[name])
 
 

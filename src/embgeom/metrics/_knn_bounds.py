@@ -7,7 +7,6 @@ and comes with a proven interval ``lower(r) ≤ D_ij ≤ upper(r)`` (:class:`Bou
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -88,48 +87,6 @@ def operands(state, nhat: np.ndarray, n_pad: int, d: int):
         A, B, ne = state
         return _bf16_finish(A, B, nh, ne, eps_n(d), nh.shape[0], n_pad, d)
     return _fp32_operands(state[0], nh, eps_n(d), n_pad, d)
-
-
-@contextmanager
-def ieee_fp32_matmul():
-    """Force IEEE float32 matrix products (no TF32 / bf16 shortcuts) inside the block."""
-    restore = []
-    for backend in ("mkldnn", "cuda"):
-        mod = getattr(getattr(torch.backends, backend, None), "matmul", None)
-        if mod is not None and hasattr(mod, "fp32_precision"):
-            try:
-                old = mod.fp32_precision
-                if old not in ("ieee",):
-                    mod.fp32_precision = "ieee"
-                    restore.append((mod, "fp32_precision", old))
-            except Exception:  # pragma: no cover - backend-specific
-                pass
-    cuda_mm = getattr(getattr(torch.backends, "cuda", None), "matmul", None)
-    if cuda_mm is not None and not hasattr(cuda_mm, "fp32_precision"):  # older torch
-        try:
-            if cuda_mm.allow_tf32:
-                cuda_mm.allow_tf32 = False
-                restore.append((cuda_mm, "allow_tf32", True))
-        except Exception:  # pragma: no cover
-            pass
-        try:
-            old = torch.get_float32_matmul_precision()
-            if old != "highest":
-                torch.set_float32_matmul_precision("highest")
-                restore.append((None, "legacy", old))
-        except Exception:  # pragma: no cover
-            pass
-    try:
-        yield
-    finally:
-        for mod, attr, old in reversed(restore):
-            try:
-                if mod is None:
-                    torch.set_float32_matmul_precision(old)
-                else:
-                    setattr(mod, attr, old)
-            except Exception:  # pragma: no cover
-                pass
 
 
 def _fp32_input_roundoff() -> float:

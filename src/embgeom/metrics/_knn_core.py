@@ -13,6 +13,7 @@ from . import _knn_points as kp
 from . import _knn_precision
 from . import _knn_tiles as kt
 from ._knn_bounds import _GROUP, _U64, _gamma
+from .._hardware import ieee_fp32_matmul
 
 _SPLIT_MIN = 256  # diagonal blocks of ≥ 2·_SPLIT_MIN points are split in halves
 _CHUNK_ELEMS = 1 << 17  # elements per row chunk of the fallback's passes (1 MiB of float64)
@@ -203,7 +204,7 @@ def search(X, xn, rows, k, block, margin, precision):
     if prepared is None or isinstance(prepared, str):
         return prepared
     (scale, to_scaled, delta, p, n_pad), nhat, state, centre = prepared
-    with kb.ieee_fp32_matmul():
+    with ieee_fp32_matmul():
         tile_fn, tile_dtype, bounds = kb.operands(state, nhat, n_pad, d)
         del state
         keys, idx, cnt = _candidates(tile_fn, tile_dtype, bounds, u, n_pad, p, k, delta, block)

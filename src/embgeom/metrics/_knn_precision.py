@@ -21,6 +21,7 @@ import torch
 from .. import _hardware
 from . import _knn_bounds as kb
 from . import _knn_points as kp
+from .._hardware import ieee_fp32_matmul
 
 _TILE = 512
 _CHOICES: dict = {}  # width -> the "auto" choice (once per process)
@@ -67,7 +68,7 @@ def tile_seconds(precision: str, d: int) -> float:
     """Best time of one ``_TILE × _TILE`` candidate tile's product in ``precision``."""
     tile_fn, dt, _, n = _random_operands(precision, d)
     out = torch.empty((n, n), dtype=dt)
-    with kb.ieee_fp32_matmul():
+    with ieee_fp32_matmul():
         return _hardware.best_time(lambda: tile_fn(0, n, 0, n, out), repeat=5)
 
 

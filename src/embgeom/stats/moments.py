@@ -203,13 +203,13 @@ class Moments:
         """Add a batch in model precision with float32 products (module docstring).
         Returns False, with nothing changed, when float32 overflowed on finite data
         (huge bfloat16 values): the caller then takes the float64 path."""
-        from ..metrics.neighbors import _ieee_fp32_matmul
+        from .._hardware import ieee_fp32_matmul
 
         if x.device != self._device:
             x = x.to(self._device)
         nb = x.shape[0]
         gram = _gram_work(self.dim, self._device)
-        with _ieee_fp32_matmul():
+        with ieee_fp32_matmul():
             # The reference row: the batch's own mean, roughly (float32 sums) and held
             # in float32, so that the float64 algebra below adds back exactly the row
             # the centring took off. It depends on the batch alone, so a batch gives
