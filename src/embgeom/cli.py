@@ -54,6 +54,7 @@ def run(
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where fp32 copies of GGUF models are kept."),
     snapshot_every: float = typer.Option(300.0, "--snapshot-every", help="Seconds between crash-safe snapshots in OUT/snapshots (0: every batch)."),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last snapshot (same command otherwise)."),
+    cross_layer: bool = typer.Option(True, "--cross-layer/--no-cross-layer", help="Float64 cross-moments of consecutive layers for linear_cka and linearity (2 x width² per layer pair)."),
     figures: bool = typer.Option(True, "--figures/--no-figures", help="Write PNG figures into OUT/figures."),
     progress: bool = typer.Option(True, "--progress/--no-progress",
                                   help="Progress on stderr: model loading (and a note before a GGUF file is dequantized), tokens streamed, then layers' metrics."),
@@ -78,6 +79,7 @@ def run(
         id_sample=id_sample, token_types=token_types, type_layers=tuple(type_layers) or None, seed=seed, exclude_special=exclude_special,
         exclude_positions=tuple(exclude_positions), outlier_factor=outlier_factor, text_field=text_field,
         encoding_errors=encoding_errors, device_map=device_map, min_count=min_count, max_count=max_count,
+        cross_layer=cross_layer,
     )
     targets = expand_targets(models, revision, step)
     if is_sweep(targets, models):

@@ -22,7 +22,7 @@ from .models import LoadedModel, open_model, resolve_device
 from .snapshot import Snapshots, check_interval
 from .progress import layer_progress, token_progress
 from ._heap import HeapTrimmer
-from .results import Result, empty_tokens_frame, layers_frame
+from .results import Result, empty_tokens_frame, id_scale_frame, layers_frame
 from .stats.layers import VIEWS, LayerStatistics
 from .windows import POSITION_BITS, Window, WindowPlan, iter_batches, iter_windows, pad_token_id, validate_plan
 
@@ -30,6 +30,8 @@ from .windows import POSITION_BITS, Window, WindowPlan, iter_batches, iter_windo
 # Windows of at most this many tokens in all (~5 bytes each, ~40 MiB) are kept from
 # the counting pre-pass for the stream instead of being tokenized again.
 KEEP_WINDOW_TOKENS = 1 << 23
+# GRIDE's largest neighbour rank: scales n1 = 1, 2, ..., 32 (n2 = 2 n1 <= 64).
+GRIDE_MAX_RANK = 64
 
 
 @dataclass
@@ -54,6 +56,7 @@ class AnalysisConfig:
     min_count: int = 10
     max_count: int = 100000
     calibration_tokens: int = 2048
+    cross_layer: bool = True
 
     @classmethod
     def from_options(cls, **options) -> "AnalysisConfig":
@@ -95,6 +98,8 @@ class AnalysisConfig:
             raise EmbgeomError(f"--encoding-errors must be strict, replace or ignore, got {self.encoding_errors!r}")
         if self.device_map not in (None, "auto", "balanced", "balanced_low_0", "sequential"):
             raise EmbgeomError(f"--device-map must be auto, balanced, balanced_low_0 or sequential, got {self.device_map!r}")
+        if not isinstance(self.cross_layer, bool):
+            raise EmbgeomError(f"cross_layer must be True or False, got {self.cross_layer!r}")
         if self.min_count < 1 or self.max_count < self.min_count:
             raise EmbgeomError(f"--min-count/--max-count must satisfy 1 <= min <= max, got {self.min_count}, {self.max_count}")
 
@@ -120,12 +125,14 @@ def _check_memory(n_layers: dict, widths, width: int, n_types: int | None, type_
                   cfg: AnalysisConfig, device, sharers: int) -> int:
     """Refuse a run whose statistics cannot fit (see `embgeom.memory`); returns the
     planned bytes. `type_layers`: --type-layers resolved for these stacks."""
-    planned = LayerStatistics.planned_parts(n_layers, widths, n_types, cfg.id_sample, type_layers)
+    planned = LayerStatistics.planned_parts(n_layers, widths, n_types, cfg.id_sample, type_layers, cfg.cross_layer)
     typed = sum(map(len, LayerStatistics.typed_layers(n_layers, n_types is not None, type_layers).values()))
     hidden = sum(n + 1 for n in n_layers.values())
     what = {"covariances": f"2 x width² float64 for each of {hidden} hidden states",
             "per-type means": f"{n_types or 0:,} token types x {typed} hidden states x width {width} in float64",
-            "ID sample": f"{cfg.id_sample:,} positions x {hidden} hidden states x width in float32"}
+            "ID sample": f"{cfg.id_sample:,} positions x {hidden} hidden states x width in float32",
+            "cross-layer moments": "2 x width² float64 (and 2 x width² for outliers) for each pair of consecutive "
+                                   "layers (--no-cross-layer: none)"}
     placed = {k: (b, what[k]) for k, b in planned.items()}
     # The ID sample is kept in host memory whatever the device; the rest lives on it.
     if torch.device(device).type != "cpu" and "ID sample" in placed:
@@ -206,7 +213,8 @@ def analyze(
     **options : the fields of `AnalysisConfig` (max_tokens, seq_len, batch_size,
         device, device_map, dtype, id_sample, token_types, type_layers, seed, exclude_special,
         exclude_positions, outlier_factor, text_field, encoding_errors, min_count,
-        max_count).
+        max_count, cross_layer: False leaves out the cross-layer moments, so linear_cka
+        and linearity are NaN).
 
     Under torchrun (WORLD_SIZE > 1) the batches are shared among the processes and
     their accumulators merged exactly; rank 0 returns the Result, the others None.
@@ -341,7 +349,7 @@ def analyze(
         stats = LayerStatistics(facts.n_layers, facts.widths, device, outlier_factor=cfg.outlier_factor,
                                 with_types=with_types, type_layers=type_layers,
                                 type_capacity=(n_types_expected or 0) + 1,
-                                id_sample=cfg.id_sample, seed=cfg.seed)
+                                id_sample=cfg.id_sample, seed=cfg.seed, cross_layer=cfg.cross_layer)
     type_lut = torch.as_tensor(type_of, device=device) if type_of is not None else None
     pad = pad_token_id(tok)
     gather = shard.gather_tensors if shard.world > 1 else None
@@ -409,10 +417,11 @@ def analyze(
 
     t3 = time.perf_counter()
     rev = revision or ""
-    rows, spectrum_rows, token_frames = [], [], []
+    rows, spectrum_rows, token_frames, scale_frames = [], [], [], []
     n_layer_rows = sum(L + 1 for L in facts.n_layers.values())
     with layer_progress(n_layer_rows, enabled=progress, description=f"{loaded.name} metrics") as advance_layer:
         for stack, L in facts.n_layers.items():
+            cross = stats.cross_layer_metrics(stack)  # before the views are merged in place
             for layer in range(L + 1):
                 # Inliers first: then 'all' merges the few outliers into the inliers'
                 # own accumulators (no copy of the per-type table), and a layer
@@ -444,8 +453,13 @@ def analyze(
                         rows.append(row)
                         continue
                     row.update(values)
+                    row.update(cross.get(layer, {}).get(view, {}))
+                    row.update(stats.window_means(stack, layer, view))
                     if cfg.id_sample > 0:
                         row.update(stats.intrinsic_dimension(stack, layer, view))
+                        scales = stats.id_scales(stack, layer, view, GRIDE_MAX_RANK)
+                        if scales is not None:
+                            scale_frames.append(scales.assign(**ident, view=view))
                     rows.append(row)
                     spectrum_rows.append(pd.DataFrame(dict(ident, view=view, rank=np.arange(1, len(lam) + 1),
                                                            eigenvalue=lam)))
@@ -465,6 +479,7 @@ def analyze(
     for col, value in (("step", step), ("revision", rev), ("model", name)):
         tokens.insert(0, col, value)
     outliers = outlier_table(stats.outlier_records(), tok, name, rev)
+    id_scale = id_scale_frame(scale_frames)
     if threads is not None:
         torch.set_num_threads(threads)
     t_metrics = time.perf_counter() - t3
@@ -499,7 +514,7 @@ def analyze(
                       "total": time.perf_counter() - t0},
         "device": str(device),
     }
-    return Result(layers=layers, spectrum=spectrum, tokens=tokens, outliers=outliers, run=run)
+    return Result(layers=layers, spectrum=spectrum, tokens=tokens, outliers=outliers, run=run, id_scale=id_scale)
 
 
 def _merge_ranks(shard: Shard, stats: LayerStatistics, n_seen: dict, n_padded: int, device):

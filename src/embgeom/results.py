@@ -27,8 +27,10 @@ SPECTRUM_COLUMNS = [
 ]
 TRADEOFF_COLUMNS = ["mv_slope", "mv_intercept", "mv_r2", "mv_pearson", "q_cv", "n_types"]
 ID_DIM_COLUMNS = ["id_twonn", "id_twonn_ml", "id_twonn_ml_low", "id_twonn_ml_high", "id_mle", "id_n"]
-LAYER_COLUMNS = ID_COLUMNS + MOMENT_COLUMNS + SPECTRUM_COLUMNS + TRADEOFF_COLUMNS + ID_DIM_COLUMNS
-METRIC_COLUMNS = MOMENT_COLUMNS + SPECTRUM_COLUMNS + TRADEOFF_COLUMNS + ID_DIM_COLUMNS
+BEYOND_COLUMNS = ["linear_cka", "linearity", "curvature", "prompt_entropy"]
+LAYER_COLUMNS = ID_COLUMNS + MOMENT_COLUMNS + SPECTRUM_COLUMNS + TRADEOFF_COLUMNS + ID_DIM_COLUMNS + BEYOND_COLUMNS
+METRIC_COLUMNS = MOMENT_COLUMNS + SPECTRUM_COLUMNS + TRADEOFF_COLUMNS + ID_DIM_COLUMNS + BEYOND_COLUMNS
+ID_SCALE_COLUMNS = ["model", "revision", "step", "stack", "layer", "view", "n1", "n2", "scale", "id", "id_err"]
 SPECTRUM_TABLE_COLUMNS = ["model", "revision", "step", "stack", "layer", "view", "rank", "eigenvalue"]
 
 
@@ -41,6 +43,16 @@ def layers_frame(rows: list[dict]) -> pd.DataFrame:
             df[col] = float("nan")
     extra = [c for c in df.columns if c not in LAYER_COLUMNS]
     return df[LAYER_COLUMNS + extra]
+
+
+def id_scale_frame(frames: list) -> pd.DataFrame:
+    """id_scale.parquet: GRIDE's ID at every scale, one row per (stack, layer, view,
+    n1); the columns of ID_SCALE_COLUMNS even when empty."""
+    frames = [f for f in frames if f is not None and len(f)]
+    if not frames:
+        return pd.DataFrame({c: pd.Series([], dtype=float if c in ("scale", "id", "id_err") else object)
+                             for c in ID_SCALE_COLUMNS})
+    return pd.concat(frames, ignore_index=True)[ID_SCALE_COLUMNS]
 
 
 def groups_by_run(df: pd.DataFrame, keys=("model", "revision", "stack")):
@@ -98,6 +110,7 @@ class Result:
     tokens: pd.DataFrame | None = None
     outliers: pd.DataFrame | None = None
     run: dict = field(default_factory=dict)
+    id_scale: pd.DataFrame | None = None  # GRIDE's ID against scale (id_scale.parquet)
 
     def save(self, out, figures: bool = True) -> Path:
         """Write the output directory of SPEC §5; layers.csv last, atomically."""
@@ -110,6 +123,8 @@ class Result:
                 self.tokens.to_parquet(out / "tokens.parquet", index=False)
             if self.outliers is not None:
                 self.outliers.to_csv(out / "outliers.csv", index=False)
+            if self.id_scale is not None:
+                self.id_scale.to_parquet(out / "id_scale.parquet", index=False)
             if figures:
                 from .plots import plot_runs
 
@@ -142,7 +157,8 @@ class Result:
         tokens = pd.read_parquet(out / "tokens.parquet") if (out / "tokens.parquet").exists() else None
         outliers = pd.read_csv(out / "outliers.csv") if (out / "outliers.csv").exists() else None
         run = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
-        res = cls(layers=layers, tokens=tokens, outliers=outliers, run=run)
+        id_scale = pd.read_parquet(out / "id_scale.parquet") if (out / "id_scale.parquet").exists() else None
+        res = cls(layers=layers, tokens=tokens, outliers=outliers, run=run, id_scale=id_scale)
         if spectrum is not None:
             res.spectrum = spectrum
         return res
@@ -166,6 +182,7 @@ def combine(results: list["Result"]) -> "Result":
         tokens=cat([r.tokens for r in results]),
         outliers=outliers,
         run={"runs": [r.run for r in results]},
+        id_scale=cat([r.id_scale for r in results]),
     )
     if spectrum is not None:
         merged.spectrum = spectrum

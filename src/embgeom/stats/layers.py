@@ -15,12 +15,62 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .cross_moments import CrossMoments, centred, scatter_without
 from .moments import Moments, NonFiniteInput
 from .position_sample import PositionSample
 from .token_moments import TokenMoments
 from ..errors import EmbgeomError
+from ..metrics.trajectory import padded_windows, window_curvatures, window_entropies
 
 VIEWS = ("all", "inliers")
+# Per (layer, view) sums over windows: curvature sum and count, prompt entropy sum and count.
+WINDOW_SUMS = 4
+
+
+@dataclass
+class PairAccumulators:
+    """Cross-moments of one pair of consecutive layers (l, l + 1) of a stack.
+
+    both : the tokens that are inliers at both layers (the pair's inliers view).
+    rest : every other token (outlier at one layer or both); all = both ⊕ rest.
+    drop_x : layer l's vectors of the tokens inlier at l but outlier at l + 1, and
+    drop_y : layer l + 1's of those inlier at l + 1 but outlier at l: taken out of
+        each layer's inlier moments, they leave the moments of `both`'s tokens.
+    """
+
+    both: CrossMoments
+    rest: CrossMoments
+    drop_x: Moments
+    drop_y: Moments
+
+    @classmethod
+    def new(cls, dx, dy, device):
+        return cls(CrossMoments(dx, dy, device), CrossMoments(dx, dy, device), Moments(dx, device=device),
+                   Moments(dy, device=device))
+
+    def parts(self):
+        return (self.both, self.rest, self.drop_x, self.drop_y)
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k).state_dict() for k in ("both", "rest", "drop_x", "drop_y")}
+
+    @classmethod
+    def from_state_dict(cls, sd: dict, device=None):
+        return cls(CrossMoments.from_state_dict(sd["both"], device), CrossMoments.from_state_dict(sd["rest"], device),
+                   Moments.from_state_dict(sd["drop_x"], device), Moments.from_state_dict(sd["drop_y"], device))
+
+    def merge(self, other: "PairAccumulators") -> None:
+        for a, b in zip(self.parts(), other.parts()):
+            a.merge(b)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts())
+
+    @staticmethod
+    def nbytes_for(dx: int, dy: int) -> int:
+        """Upper bound: every part allocated (the last three only meet outliers)."""
+        return 2 * CrossMoments.nbytes_for(dx, dy) + Moments.nbytes_for(dx) + Moments.nbytes_for(dy)
 
 
 @dataclass
@@ -59,6 +109,7 @@ class _Pending:
     types: list = field(default_factory=list)
     meta: list = field(default_factory=list)
     calib: list = field(default_factory=list)  # per batch: (n,) bool rows the median is taken over, or None (all)
+    lengths: list = field(default_factory=list)  # per batch: (B,) counted rows of each window
     n: int = 0
 
 
@@ -82,12 +133,20 @@ class LayerStatistics:
     id_sample : positions kept (uniformly, by seeded hash of their keys) with their
         vectors in every layer, for intrinsic dimension; 0 keeps none.
     seed : the sample's seed.
+    cross_layer : keep the float64 cross-moments of every pair of consecutive layers
+        (d_l × d_{l+1} each), for linear CKA and linearity. Their inliers view is the
+        tokens that are inliers at both layers of the pair.
+
+    Every batch also adds each window's curvature and prompt entropy over its
+    counted tokens (the inliers view: its counted tokens that are inliers at that
+    layer) to per-layer sums, for their means over windows.
     """
 
     def __init__(self, n_layers: dict, width: int | dict, device=None, outlier_factor: float = 10.0,
                  with_types: bool = True, type_capacity: int = 0, id_sample: int = 0, seed: int = 0,
-                 type_layers: dict | None = None):
+                 type_layers: dict | None = None, cross_layer: bool = True):
         self.n_layers = dict(n_layers)
+        self.cross_layer = bool(cross_layer)
         self.width = width
         self.widths = self.layer_widths(self.n_layers, width)
         self.device = torch.device(device) if device is not None else None
@@ -103,6 +162,10 @@ class LayerStatistics:
 
         self.inliers = part(type_capacity)
         self.outliers = part(0)
+        self.pairs = {s: [PairAccumulators.new(self.widths[s][layer], self.widths[s][layer + 1], device)
+                          for layer in range(n)] for s, n in self.n_layers.items()} if self.cross_layer else {}
+        self.window_sums = {s: torch.zeros(n + 1, len(VIEWS), WINDOW_SUMS, dtype=torch.float64, device=device)
+                            for s, n in self.n_layers.items()}
         self.median_norm: dict = {s: None for s in self.n_layers}  # stack -> list per layer
         self.calibrated_on: dict = {s: 0 for s in self.n_layers}
         self._pending = {s: _Pending() for s in self.n_layers}
@@ -178,6 +241,7 @@ class LayerStatistics:
             return t if idx is None else t.index_select(0, idx.to(t.device))
 
         types = rows(token_types)
+        lengths = counted.sum(1)
         metas = {k: rows(v) for k, v in (meta or {}).items()}
         xs = []
         for layer, h in enumerate(hidden):
@@ -196,9 +260,10 @@ class LayerStatistics:
             p.types.append(types)
             p.meta.append(metas)
             p.calib.append(None if calibration is None else rows(calibration))
+            p.lengths.append(lengths)
             p.n += int(types.numel())
             return
-        self._accumulate(stack, xs, types, metas)
+        self._accumulate(stack, xs, types, metas, lengths)
 
     def _calibrate(self, stack: str, gather=None) -> None:
         p = self._pending[stack]
@@ -220,8 +285,8 @@ class LayerStatistics:
         self.median_norm[stack] = medians
         self.calibrated_on[stack] = int(norms.shape[1])
         self._pending[stack] = _Pending()
-        for xs, types, metas in zip(p.xs, p.types, p.meta):
-            self._accumulate(stack, xs, types, metas)
+        for xs, types, metas, lengths in zip(p.xs, p.types, p.meta, p.lengths):
+            self._accumulate(stack, xs, types, metas, lengths)
 
     @property
     def calibrated(self) -> bool:
@@ -244,24 +309,71 @@ class LayerStatistics:
         """End of stream: calibrate if that has not happened yet."""
         self.calibrate(gather)
 
-    def _accumulate(self, stack, xs, types, metas) -> None:
+    def _accumulate(self, stack, xs, types, metas, lengths) -> None:
         groups = TokenMoments.group(types) if self.with_types else None
+        outs = []
         for layer, x in enumerate(xs):
             try:
-                self._accumulate_layer(stack, layer, x, types, groups, metas)
+                outs.append(self._accumulate_layer(stack, layer, x, types, groups, metas))
             except NonFiniteInput:
                 raise EmbgeomError(
                     f"hidden states of {stack} layer {layer} are not finite (NaN or inf); "
                     "the model overflows in this dtype: try --dtype float32"
                 ) from None
+            self._accumulate_windows(stack, layer, x, outs[-1], lengths)
+        cache = {}  # layer -> (mean, centred float64 rows): a layer shared by two pairs is converted once
 
-    def _accumulate_layer(self, stack, layer, x, types, groups, metas) -> None:
+        def whole(layer):
+            if layer not in cache:
+                cache[layer] = centred(xs[layer], self.device)
+            return cache[layer]
+
+        for layer, pair in enumerate(self.pairs.get(stack, ())):
+            if outs[layer] is None and outs[layer + 1] is None:
+                pair.both.update_centred(*whole(layer), *whole(layer + 1))
+            else:
+                self._accumulate_pair(pair, xs[layer], xs[layer + 1], outs[layer], outs[layer + 1])
+            cache.pop(layer, None)
+
+    def _accumulate_windows(self, stack, layer, x, out, lengths) -> None:
+        """Add each window's curvature and prompt entropy (both views) to the sums."""
+        sums = self.window_sums[stack][layer]
+        lengths = lengths.to(x.device)
+        for v, view in enumerate(VIEWS):
+            if view == "inliers" and out is not None:
+                win = torch.repeat_interleave(torch.arange(lengths.numel(), device=x.device), lengths)
+                keep = ~out
+                x, lengths = x[keep], torch.bincount(win[keep], minlength=lengths.numel())
+            elif view == "inliers":  # no outlier in this batch: the same windows
+                sums[v] += sums_all
+                continue
+            P = padded_windows(x, lengths)
+            values = torch.stack([window_curvatures(P, lengths), window_entropies(P)])
+            ok = torch.isfinite(values)
+            sums_all = torch.stack([torch.where(ok, values, 0.0).sum(1), ok.sum(1).double()], 1).reshape(-1)
+            sums[v] += sums_all.to(sums.device)
+
+    @staticmethod
+    def _accumulate_pair(pair: PairAccumulators, x, y, out_x, out_y) -> None:
+        if out_x is None and out_y is None:
+            pair.both.update(x, y)
+            return
+        ox = out_x if out_x is not None else torch.zeros_like(out_y)
+        oy = out_y if out_y is not None else torch.zeros_like(out_x)
+        either = ox | oy
+        pair.both.update(x[~either], y[~either])
+        pair.rest.update(x[either], y[either])
+        pair.drop_x.update(x[~ox & oy])
+        pair.drop_y.update(y[ox & ~oy])
+
+    def _accumulate_layer(self, stack, layer, x, types, groups, metas):
+        """Accumulate one layer's rows; returns their outlier mask (None: none)."""
         limit = self.outlier_factor * self.median_norm[stack][layer]
         norms = torch.linalg.vector_norm(x, dim=1)
         out = norms > limit
         if not bool(out.any()):
             self.inliers[stack][layer].update(x, groups)
-            return
+            return None
         keep = ~out
         typed = self.inliers[stack][layer].types is not None
         g_in = TokenMoments.group(types[keep]) if typed else None
@@ -272,6 +384,7 @@ class LayerStatistics:
         row.update(stack=stack, layer=layer, norm=norms[out].double().cpu(),
                    median=self.median_norm[stack][layer])
         self._outlier_rows.append(row)
+        return out
 
     # ----------------------------------------------------------------- results
     def view(self, name: str, stack: str, layer: int, in_place: bool = False) -> LayerAccumulators:
@@ -348,6 +461,70 @@ class LayerStatistics:
         cache.pop("inliers_dist", None)  # both views done
         return cache[n]
 
+    def window_means(self, stack: str, layer: int, view: str) -> dict:
+        """{'curvature', 'prompt_entropy'}: the mean over windows (each weighted
+        equally) of each window's value over its counted tokens of the view; windows
+        of fewer than 3 such tokens have no curvature. NaN when no window has one."""
+        c_sum, c_n, e_sum, e_n = self.window_sums[stack][layer, VIEWS.index(view)].tolist()
+        return dict(curvature=c_sum / c_n if c_n else math.nan, prompt_entropy=e_sum / e_n if e_n else math.nan)
+
+    def _pair_moments(self, stack: str, layer: int, view: str):
+        """(n, mean, scatter) of one layer's vectors over the tokens of a pair's view
+        (`layer` is either layer of the pair ending at `pair_end`)."""
+        inl, out = self.inliers[stack][layer].moments, self.outliers[stack][layer].moments
+        m = inl
+        if view == "all" and out.n:
+            m = Moments.from_state_dict(inl.state_dict()).merge(out)
+        return m.n, (m.mean if m.n else None), (m.covariance * m.n if m.n else None)
+
+    def cross_layer_metrics(self, stack: str) -> dict:
+        """{layer: {view: {'linear_cka', 'linearity'}}} between each layer ≥ 1 and the
+        one before it, from the cross-moments (empty without cross_layer). Read
+        before `view(..., in_place=True)` consumes a layer's inliers view."""
+        from ..metrics.cross_layer import cka_from_covariances, linearity_from_covariances
+
+        nan = dict(linear_cka=math.nan, linearity=math.nan)
+        out = {}
+        for layer, pair in enumerate(self.pairs.get(stack, ()), start=1):
+            if (stack, layer - 1) in self._consumed or (stack, layer) in self._consumed:
+                raise EmbgeomError("cross_layer_metrics must be read before the views are merged in place")
+            out[layer] = {}
+            for view in VIEWS:
+                cross = pair.both if view == "inliers" else pair.both.copy().merge(pair.rest)
+                if cross.n < 2:
+                    out[layer][view] = dict(nan)
+                    continue
+                nx, mx, sx = self._pair_moments(stack, layer - 1, view)
+                ny, my, sy = self._pair_moments(stack, layer, view)
+                if view == "inliers":
+                    dx, dy = pair.drop_x, pair.drop_y
+                    if dx.n:
+                        sx = scatter_without(nx, mx, sx, dx.n, dx.mean, dx.covariance * dx.n)
+                    if dy.n:
+                        sy = scatter_without(ny, my, sy, dy.n, dy.mean, dy.covariance * dy.n)
+                sxy = cross.cross_scatter
+                out[layer][view] = dict(linear_cka=cka_from_covariances(sx, sy, sxy),
+                                        linearity=linearity_from_covariances(sx, sy, sxy))
+        return out
+
+    def id_scales(self, stack: str, layer: int, view: str, max_rank: int = 64):
+        """GRIDE at every scale (DataFrame n1, n2, scale, id, id_err) on the position
+        sample's distinct points of the view (the inliers view drops sampled positions
+        above the layer's outlier limit); None without a sample of 3 points."""
+        from ..metrics.gride import gride
+
+        sample = self.samples.get(stack)
+        if sample is None or len(sample) < 3:
+            return None
+        X = torch.from_numpy(sample.layer(layer))
+        if view == "inliers":
+            limit = self.outlier_factor * self.median_norm[stack][layer]
+            X = X[torch.linalg.vector_norm(X, dim=1) <= limit]
+        try:
+            return gride(X, max_rank)
+        except EmbgeomError:  # fewer than 3 distinct points: no scale to read
+            return None
+
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict:
         """Everything needed to rebuild these statistics exactly (plain CPU tensors,
@@ -362,7 +539,9 @@ class LayerStatistics:
                     for s, accs in p.items()}
 
         return {
-            "kind": "LayerStatistics", "version": 1,
+            "kind": "LayerStatistics", "version": 2, "cross_layer": self.cross_layer,
+            "pairs": {s: [p.state_dict() for p in ps] for s, ps in self.pairs.items()},
+            "window_sums": {s: t.cpu().clone() for s, t in self.window_sums.items()},
             "n_layers": dict(self.n_layers), "width": self.width, "outlier_factor": self.outlier_factor,
             "with_types": self.with_types, "id_sample": self.id_sample, "seed": self.seed,
             "type_layers": {st: list(v) for st, v in self.type_layers.items()},
@@ -378,8 +557,16 @@ class LayerStatistics:
         """Rebuild statistics from ``state_dict()`` exactly, on `device`."""
         if not isinstance(sd, dict) or sd.get("kind") != "LayerStatistics":
             raise EmbgeomError("not a LayerStatistics state_dict (missing kind='LayerStatistics')")
+        if sd.get("version") != 2:
+            raise EmbgeomError(f"LayerStatistics state_dict version {sd.get('version')!r} is not 2 (written by "
+                               "another embgeom); rerun without --resume")
         stats = cls(sd["n_layers"], sd["width"], device, outlier_factor=sd["outlier_factor"],
-                    with_types=sd["with_types"], id_sample=0, seed=sd["seed"], type_layers=sd.get("type_layers"))
+                    with_types=sd["with_types"], id_sample=0, seed=sd["seed"], type_layers=sd.get("type_layers"),
+                    cross_layer=False)
+        stats.cross_layer = bool(sd["cross_layer"])
+        stats.pairs = {s: [PairAccumulators.from_state_dict(p, device) for p in ps] for s, ps in sd["pairs"].items()}
+        stats.window_sums = {s: t.to(device if device is not None else "cpu", torch.float64).clone()
+                             for s, t in sd["window_sums"].items()}
         stats.id_sample = int(sd["id_sample"])
 
         def part(p, capacity):
@@ -401,7 +588,8 @@ class LayerStatistics:
         calibrated with the same thresholds. Returns self."""
         if not isinstance(other, LayerStatistics):
             raise EmbgeomError(f"can only merge LayerStatistics, got {type(other).__name__}")
-        for name in ("n_layers", "widths", "outlier_factor", "with_types", "type_layers", "id_sample", "seed"):
+        for name in ("n_layers", "widths", "outlier_factor", "with_types", "type_layers", "id_sample", "seed",
+                     "cross_layer"):
             if getattr(self, name) != getattr(other, name):
                 raise EmbgeomError(f"cannot merge LayerStatistics with different {name}: "
                                    f"{getattr(self, name)!r} vs {getattr(other, name)!r}")
@@ -417,6 +605,11 @@ class LayerStatistics:
                     a.moments.merge(b.moments)
                     if a.types is not None:
                         a.types.merge(b.types)
+        for s, ps in self.pairs.items():
+            for a, b in zip(ps, other.pairs[s]):
+                a.merge(b)
+        for s, t in self.window_sums.items():
+            t += other.window_sums[s].to(t.device)
         for s, smp in self.samples.items():
             smp.merge(other.samples[s])
         self._outlier_rows.extend(other._outlier_rows)
@@ -429,17 +622,19 @@ class LayerStatistics:
     @property
     def nbytes(self) -> int:
         acc = sum(a.nbytes for part in (self.inliers, self.outliers) for accs in part.values() for a in accs)
+        acc += sum(p.nbytes for ps in self.pairs.values() for p in ps)
         return acc + sum(s.nbytes for s in self.samples.values())
 
     @staticmethod
     def planned_parts(n_layers: dict, width: int | dict, n_types: int | None = None, id_sample: int = 0,
-                      type_layers: dict | None = None) -> dict:
+                      type_layers: dict | None = None, cross_layer: bool = True) -> dict:
         """``nbytes`` at the end of a run, in parts {'covariances', 'per-type means',
-        'ID sample'}, for a run whose every typed layer (`type_layers`, as in the
-        constructor) meets `n_types` token types (None: no per-type statistics) among
-        its inliers, sized as the pipeline sizes them (n_types + 1 rows), before any
+        'cross-layer moments', 'ID sample'}, for a run whose every typed layer
+        (`type_layers`, as in the constructor) meets `n_types` token types (None: no
+        per-type statistics) among its inliers, sized as the pipeline sizes them (n_types + 1 rows), before any
         outlier's per-type rows (outliers are few: their tables grow from nothing).
-        The outliers' covariances are counted, though a layer that meets no outlier
+        The outliers' covariances (and the cross-moments' parts that only meet
+        outliers) are counted, though a layer that meets no outlier
         never allocates them: the plan is an upper bound, reached when every layer
         has outliers. Known before the stream starts, so a run that cannot fit is
         refused then."""
@@ -449,6 +644,9 @@ class LayerStatistics:
             typed = LayerStatistics.typed_layers(n_layers, True, type_layers)
             parts["per-type means"] = sum(TokenMoments.nbytes_for(widths[s][layer], n_types + 1, n_types)
                                           for s, layers in typed.items() for layer in layers)
+        if cross_layer:  # upper bound, like the outliers' covariances
+            parts["cross-layer moments"] = sum(PairAccumulators.nbytes_for(ws[i], ws[i + 1])
+                                               for ws in widths.values() for i in range(len(ws) - 1))
         if id_sample > 0:
             parts["ID sample"] = sum(PositionSample.nbytes_for(id_sample, len(ws), ws) for ws in widths.values())
         return parts
