@@ -252,3 +252,59 @@ def test_layer_statistics_without_cross_layer_keep_no_pairs():
     without = LayerStatistics.planned_parts({"main": 2}, 4, cross_layer=False)
     assert with_pairs["cross-layer moments"] == 2 * (2 * 8 * (16 + 8) + 2 * 8 * (16 + 8))
     assert "cross-layer moments" not in without
+
+
+# ------------------------------------------------------------------------- pipeline
+def test_pipeline_columns_match_the_functions_on_hidden_states(tiny_models, lee_corpus, tmp_path):
+    """Every window run alone: the per-window means, CKA/linearity between consecutive
+    layers and GRIDE on every token (the sample holds them all) equal the functions."""
+    from embgeom.models import load_model
+    from reference import windows_of
+
+    texts = lee_corpus.read_text().splitlines()[:6]
+    res = embgeom.analyze(str(tiny_models["gpt2"]), texts, seq_len=32, batch_size=3, device="cpu",
+                          id_sample=100000, outlier_factor=1e6)
+    lm = load_model(str(tiny_models["gpt2"]), device="cpu")
+    windows = windows_of(texts, lm.tokenizer, 32, lm.facts.special_prefix, lm.facts.special_suffix)
+    per_window = []
+    with torch.no_grad():
+        for w in windows:
+            hs = lm.model(input_ids=torch.tensor([w]), output_hidden_states=True).hidden_states
+            per_window.append([h[0].double().numpy() for h in hs])
+    L = len(per_window[0])
+    X = [np.concatenate([pw[layer] for pw in per_window]) for layer in range(L)]
+    rows = res.layers[res.layers["view"] == "all"].sort_values("layer").reset_index(drop=True)
+    # batching pads windows: float32 attention differs in the last bits
+    for layer in range(L):
+        row = rows.iloc[layer]
+        curv = np.nanmean([_curvature_reference(pw[layer]) for pw in per_window if len(pw[layer]) >= 3])
+        ent = np.mean([_entropy_reference(pw[layer]) for pw in per_window])
+        assert row["curvature"] == pytest.approx(curv, rel=1e-4)
+        assert row["prompt_entropy"] == pytest.approx(ent, rel=1e-4)
+        if layer == 0:
+            assert math.isnan(row["linear_cka"]) and math.isnan(row["linearity"])
+        else:
+            assert row["linear_cka"] == pytest.approx(_cka_reference(X[layer - 1], X[layer]), rel=1e-4)
+            assert row["linearity"] == pytest.approx(_linearity_reference(X[layer - 1], X[layer]), rel=1e-4)
+        got = res.id_scale[(res.id_scale["layer"] == layer) & (res.id_scale["view"] == "all")]
+        want = embgeom.gride(X[layer], 64)
+        np.testing.assert_allclose(got["id"].to_numpy(), want["id"].to_numpy(), rtol=1e-3)
+    assert list(res.id_scale.columns) == ["model", "revision", "step", "stack", "layer", "view", "n1", "n2",
+                                          "scale", "id", "id_err"]
+    assert set(res.id_scale["view"]) == {"all", "inliers"}
+    out = res.save(tmp_path / "out")
+    loaded = embgeom.Result.load(out)
+    pd.testing.assert_frame_equal(loaded.id_scale, res.id_scale)
+    report = (out / "report.md").read_text()
+    assert "linear CKA" in report and "plateau" in report and "curvature" in report
+    for name in ("cross_layer.png", "curvature_entropy.png", "id_scale_gpt2_decoder.png"):
+        assert (out / "figures" / name).exists(), name
+
+
+def test_no_cross_layer_leaves_those_columns_nan(tiny_models, lee_corpus):
+    texts = lee_corpus.read_text().splitlines()[:3]
+    res = embgeom.analyze(str(tiny_models["gpt2"]), texts, seq_len=32, batch_size=3, device="cpu", id_sample=0,
+                          cross_layer=False)
+    assert res.layers["linear_cka"].isna().all() and res.layers["linearity"].isna().all()
+    assert res.layers["curvature"].notna().all()
+    assert res.id_scale is not None and len(res.id_scale) == 0
