@@ -175,6 +175,10 @@ def _assert_same_tables(a, b, rel=1e-9):
         np.testing.assert_allclose(tb[col].to_numpy(), ta[col].to_numpy(), rtol=rel)
     sa, sb = (pd.read_parquet(d / "spectrum.parquet") for d in (a, b))
     np.testing.assert_allclose(sb["eigenvalue"].to_numpy(), sa["eigenvalue"].to_numpy(), rtol=rel, atol=1e-12)
+    ia, ib = (pd.read_parquet(d / "id_scale.parquet") for d in (a, b))  # GRIDE on the same sampled positions
+    assert len(ia) == len(ib) > 0
+    for col in ("n1", "scale", "id", "id_err"):
+        np.testing.assert_allclose(ib[col].to_numpy(), ia[col].to_numpy(), rtol=rel, err_msg=col)
     oa, ob = (pd.read_csv(d / "outliers.csv") for d in (a, b))
     assert len(oa) == len(ob) > 0
     assert (oa[["layer", "window", "position"]].to_numpy() == ob[["layer", "window", "position"]].to_numpy()).all()

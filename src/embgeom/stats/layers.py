@@ -520,10 +520,15 @@ class LayerStatistics:
         if view == "inliers":
             limit = self.outlier_factor * self.median_norm[stack][layer]
             X = X[torch.linalg.vector_norm(X, dim=1) <= limit]
-        try:
-            return gride(X, max_rank)
-        except EmbgeomError:  # fewer than 3 distinct points: no scale to read
-            return None
+        # The inliers are a subset of all points: the same count means the same points.
+        cache = self._id_cache.setdefault(("gride", stack, layer, max_rank), {})
+        if X.shape[0] not in cache:
+            try:
+                cache[X.shape[0]] = gride(X, max_rank)
+            except EmbgeomError:  # fewer than 3 distinct points: no scale to read
+                cache[X.shape[0]] = None
+        table = cache[X.shape[0]]
+        return None if table is None else table.copy()
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict:
