@@ -82,7 +82,17 @@ def window_entropies(P: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
     if P.shape[1] == 0:
         return torch.full((B,), math.nan, dtype=torch.float64, device=P.device)
     G = torch.bmm(P, P.transpose(1, 2))
-    lam = torch.linalg.eigvalsh(G)
+    if G.device.type == "cpu":
+        # Many small decompositions: LAPACK's threads only wait on each other at
+        # n ~ 100 (tens of times slower on a busy host), so one thread does them.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            lam = torch.linalg.eigvalsh(G)
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        lam = torch.linalg.eigvalsh(G)
     # Eigenvalues within rounding of zero (the Gram of n rows in d < n dimensions has
     # n − d of them) count as zero: at α < 1 their p^α would add up otherwise.
     tiny = lam.shape[1] * torch.finfo(lam.dtype).eps * lam[:, -1:].clamp(min=0.0)

@@ -336,22 +336,31 @@ class LayerStatistics:
             cache.pop(layer, None)
 
     def _accumulate_windows(self, stack, layer, x, out, lengths) -> None:
-        """Add each window's curvature and prompt entropy (both views) to the sums."""
+        """Add each window's curvature and prompt entropy (both views) to the sums.
+        A window without an outlier has the same values in both views: only the
+        windows holding one are measured again, on their inliers."""
         sums = self.window_sums[stack][layer]
         lengths = lengths.to(x.device)
-        for v, view in enumerate(VIEWS):
-            if view == "inliers" and out is not None:
-                win = torch.repeat_interleave(torch.arange(lengths.numel(), device=x.device), lengths)
-                keep = ~out
-                x, lengths = x[keep], torch.bincount(win[keep], minlength=lengths.numel())
-            elif view == "inliers":  # no outlier in this batch: the same windows
-                sums[v] += sums_all
-                continue
-            P = padded_windows(x, lengths)
-            values = torch.stack([window_curvatures(P, lengths), window_entropies(P)])
+
+        def measure(rows, lens):
+            P = padded_windows(rows, lens)
+            return torch.stack([window_curvatures(P, lens), window_entropies(P)])  # (2, windows)
+
+        def add(v, values):
             ok = torch.isfinite(values)
-            sums_all = torch.stack([torch.where(ok, values, 0.0).sum(1), ok.sum(1).double()], 1).reshape(-1)
-            sums[v] += sums_all.to(sums.device)
+            sums[v] += torch.stack([torch.where(ok, values, 0.0).sum(1), ok.sum(1).double()], 1).reshape(-1).to(sums.device)
+
+        values = measure(x, lengths)
+        add(0, values)
+        if out is not None:
+            B = lengths.numel()
+            win = torch.repeat_interleave(torch.arange(B, device=x.device), lengths)
+            hit = torch.zeros(B, dtype=torch.bool, device=x.device)
+            hit[win[out]] = True
+            rows = ~out & hit[win]
+            values = values.clone()
+            values[:, hit] = measure(x[rows], torch.bincount(win[rows], minlength=B)[hit])
+        add(1, values)
 
     @staticmethod
     def _accumulate_pair(pair: PairAccumulators, x, y, out_x, out_y) -> None:
