@@ -127,13 +127,20 @@ def gride_from_distances(dist, max_rank: int | None = None) -> pd.DataFrame:
 
 
 def distinct_rows(X) -> np.ndarray:
-    """The distinct rows of X (float64 numpy), exact duplicates removed."""
+    """The distinct rows of X (numpy, float32 kept as float32, other types as
+    float64), exact duplicates removed, in their order of first appearance."""
     if isinstance(X, torch.Tensor):
-        X = X.detach().to("cpu", torch.float64).numpy()
-    a = np.asarray(X, dtype=np.float64)
+        X = X.detach().cpu().numpy()
+    a = np.asarray(X)
+    # float32 stays float32: the exact k-NN is much faster on it, and a duplicate is
+    # a duplicate in either type.
+    a = a if a.dtype == np.float32 else a.astype(np.float64)
     if a.ndim != 2:
         raise EmbgeomError(f"X must be a 2-d array (points, features), got shape {a.shape}")
-    return np.unique(a, axis=0)
+    # First occurrences, in their original order: the exact k-NN is several times
+    # slower on rows sorted lexicographically (as np.unique returns them).
+    first = np.unique(a, axis=0, return_index=True)[1]
+    return a[np.sort(first)]
 
 
 def gride(X, max_rank: int = 64) -> pd.DataFrame:
