@@ -51,12 +51,12 @@ def plateau_table(id_scale: pd.DataFrame | None, model, revision, stack) -> list
     if t.empty:
         return []
     lines = [f"ID across scales (GRIDE, all tokens; plateau: {PLATEAU_RULE}):", "",
-             "| layer | plateau ID | n1 | scale | ID at n1 = 1 | ID at the largest scale |", "|---|---|---|---|---|---|"]
+             "| | plateau ID | n1 | scale | ID at n1 = 1 | ID at the largest scale |", "|---|---|---|---|---|---|"]
     for layer, g in t.groupby("layer", sort=True):
         g = g.sort_values("n1")
         p = gride_plateau(g)
         n1 = "–" if math.isnan(p["id"]) else f"{p['n1_low']}–{p['n1_high']}"
         scale = "–" if math.isnan(p["id"]) else f"{_fmt(p['scale_low'])}–{_fmt(p['scale_high'])}"
-        lines.append(f"| {layer} | {_fmt(p['id'])} | {n1} | {scale} | {_fmt(float(g['id'].iloc[0]))} "
+        lines.append(f"| layer {layer} | {_fmt(p['id'])} | {n1} | {scale} | {_fmt(float(g['id'].iloc[0]))} "
                      f"| {_fmt(float(g['id'].iloc[-1]))} |")
     return lines + [""]
