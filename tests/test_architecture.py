@@ -42,7 +42,7 @@ FLOORS = [
                "wiki", "wikitext", "_wikitext_templates", "protocols"]),
     ("tables", ["results"]),
     ("pipeline", ["pipeline"]),
-    ("figures", ["report", "plots", "plots_training", "_png", "claims"]),
+    ("figures", ["report", "report_beyond", "plots", "plots_beyond", "plots_training", "_png", "claims"]),
     ("output", ["output"]),
     ("callers", ["sweep", "probe", "callback", "demo"]),
     ("cli", ["cli", "__main__"]),

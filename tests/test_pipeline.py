@@ -324,8 +324,10 @@ def test_hidden_states_of_different_widths(tmp_path, lee_corpus):
     assert facts["width"] == 32 and facts["layer_widths"] == {"decoder": [32, 32, 16]}
     assert facts["norm_placement"] == "post-LN"
     # planned: every layer's outlier covariance too; with no outlier none was allocated
-    assert res.run["planned_accumulator_bytes"] - res.run["accumulator_bytes"] == sum(
-        8 * (w * w + 2 * w) for w in (32, 32, 16))
+    # (and each layer pair's cross-moment parts that only meet outliers: one d_l × d_{l+1}, two d²)
+    cov = [8 * (w * w + 2 * w) for w in (32, 32, 16)]
+    unused_pairs = sum(8 * (a * b + a + b) + cov[i] + cov[i + 1] for i, (a, b) in enumerate([(32, 32), (32, 16)]))
+    assert res.run["planned_accumulator_bytes"] - res.run["accumulator_bytes"] == sum(cov) + unused_pairs
     lm = load_model(str(tmp_path / "opt"), device="cpu")
     windows = windows_of(texts, lm.tokenizer, 48, lm.facts.special_prefix, lm.facts.special_suffix)
     ref = hidden_vectors(lm.model, windows)["main"]

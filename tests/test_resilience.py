@@ -175,6 +175,10 @@ def _assert_same_tables(a, b, rel=1e-9):
         np.testing.assert_allclose(tb[col].to_numpy(), ta[col].to_numpy(), rtol=rel)
     sa, sb = (pd.read_parquet(d / "spectrum.parquet") for d in (a, b))
     np.testing.assert_allclose(sb["eigenvalue"].to_numpy(), sa["eigenvalue"].to_numpy(), rtol=rel, atol=1e-12)
+    ia, ib = (pd.read_parquet(d / "id_scale.parquet") for d in (a, b))  # GRIDE on the same sampled positions
+    assert len(ia) == len(ib) > 0
+    for col in ("n1", "scale", "id", "id_err"):
+        np.testing.assert_allclose(ib[col].to_numpy(), ia[col].to_numpy(), rtol=rel, err_msg=col)
     oa, ob = (pd.read_csv(d / "outliers.csv") for d in (a, b))
     assert len(oa) == len(ob) > 0
     assert (oa[["layer", "window", "position"]].to_numpy() == ob[["layer", "window", "position"]].to_numpy()).all()
@@ -330,8 +334,11 @@ def test_planned_accumulator_bytes_are_the_bytes_held(tiny_models, lee_corpus, t
     d, hidden = res.run["model"]["width"], sum(n + 1 for n in res.run["model"]["n_layers"].values())
     covariance = 8 * (d * d + 2 * d)
     per_type = 0 if n_types is None else (8 * d + 16) * (n_types + 1) + 16 * n_types
-    assert res.run["accumulator_bytes"] == hidden * (covariance + per_type + 50 * d * 4)
-    assert res.run["planned_accumulator_bytes"] == res.run["accumulator_bytes"] + hidden * covariance
+    # one cross-moment per pair of consecutive layers (its outlier parts never allocated)
+    pairs, cross = sum(res.run["model"]["n_layers"].values()), covariance
+    assert res.run["accumulator_bytes"] == hidden * (covariance + per_type + 50 * d * 4) + pairs * cross
+    assert res.run["planned_accumulator_bytes"] == (res.run["accumulator_bytes"] + hidden * covariance
+                                                    + pairs * (cross + 2 * covariance))
 
 
 def test_memory_check_counts_every_process_on_the_machine(monkeypatch):

@@ -70,6 +70,7 @@ def run(
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where fp32 copies of GGUF models are kept."),
     snapshot_every: float = typer.Option(300.0, "--snapshot-every", help="Seconds between crash-safe snapshots in OUT/snapshots (0: every batch)."),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last snapshot (same command otherwise)."),
+    cross_layer: bool = typer.Option(True, "--cross-layer/--no-cross-layer", help="Float64 cross-moments of consecutive layers for linear_cka and linearity (2 x width² per layer pair)."),
     figures: bool = typer.Option(True, "--figures/--no-figures", help="Write PNG figures into OUT/figures."),
     progress: bool = typer.Option(True, "--progress/--no-progress",
                                   help="Progress on stderr: model loading (and a note before a GGUF file is dequantized), tokens streamed, then layers' metrics."),
@@ -98,6 +99,7 @@ def run(
         encoding_errors=encoding_errors, device_map=device_map, min_count=min_count, max_count=max_count,
         protocol=protocol,
         precision=precision,
+        cross_layer=cross_layer,
     )
     # The options a protocol sets are passed only when given, so that the preset fills in the others.
     given = dict(token_types=token_types, id_first=id_first, twonn_discard=twonn_discard,

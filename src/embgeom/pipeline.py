@@ -23,7 +23,7 @@ from .snapshot import Snapshots, check_interval, model_files
 from .progress import layer_progress, token_progress
 from .protocols import preset, record as protocol_record, resolve as resolve_protocol
 from ._heap import HeapTrimmer
-from .results import SPECTRUM_TABLE_COLUMNS, Result, empty_tokens_frame, layers_frame
+from .results import SPECTRUM_TABLE_COLUMNS, Result, empty_tokens_frame, id_scale_frame, layers_frame
 from .stats.layers import VIEWS, LayerStatistics, NonFiniteHidden
 from .stats.moments import PRECISIONS
 from .windows import (POSITION_BITS, Window, WindowPlan, default_seq_len, iter_batches, iter_windows, pad_token_id,
@@ -33,6 +33,8 @@ from .windows import (POSITION_BITS, Window, WindowPlan, default_seq_len, iter_b
 # Windows of at most this many tokens in all (~5 bytes each, ~40 MiB) are kept from
 # the counting pre-pass for the stream instead of being tokenized again.
 KEEP_WINDOW_TOKENS = 1 << 23
+# GRIDE's largest neighbour rank: scales n1 = 1, 2, ..., 32 (n2 = 2 n1 <= 64).
+GRIDE_MAX_RANK = 64
 
 
 @dataclass
@@ -64,6 +66,7 @@ class AnalysisConfig:
     twonn_duplicates: str = "drop"  # or "keep-rank" (paper A's μ ≤ 1 + ε rule)
     types_filtered: bool = False  # Q, M, V, V_within, V_between over the types within the count bounds
     precision: str = "auto"
+    cross_layer: bool = True
 
     @classmethod
     def from_options(cls, **options) -> "AnalysisConfig":
@@ -110,6 +113,8 @@ class AnalysisConfig:
                                f"got {self.device_map!r}")
         if self.precision not in PRECISIONS:
             raise EmbgeomError(f"{option('precision')} must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if not isinstance(self.cross_layer, bool):
+            raise EmbgeomError(f"{option('cross_layer')} must be True or False, got {self.cross_layer!r}")
         if self.min_count < 1 or self.max_count < self.min_count:
             raise EmbgeomError(f"{option('min_count')}/{option('max_count')} must satisfy 1 <= min <= max, "
                                f"got {self.min_count}, {self.max_count}")
@@ -157,12 +162,14 @@ def _check_memory(n_layers: dict, widths, width: int, n_types: int | None, type_
                   cfg: AnalysisConfig, device, sharers: int) -> int:
     """Refuse a run whose statistics cannot fit (see `embgeom.memory`); returns the
     planned bytes. `type_layers`: --type-layers resolved for these stacks."""
-    planned = LayerStatistics.planned_parts(n_layers, widths, n_types, cfg.id_points, type_layers)
+    planned = LayerStatistics.planned_parts(n_layers, widths, n_types, cfg.id_points, type_layers, cfg.cross_layer)
     typed = sum(map(len, LayerStatistics.typed_layers(n_layers, n_types is not None, type_layers).values()))
     hidden = sum(n + 1 for n in n_layers.values())
     what = {"covariances": f"2 x width² float64 for each of {hidden} hidden states",
             "per-type means": f"{n_types or 0:,} token types x {typed} hidden states x width {width} in float64",
-            "ID sample": f"{cfg.id_points:,} positions x {hidden} hidden states x width in float32"}
+            "ID sample": f"{cfg.id_points:,} positions x {hidden} hidden states x width in float32",
+            "cross-layer moments": "2 x width² float64 (and 2 x width² for outliers) for each pair of consecutive "
+                                   "layers (--no-cross-layer: none)"}
     placed = {k: (b, what[k]) for k, b in planned.items()}
     # The ID sample is kept in host memory whatever the device; the rest lives on it.
     if torch.device(device).type != "cpu" and "ID sample" in placed:
@@ -271,12 +278,13 @@ def analyze(
         device, device_map, dtype, id_sample, token_types, type_layers, seed, exclude_special,
         exclude_positions, outlier_factor, text_field, encoding_errors, min_count,
         max_count, protocol, id_first, twonn_discard, twonn_duplicates, types_filtered,
-        precision). `protocol` ("embgeom", "paper-a" or "paper-b", see
+        precision, cross_layer). `protocol` ("embgeom", "paper-a" or "paper-b", see
         `embgeom.protocols`) sets id_first, twonn_discard, twonn_duplicates,
         token_types and types_filtered; those given explicitly beside it override it.
         `precision`: "auto" forms each batch's covariance products in float32 on
         centred data and accumulates in float64, "float64" keeps every product in
-        float64 (see `embgeom.stats.moments`).
+        float64 (see `embgeom.stats.moments`). `cross_layer`: False leaves out the
+        cross-layer moments, so linear_cka and linearity are NaN.
 
     Under torchrun (WORLD_SIZE > 1) the batches are shared among the processes and
     their accumulators merged exactly; rank 0 returns the Result, the others None.
@@ -403,7 +411,8 @@ def analyze(
                                 with_types=with_types, type_layers=type_layers,
                                 type_capacity=(n_types_expected or 0) + 1,
                                 id_sample=cfg.id_points, seed=cfg.seed,
-                                id_order="first" if cfg.id_first else "random", precision=cfg.precision)
+                                id_order="first" if cfg.id_first else "random", precision=cfg.precision,
+                                cross_layer=cfg.cross_layer)
     type_lut = torch.as_tensor(type_of, device=device) if type_of is not None else None
     pad = pad_token_id(tok)
     gather = shard.gather_tensors if shard.world > 1 else None
@@ -479,11 +488,13 @@ def analyze(
 
     t3 = time.perf_counter()
     rev = revision or ""
-    rows, spectrum_rows, token_frames = [], [], []
+    rows, spectrum_rows, token_frames, scale_frames = [], [], [], []
     warnings_: list = []  # what could not be computed, in run.json and report.md
     n_layer_rows = sum(L + 1 for L in facts.n_layers.values())
     with layer_progress(n_layer_rows, enabled=progress, description=f"{loaded.name} metrics") as advance_layer:
         for stack, L in facts.n_layers.items():
+            cross = _guarded(f"{stack}: cross-layer CKA and linearity", warnings_, stats.cross_layer_metrics,
+                             stack) or {}  # before the views are merged in place
             for layer in range(L + 1):
                 # Inliers first: then 'all' merges the few outliers into the inliers'
                 # own accumulators (no copy of the per-type table), and a layer
@@ -509,11 +520,17 @@ def analyze(
                         rows.append(row)
                         continue
                     row.update(values)
+                    row.update(cross.get(layer, {}).get(view, {}))
+                    row.update(stats.window_means(stack, layer, view))
                     if cfg.id_points > 0:
                         row.update(_guarded(f"{stack} layer {layer} ({view}): intrinsic dimension", warnings_,
                                             lambda: stats.intrinsic_dimension(
                                                 stack, layer, view, discard_fraction=cfg.twonn_discard,
                                                 duplicates=cfg.twonn_duplicates)) or {})
+                        scales = _guarded(f"{stack} layer {layer} ({view}): ID across scales", warnings_,
+                                          stats.id_scales, stack, layer, view, GRIDE_MAX_RANK)
+                        if scales is not None:
+                            scale_frames.append(scales.assign(**ident, view=view))
                     rows.append(row)
                     if lam is not None:
                         spectrum_rows.append(pd.DataFrame(dict(ident, view=view, rank=np.arange(1, len(lam) + 1),
@@ -536,6 +553,7 @@ def analyze(
     for col, value in (("step", step), ("revision", rev), ("model", name)):
         tokens.insert(0, col, value)
     outliers = outlier_table(stats.outlier_records(), tok, name, rev)
+    id_scale = id_scale_frame(scale_frames)
     if threads is not None:
         torch.set_num_threads(threads)
     t_metrics = time.perf_counter() - t3
@@ -576,7 +594,7 @@ def analyze(
         "precision": {"option": cfg.precision, "products": stats.products, "accumulation": "float64",
                       "tf32": False},
     }
-    return Result(layers=layers, spectrum=spectrum, tokens=tokens, outliers=outliers, run=run)
+    return Result(layers=layers, spectrum=spectrum, tokens=tokens, outliers=outliers, run=run, id_scale=id_scale)
 
 
 class _explain_nonfinite:

@@ -343,6 +343,9 @@ def figure_tasks(results, figdir: Path, layer: int | None = None) -> list[tuple]
                 tasks.append((plot_outliers, (o, int(g["n_layers"].iloc[0]), figdir / f"outliers_{tag}.png", title),
                               {}))
 
+    from .plots_beyond import beyond_tasks  # GRIDE, cross-layer, per-window figures
+
+    tasks += beyond_tasks(results, layers, figdir)
     # ---- geometry over training (checkpoint sweeps, GeometryCallback): see plots_training.py
     if has_dynamics(layers):
         tasks.append((plot_training, (results, figdir), {}))

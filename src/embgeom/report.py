@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from ._atomic import write_text
+from .report_beyond import beyond_headlines, plateau_table
 from .results import groups_by_run
 
 # Per-layer tables are printed for at most this many (model, revision, stack) groups;
@@ -24,6 +25,8 @@ FIGURE_CAPTIONS = [
     ("anisotropy_id.png", "anisotropy and intrinsic dimension against depth (paper A)"),
     ("tradeoff_depth.png", "norm–variance trade-off across token types against depth (paper B)"),
     ("within_share.png", "share of the variance within token types against depth"),
+    ("cross_layer.png", "linear CKA and linearity of each layer with the previous one against depth"),
+    ("curvature_entropy.png", "per-window curvature and prompt entropy against depth"),
 ]
 
 
@@ -193,11 +196,12 @@ def report_markdown(result, figures_dir: Path | None = None, base: Path | None =
         for (model, revision, stack), g in groups:
             title = f"{model}" + (f" @ {revision}" if revision else "") + f", {stack}"
             lines += [f"**{title}**", "",
-                      *(_headlines(g, result.outliers, model, stack) or ["- (no metric to read)"]), ""]
+                      *(_headlines(g, result.outliers, model, stack) + beyond_headlines(g)
+                        or ["- (no metric to read)"]), ""]
     if few:
         for (model, revision, stack), g in groups:
             lines += [f"## Layers: {model}" + (f" @ {revision}" if revision else "") + f", {stack}", "",
-                      *_layer_table(g), ""]
+                      *_layer_table(g), "", *plateau_table(getattr(result, "id_scale", None), model, revision, stack)]
     else:
         lines += ["## Checkpoints", "", "| model | revision | step | stack | max anisotropy (all) | "
                   "max anisotropy (inliers) | max ID TwoNN |", "|---|---|---|---|---|---|---|"]

@@ -31,8 +31,10 @@ SPECTRUM_COLUMNS = [
 ]
 TRADEOFF_COLUMNS = ["mv_slope", "mv_intercept", "mv_r2", "mv_pearson", "q_cv", "n_types"]
 ID_DIM_COLUMNS = ["id_twonn", "id_twonn_ml", "id_twonn_ml_low", "id_twonn_ml_high", "id_mle", "id_n"]
-LAYER_COLUMNS = ID_COLUMNS + MOMENT_COLUMNS + SPECTRUM_COLUMNS + TRADEOFF_COLUMNS + ID_DIM_COLUMNS
-METRIC_COLUMNS = MOMENT_COLUMNS + SPECTRUM_COLUMNS + TRADEOFF_COLUMNS + ID_DIM_COLUMNS
+BEYOND_COLUMNS = ["linear_cka", "linearity", "curvature", "prompt_entropy"]
+LAYER_COLUMNS = ID_COLUMNS + MOMENT_COLUMNS + SPECTRUM_COLUMNS + TRADEOFF_COLUMNS + ID_DIM_COLUMNS + BEYOND_COLUMNS
+METRIC_COLUMNS = MOMENT_COLUMNS + SPECTRUM_COLUMNS + TRADEOFF_COLUMNS + ID_DIM_COLUMNS + BEYOND_COLUMNS
+ID_SCALE_COLUMNS = ["model", "revision", "step", "stack", "layer", "view", "n1", "n2", "scale", "id", "id_err"]
 SPECTRUM_TABLE_COLUMNS = ["model", "revision", "step", "stack", "layer", "view", "rank", "eigenvalue"]
 
 
@@ -45,6 +47,16 @@ def layers_frame(rows: list[dict]) -> pd.DataFrame:
             df[col] = float("nan")
     extra = [c for c in df.columns if c not in LAYER_COLUMNS]
     return df[LAYER_COLUMNS + extra]
+
+
+def id_scale_frame(frames: list) -> pd.DataFrame:
+    """id_scale.parquet: GRIDE's ID at every scale, one row per (stack, layer, view,
+    n1); the columns of ID_SCALE_COLUMNS even when empty."""
+    frames = [f for f in frames if f is not None and len(f)]
+    if not frames:
+        return pd.DataFrame({c: pd.Series([], dtype=float if c in ("scale", "id", "id_err") else object)
+                             for c in ID_SCALE_COLUMNS})
+    return pd.concat(frames, ignore_index=True)[ID_SCALE_COLUMNS]
 
 
 def groups_by_run(df: pd.DataFrame, keys=("model", "revision", "stack")):
@@ -120,6 +132,7 @@ class Result:
     tokens: pd.DataFrame | None = None
     outliers: pd.DataFrame | None = None
     run: dict = field(default_factory=dict)
+    id_scale: pd.DataFrame | None = None  # GRIDE's ID against scale (id_scale.parquet)
 
     @holding("out", "out")  # a run directory is written by one run at a time
     def save(self, out) -> Path:
@@ -132,8 +145,9 @@ class Result:
         return out
 
     def write_tables(self, out) -> None:
-        """run.json, layers.parquet, spectrum.parquet, tokens.parquet and outliers.csv
-        (those present), each atomically; not layers.csv, which marks a finished run."""
+        """run.json, layers.parquet, spectrum.parquet, tokens.parquet, outliers.csv and
+        id_scale.parquet (those present), each atomically; not layers.csv, which marks
+        a finished run."""
         out = Path(out)
         self.write_run_json(out)
         write_parquet(self.layers, out / "layers.parquet")
@@ -142,6 +156,8 @@ class Result:
             write_parquet(self.tokens, out / "tokens.parquet")
         if self.outliers is not None:
             write_csv(self.outliers, out / "outliers.csv")
+        if self.id_scale is not None:
+            write_parquet(self.id_scale, out / "id_scale.parquet")
 
     def write_run_json(self, out) -> None:
         """run.json, atomically (written again once figures and report have added
@@ -190,7 +206,8 @@ class Result:
         run = read("run.json", lambda p: json.loads(p.read_text()))
         if not isinstance(run, dict):
             run = {}
-        res = cls(layers=layers, tokens=tokens, outliers=outliers, run=run)
+        id_scale = read("id_scale.parquet", pd.read_parquet)
+        res = cls(layers=layers, tokens=tokens, outliers=outliers, run=run, id_scale=id_scale)
         if spectrum is not None:
             res.spectrum = spectrum
         return res
@@ -214,6 +231,7 @@ def combine(results: list["Result"]) -> "Result":
         tokens=cat([r.tokens for r in results]),
         outliers=outliers,
         run={"runs": [r.run for r in results]},
+        id_scale=cat([r.id_scale for r in results]),
     )
     if spectrum is not None:
         merged.spectrum = spectrum

@@ -15,13 +15,63 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .cross_moments import CrossMoments, centred, scatter_without
 from .moments import Moments, NonFiniteInput
 from .position_sample import PositionSample
 from .token_moments import TokenMoments
 from . import _state
 from ..errors import EmbgeomError
+from ..metrics.trajectory import padded_windows, window_curvatures, window_entropies
 
 VIEWS = ("all", "inliers")
+# Per (layer, view) sums over windows: curvature sum and count, prompt entropy sum and count.
+WINDOW_SUMS = 4
+
+
+@dataclass
+class PairAccumulators:
+    """Cross-moments of one pair of consecutive layers (l, l + 1) of a stack.
+
+    both : the tokens that are inliers at both layers (the pair's inliers view).
+    rest : every other token (outlier at one layer or both); all = both ⊕ rest.
+    drop_x : layer l's vectors of the tokens inlier at l but outlier at l + 1, and
+    drop_y : layer l + 1's of those inlier at l + 1 but outlier at l: taken out of
+        each layer's inlier moments, they leave the moments of `both`'s tokens.
+    """
+
+    both: CrossMoments
+    rest: CrossMoments
+    drop_x: Moments
+    drop_y: Moments
+
+    @classmethod
+    def new(cls, dx, dy, device):
+        return cls(CrossMoments(dx, dy, device), CrossMoments(dx, dy, device), Moments(dx, device=device),
+                   Moments(dy, device=device))
+
+    def parts(self):
+        return (self.both, self.rest, self.drop_x, self.drop_y)
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k).state_dict() for k in ("both", "rest", "drop_x", "drop_y")}
+
+    @classmethod
+    def from_state_dict(cls, sd: dict, device=None):
+        return cls(CrossMoments.from_state_dict(sd["both"], device), CrossMoments.from_state_dict(sd["rest"], device),
+                   Moments.from_state_dict(sd["drop_x"], device), Moments.from_state_dict(sd["drop_y"], device))
+
+    def merge(self, other: "PairAccumulators") -> None:
+        for a, b in zip(self.parts(), other.parts()):
+            a.merge(b)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts())
+
+    @staticmethod
+    def nbytes_for(dx: int, dy: int) -> int:
+        """Upper bound: every part allocated (the last three only meet outliers)."""
+        return 2 * CrossMoments.nbytes_for(dx, dy) + Moments.nbytes_for(dx) + Moments.nbytes_for(dy)
 
 
 @dataclass
@@ -60,6 +110,7 @@ class _Pending:
     types: list = field(default_factory=list)
     meta: list = field(default_factory=list)
     calib: list = field(default_factory=list)  # per batch: (n,) bool rows the median is taken over, or None (all)
+    lengths: list = field(default_factory=list)  # per batch: (B,) counted rows of each window
     n: int = 0
 
 
@@ -95,13 +146,22 @@ class LayerStatistics:
         `id_sample` counted positions of the stream: paper A's protocol).
     precision : "auto" (float32 products for batches in model precision, float64
         accumulation) or "float64" (every product in float64); see `Moments`.
+    cross_layer : keep the float64 cross-moments of every pair of consecutive layers
+        (d_l × d_{l+1} each), for linear CKA and linearity. Their inliers view is the
+        tokens that are inliers at both layers of the pair.
+
+    Every batch also adds each window's curvature and prompt entropy over its
+    counted tokens (the inliers view: its counted tokens that are inliers at that
+    layer) to per-layer sums, for their means over windows.
     """
 
     def __init__(self, n_layers: dict, width: int | dict, device=None, outlier_factor: float = 10.0,
                  with_types: bool = True, type_capacity: int = 0, id_sample: int = 0, seed: int = 0,
-                 type_layers: dict | None = None, id_order: str = "random", precision: str = "auto"):
+                 type_layers: dict | None = None, id_order: str = "random", precision: str = "auto",
+                 cross_layer: bool = True):
         self.n_layers = dict(n_layers)
         self.precision = precision
+        self.cross_layer = bool(cross_layer)
         self.width = width
         self.widths = self.layer_widths(self.n_layers, width)
         self.device = torch.device(device) if device is not None else None
@@ -119,6 +179,10 @@ class LayerStatistics:
 
         self.inliers = part(type_capacity)
         self.outliers = part(0)
+        self.pairs = {s: [PairAccumulators.new(self.widths[s][layer], self.widths[s][layer + 1], device)
+                          for layer in range(n)] for s, n in self.n_layers.items()} if self.cross_layer else {}
+        self.window_sums = {s: torch.zeros(n + 1, len(VIEWS), WINDOW_SUMS, dtype=torch.float64, device=device)
+                            for s, n in self.n_layers.items()}
         self.median_norm: dict = {s: None for s in self.n_layers}  # stack -> list per layer
         self.calibrated_on: dict = {s: 0 for s in self.n_layers}
         self._pending = {s: _Pending() for s in self.n_layers}
@@ -195,6 +259,7 @@ class LayerStatistics:
             return t if idx is None else t.index_select(0, idx.to(t.device))
 
         types = rows(token_types)
+        lengths = counted.sum(1)
         metas = {k: rows(v) for k, v in (meta or {}).items()}
         xs = []
         for layer, h in enumerate(hidden):
@@ -213,9 +278,10 @@ class LayerStatistics:
             p.types.append(types)
             p.meta.append(metas)
             p.calib.append(None if calibration is None else rows(calibration))
+            p.lengths.append(lengths)
             p.n += int(types.numel())
             return
-        self._accumulate(stack, xs, types, metas)
+        self._accumulate(stack, xs, types, metas, lengths)
 
     def _calibrate(self, stack: str, gather=None) -> None:
         p = self._pending[stack]
@@ -237,8 +303,8 @@ class LayerStatistics:
         self.median_norm[stack] = medians
         self.calibrated_on[stack] = int(norms.shape[1])
         self._pending[stack] = _Pending()
-        for xs, types, metas in zip(p.xs, p.types, p.meta):
-            self._accumulate(stack, xs, types, metas)
+        for xs, types, metas, lengths in zip(p.xs, p.types, p.meta, p.lengths):
+            self._accumulate(stack, xs, types, metas, lengths)
 
     @property
     def calibrated(self) -> bool:
@@ -261,21 +327,77 @@ class LayerStatistics:
         """End of stream: calibrate if that has not happened yet."""
         self.calibrate(gather)
 
-    def _accumulate(self, stack, xs, types, metas) -> None:
+    def _accumulate(self, stack, xs, types, metas, lengths) -> None:
         groups = TokenMoments.group(types) if self.with_types else None
+        outs = []
         for layer, x in enumerate(xs):
             try:
-                self._accumulate_layer(stack, layer, x, types, groups, metas)
+                outs.append(self._accumulate_layer(stack, layer, x, types, groups, metas))
             except NonFiniteInput:
                 raise NonFiniteHidden(stack, layer) from None
+            self._accumulate_windows(stack, layer, x, outs[-1], lengths)
+        cache = {}  # layer -> (mean, centred float64 rows): a layer shared by two pairs is converted once
 
-    def _accumulate_layer(self, stack, layer, x, types, groups, metas) -> None:
+        def whole(layer):
+            if layer not in cache:
+                cache[layer] = centred(xs[layer], self.device)
+            return cache[layer]
+
+        for layer, pair in enumerate(self.pairs.get(stack, ())):
+            if outs[layer] is None and outs[layer + 1] is None:
+                pair.both.update_centred(*whole(layer), *whole(layer + 1))
+            else:
+                self._accumulate_pair(pair, xs[layer], xs[layer + 1], outs[layer], outs[layer + 1])
+            cache.pop(layer, None)
+
+    def _accumulate_windows(self, stack, layer, x, out, lengths) -> None:
+        """Add each window's curvature and prompt entropy (both views) to the sums.
+        A window without an outlier has the same values in both views: only the
+        windows holding one are measured again, on their inliers."""
+        sums = self.window_sums[stack][layer]
+        lengths = lengths.to(x.device)
+
+        def measure(rows, lens):
+            P = padded_windows(rows, lens)
+            return torch.stack([window_curvatures(P, lens), window_entropies(P)])  # (2, windows)
+
+        def add(v, values):
+            ok = torch.isfinite(values)
+            sums[v] += torch.stack([torch.where(ok, values, 0.0).sum(1), ok.sum(1).double()], 1).reshape(-1).to(sums.device)
+
+        values = measure(x, lengths)
+        add(0, values)
+        if out is not None:
+            B = lengths.numel()
+            win = torch.repeat_interleave(torch.arange(B, device=x.device), lengths)
+            hit = torch.zeros(B, dtype=torch.bool, device=x.device)
+            hit[win[out]] = True
+            rows = ~out & hit[win]
+            values = values.clone()
+            values[:, hit] = measure(x[rows], torch.bincount(win[rows], minlength=B)[hit])
+        add(1, values)
+
+    @staticmethod
+    def _accumulate_pair(pair: PairAccumulators, x, y, out_x, out_y) -> None:
+        if out_x is None and out_y is None:
+            pair.both.update(x, y)
+            return
+        ox = out_x if out_x is not None else torch.zeros_like(out_y)
+        oy = out_y if out_y is not None else torch.zeros_like(out_x)
+        either = ox | oy
+        pair.both.update(x[~either], y[~either])
+        pair.rest.update(x[either], y[either])
+        pair.drop_x.update(x[~ox & oy])
+        pair.drop_y.update(y[ox & ~oy])
+
+    def _accumulate_layer(self, stack, layer, x, types, groups, metas):
+        """Accumulate one layer's rows; returns their outlier mask (None: none)."""
         limit = self.outlier_factor * self.median_norm[stack][layer]
         norms = torch.linalg.vector_norm(x, dim=1)
         out = norms > limit
         if not bool(out.any()):
             self.inliers[stack][layer].update(x, groups)
-            return
+            return None
         keep = ~out
         typed = self.inliers[stack][layer].types is not None
         g_in = TokenMoments.group(types[keep]) if typed else None
@@ -286,6 +408,7 @@ class LayerStatistics:
         row.update(stack=stack, layer=layer, norm=norms[out].double().cpu(),
                    median=self.median_norm[stack][layer])
         self._outlier_rows.append(row)
+        return out
 
     # ----------------------------------------------------------------- results
     def view(self, name: str, stack: str, layer: int, in_place: bool = False) -> LayerAccumulators:
@@ -386,6 +509,75 @@ class LayerStatistics:
         cache.pop("inliers_dist", None)  # both views done
         return cache[n]
 
+    def window_means(self, stack: str, layer: int, view: str) -> dict:
+        """{'curvature', 'prompt_entropy'}: the mean over windows (each weighted
+        equally) of each window's value over its counted tokens of the view; windows
+        of fewer than 3 such tokens have no curvature. NaN when no window has one."""
+        c_sum, c_n, e_sum, e_n = self.window_sums[stack][layer, VIEWS.index(view)].tolist()
+        return dict(curvature=c_sum / c_n if c_n else math.nan, prompt_entropy=e_sum / e_n if e_n else math.nan)
+
+    def _pair_moments(self, stack: str, layer: int, view: str):
+        """(n, mean, scatter) of one layer's vectors over the tokens of a pair's view
+        (`layer` is either layer of the pair ending at `pair_end`)."""
+        inl, out = self.inliers[stack][layer].moments, self.outliers[stack][layer].moments
+        m = inl
+        if view == "all" and out.n:
+            m = Moments.from_state_dict(inl.state_dict()).merge(out)
+        return m.n, (m.mean if m.n else None), (m.covariance * m.n if m.n else None)
+
+    def cross_layer_metrics(self, stack: str) -> dict:
+        """{layer: {view: {'linear_cka', 'linearity'}}} between each layer ≥ 1 and the
+        one before it, from the cross-moments (empty without cross_layer). Read
+        before `view(..., in_place=True)` consumes a layer's inliers view."""
+        from ..metrics.cross_layer import cka_from_covariances, linearity_from_covariances
+
+        nan = dict(linear_cka=math.nan, linearity=math.nan)
+        out = {}
+        for layer, pair in enumerate(self.pairs.get(stack, ()), start=1):
+            if (stack, layer - 1) in self._consumed or (stack, layer) in self._consumed:
+                raise EmbgeomError("cross_layer_metrics must be read before the views are merged in place")
+            out[layer] = {}
+            for view in VIEWS:
+                cross = pair.both if view == "inliers" else pair.both.copy().merge(pair.rest)
+                if cross.n < 2:
+                    out[layer][view] = dict(nan)
+                    continue
+                nx, mx, sx = self._pair_moments(stack, layer - 1, view)
+                ny, my, sy = self._pair_moments(stack, layer, view)
+                if view == "inliers":
+                    dx, dy = pair.drop_x, pair.drop_y
+                    if dx.n:
+                        sx = scatter_without(nx, mx, sx, dx.n, dx.mean, dx.covariance * dx.n)
+                    if dy.n:
+                        sy = scatter_without(ny, my, sy, dy.n, dy.mean, dy.covariance * dy.n)
+                sxy = cross.cross_scatter
+                out[layer][view] = dict(linear_cka=cka_from_covariances(sx, sy, sxy),
+                                        linearity=linearity_from_covariances(sx, sy, sxy))
+        return out
+
+    def id_scales(self, stack: str, layer: int, view: str, max_rank: int = 64):
+        """GRIDE at every scale (DataFrame n1, n2, scale, id, id_err) on the position
+        sample's distinct points of the view (the inliers view drops sampled positions
+        above the layer's outlier limit); None without a sample of 3 points."""
+        from ..metrics.gride import gride
+
+        sample = self.samples.get(stack)
+        if sample is None or len(sample) < 3:
+            return None
+        X = torch.from_numpy(sample.layer(layer))
+        if view == "inliers":
+            limit = self.outlier_factor * self.median_norm[stack][layer]
+            X = X[torch.linalg.vector_norm(X, dim=1) <= limit]
+        # The inliers are a subset of all points: the same count means the same points.
+        cache = self._id_cache.setdefault(("gride", stack, layer, max_rank), {})
+        if X.shape[0] not in cache:
+            try:
+                cache[X.shape[0]] = gride(X, max_rank)
+            except EmbgeomError:  # fewer than 3 distinct points: no scale to read
+                cache[X.shape[0]] = None
+        table = cache[X.shape[0]]
+        return None if table is None else table.copy()
+
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict:
         """Everything needed to rebuild these statistics exactly (plain CPU tensors,
@@ -400,7 +592,9 @@ class LayerStatistics:
                     for s, accs in p.items()}
 
         return {
-            "kind": "LayerStatistics", "version": 1,
+            "kind": "LayerStatistics", "version": 2, "cross_layer": self.cross_layer,
+            "pairs": {s: [p.state_dict() for p in ps] for s, ps in self.pairs.items()},
+            "window_sums": {s: t.cpu().clone() for s, t in self.window_sums.items()},
             "n_layers": dict(self.n_layers), "width": self.width, "outlier_factor": self.outlier_factor,
             "with_types": self.with_types, "id_sample": self.id_sample, "seed": self.seed,
             "id_order": self.id_order,
@@ -414,18 +608,51 @@ class LayerStatistics:
         }
 
     @classmethod
-    def knn_summary(self) -> dict:
-        """What the k-NN searches did, for run.json: the candidate precision chosen
-        per width with the tile timings that chose it, and totals."""
-        from .._hardware import bf16_native, cpu_name
-
-        runs = getattr(self, "knn_runs", [])
-        return {"cpu": cpu_name(), "bf16_native": bf16_native(), "searches": len(runs),
-                "choices": list({(r.get("precision"), str(r.get("tile_seconds"))): {
-                    k: r.get(k) for k in ("precision", "chosen_by", "tile_seconds")} for r in runs}.values()),
-                "fallback_rows": sum(int(r.get("fallback_rows", 0)) for r in runs),
-                "points": sum(int(r.get("n", 0)) for r in runs)}
+    def from_state_dict(cls, sd: dict, device=None, *, type_capacity: int = 0) -> "LayerStatistics":
+        """Rebuild statistics from ``state_dict()`` exactly, on `device`; a state that
+        does not fit together (shapes, layer counts, thresholds) is refused."""
+        k = "LayerStatistics"
+        _state.check_kind(sd, k, versions=(2,))
+        try:
+            stats = cls(sd["n_layers"], sd["width"], device, outlier_factor=sd["outlier_factor"],
+                        with_types=sd["with_types"], id_sample=0, seed=sd["seed"], type_layers=sd.get("type_layers"),
+                        id_order=sd.get("id_order", "random"), precision=sd.get("precision", "auto"),
+                        cross_layer=False)
+            stats.id_sample = _state.count(sd["id_sample"], k, "id_sample")
+            stats.median_norm = {s: _state.finite_or_nan(sd["median_norm"][s], k, f"median_norm[{s!r}]", n + 1)
+                                 for s, n in stats.n_layers.items()}
+            stats.calibrated_on = {s: _state.count(sd["calibrated_on"][s], k, "calibrated_on") for s in stats.n_layers}
+            stats.inliers = stats._parts_from(sd["inliers"], device, type_capacity)
+            stats.outliers = stats._parts_from(sd["outliers"], device, 0)
+            stats._cross_layer_from(sd, device)
+            stats.samples = {s: PositionSample.from_state_dict(sd["samples"][s]) for s in stats.n_layers} \
+                if stats.id_sample > 0 else {}
+            rows = sd["outlier_rows"]
+            if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+                raise TypeError("outlier_rows must be a list of dicts")
+            stats._outlier_rows = list(rows)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise EmbgeomError(f"LayerStatistics state_dict is malformed ({type(exc).__name__}: {exc})") from None
         return stats
+
+    def _cross_layer_from(self, sd: dict, device) -> None:
+        """The cross-layer pairs and per-window sums of a state dict, checked against
+        this object's stacks and layer counts."""
+        k = "LayerStatistics"
+        if not isinstance(sd["cross_layer"], bool):
+            raise TypeError("cross_layer must be True or False")
+        self.cross_layer = sd["cross_layer"]
+        pairs, sums = sd["pairs"], sd["window_sums"]
+        if set(pairs) != set(self.n_layers) or set(sums) != set(self.n_layers):
+            raise EmbgeomError(f"{k} state_dict: pairs and window_sums must name the stacks {sorted(self.n_layers)}")
+        self.pairs = {s: [PairAccumulators.from_state_dict(p, device) for p in ps] for s, ps in pairs.items()}
+        for s, n in self.n_layers.items():
+            if self.cross_layer and len(self.pairs[s]) != n:
+                raise EmbgeomError(f"{k} state_dict: {s} must hold {n} pairs of consecutive layers")
+        self.window_sums = {}
+        for s, t in sums.items():
+            t = _state.tensor(t, k, f"window_sums[{s!r}]", (self.n_layers[s] + 1,) + tuple(t.shape[1:]))
+            self.window_sums[s] = t.to(device if device is not None else "cpu", torch.float64).clone()
 
     def _parts_from(self, part: dict, device, capacity: int) -> dict:
         """Accumulators of every (stack, layer) from one part of a state dict, checked
@@ -467,7 +694,7 @@ class LayerStatistics:
         if not isinstance(other, LayerStatistics):
             raise EmbgeomError(f"can only merge LayerStatistics, got {type(other).__name__}")
         for name in ("n_layers", "widths", "outlier_factor", "with_types", "type_layers", "id_sample", "seed",
-                     "id_order"):
+                     "id_order", "cross_layer"):
             if getattr(self, name) != getattr(other, name):
                 raise EmbgeomError(f"cannot merge LayerStatistics with different {name}: "
                                    f"{getattr(self, name)!r} vs {getattr(other, name)!r}")
@@ -483,6 +710,11 @@ class LayerStatistics:
                     a.moments.merge(b.moments)
                     if a.types is not None:
                         a.types.merge(b.types)
+        for s, ps in self.pairs.items():
+            for a, b in zip(ps, other.pairs[s]):
+                a.merge(b)
+        for s, t in self.window_sums.items():
+            t += other.window_sums[s].to(t.device)
         for s, smp in self.samples.items():
             smp.merge(other.samples[s])
         self._outlier_rows.extend(other._outlier_rows)
@@ -513,17 +745,19 @@ class LayerStatistics:
     @property
     def nbytes(self) -> int:
         acc = sum(a.nbytes for part in (self.inliers, self.outliers) for accs in part.values() for a in accs)
+        acc += sum(p.nbytes for ps in self.pairs.values() for p in ps)
         return acc + sum(s.nbytes for s in self.samples.values())
 
     @staticmethod
     def planned_parts(n_layers: dict, width: int | dict, n_types: int | None = None, id_sample: int = 0,
-                      type_layers: dict | None = None) -> dict:
+                      type_layers: dict | None = None, cross_layer: bool = True) -> dict:
         """``nbytes`` at the end of a run, in parts {'covariances', 'per-type means',
-        'ID sample'}, for a run whose every typed layer (`type_layers`, as in the
-        constructor) meets `n_types` token types (None: no per-type statistics) among
-        its inliers, sized as the pipeline sizes them (n_types + 1 rows), before any
+        'cross-layer moments', 'ID sample'}, for a run whose every typed layer
+        (`type_layers`, as in the constructor) meets `n_types` token types (None: no
+        per-type statistics) among its inliers, sized as the pipeline sizes them (n_types + 1 rows), before any
         outlier's per-type rows (outliers are few: their tables grow from nothing).
-        The outliers' covariances are counted, though a layer that meets no outlier
+        The outliers' covariances (and the cross-moments' parts that only meet
+        outliers) are counted, though a layer that meets no outlier
         never allocates them: the plan is an upper bound, reached when every layer
         has outliers. Known before the stream starts, so a run that cannot fit is
         refused then."""
@@ -533,6 +767,9 @@ class LayerStatistics:
             typed = LayerStatistics.typed_layers(n_layers, True, type_layers)
             parts["per-type means"] = sum(TokenMoments.nbytes_for(widths[s][layer], n_types + 1, n_types)
                                           for s, layers in typed.items() for layer in layers)
+        if cross_layer:  # upper bound, like the outliers' covariances
+            parts["cross-layer moments"] = sum(PairAccumulators.nbytes_for(ws[i], ws[i + 1])
+                                               for ws in widths.values() for i in range(len(ws) - 1))
         if id_sample > 0:
             parts["ID sample"] = sum(PositionSample.nbytes_for(id_sample, len(ws), ws) for ws in widths.values())
         return parts

@@ -1,0 +1,183 @@
+"""GRIDE: intrinsic dimension as a function of scale (Denti et al. 2022).
+
+For each point, μ = r_{n2} / r_{n1}, the ratio of its distances to its n2-th and
+n1-th nearest distinct neighbours (n2 > n1), follows under a locally uniform density
+of dimension d
+
+    f(μ) = d (μ^d − 1)^{n2−n1−1} / (B(n2−n1, n1) μ^{(n2−1)d+1}),   μ > 1,
+
+and the estimate maximises the likelihood of the observed ratios. Doubling n1 and n2
+looks at the data at growing scales; where the estimate stops moving with scale is
+the dimension one would read off a plateau.
+
+Reference: F. Denti, D. Doimo, A. Laio, A. Mira (2022), "The generalized ratios
+intrinsic dimension estimator", Sci. Rep. 12, 20005. At n1 = 1, n2 = 2 this is the
+maximum-likelihood TwoNN (Facco et al. 2017): d̂ = N / Σ log μ.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..errors import EmbgeomError
+from .neighbors import knn_distances
+
+__all__ = ["gride", "gride_from_distances", "gride_scales", "gride_plateau"]
+
+GRIDE_COLUMNS = ["n1", "n2", "scale", "id", "id_err"]
+
+
+def gride_scales(max_rank: int) -> list[tuple[int, int]]:
+    """(n1, n2) pairs n1 = 1, 2, 4, … with n2 = 2·n1 ≤ max_rank."""
+    if isinstance(max_rank, bool) or not isinstance(max_rank, (int, np.integer)) or max_rank < 2:
+        raise EmbgeomError(f"max_rank must be an integer ≥ 2, got {max_rank!r}")
+    pairs, n1 = [], 1
+    while 2 * n1 <= max_rank:
+        pairs.append((n1, 2 * n1))
+        n1 *= 2
+    return pairs
+
+
+def _score_and_information(d: float, L: np.ndarray, n1: int, n2: int) -> tuple[float, float]:
+    """First derivative of the log-likelihood in d, and minus its second derivative
+    (the observed Fisher information), at d for log-ratios L > 0."""
+    N = L.size
+    k = n2 - n1 - 1
+    score = N / d - (n2 - 1) * float(L.sum())
+    info = N / d ** 2
+    if k:
+        e = np.exp(-d * L)
+        # μ^d / (μ^d − 1) = 1 / (1 − μ^{−d}); written with expm1 so large d L loses nothing.
+        one_minus = -np.expm1(-d * L)
+        score += k * float((L / one_minus).sum())
+        info += k * float((L * L * e / one_minus ** 2).sum())
+    return score, info
+
+
+def _mle(L: np.ndarray, n1: int, n2: int) -> tuple[float, float]:
+    """(d̂, standard error) for one (n1, n2). The log-likelihood is strictly concave
+    in d, so its score has one root; it is bracketed and found by bisection-safeguarded
+    Newton steps."""
+    N = L.size
+    S = float(L.sum())
+    if n2 - n1 == 1:  # closed form: f(μ) ∝ d μ^{−(n2−1)d−1}
+        d = N / ((n2 - 1) * S)
+        return d, d / math.sqrt(N)
+    # The score is positive near 0 and negative for d > N / (n1 S) · (1 + ...): grow hi.
+    lo, hi = 0.0, N / (n1 * S)
+    while _score_and_information(hi, L, n1, n2)[0] > 0:
+        lo, hi = hi, 2 * hi
+    d = 0.5 * (lo + hi)
+    for _ in range(200):
+        s, info = _score_and_information(d, L, n1, n2)
+        if s > 0:
+            lo = d
+        else:
+            hi = d
+        nd = d + s / info
+        if not (lo < nd < hi):
+            nd = 0.5 * (lo + hi)
+        if abs(nd - d) <= 1e-14 * d:
+            d = nd
+            break
+        d = nd
+    return d, 1.0 / math.sqrt(_score_and_information(d, L, n1, n2)[1])
+
+
+def gride_from_distances(dist, max_rank: int | None = None) -> pd.DataFrame:
+    """GRIDE at every scale from ascending neighbour distances of *distinct* points.
+
+    dist : (N, ≥ max_rank) distances of each point to its nearest other points,
+        ascending, all positive (remove duplicate points before the k-NN).
+    max_rank : largest neighbour rank n2 used (default: the number of columns).
+
+    Returns a DataFrame with columns ``n1, n2, scale, id, id_err``, one row per
+    (n1, n2) of :func:`gride_scales`: ``scale`` is the mean of r_{n2}, ``id`` the
+    likelihood maximiser and ``id_err`` = 1/√I(id) with I the observed Fisher
+    information (minus the second derivative of the log-likelihood). Points whose
+    ratio is exactly 1 (tied distances) have zero likelihood when n2 − n1 > 1 and are
+    left out there; at n2 − n1 = 1 they count, as in TwoNN. A scale with fewer than 2
+    usable points or no spread gives NaN.
+    """
+    if isinstance(dist, torch.Tensor):
+        dist = dist.detach().to("cpu", torch.float64).numpy()
+    a = np.asarray(dist, dtype=np.float64)
+    if a.ndim != 2:
+        raise EmbgeomError(f"dist must be a 2-d array (points, neighbours), got shape {a.shape}")
+    max_rank = a.shape[1] if max_rank is None else max_rank
+    pairs = gride_scales(max_rank)
+    if a.shape[1] < max_rank:
+        raise EmbgeomError(f"dist has {a.shape[1]} neighbour column(s) but max_rank = {max_rank}; "
+                           f"compute the k-NN with k ≥ {max_rank}")
+    if not np.isfinite(a).all() or (a[:, :max_rank] <= 0).any():
+        raise EmbgeomError("dist must hold finite, positive distances (remove duplicate points first)")
+    rows = []
+    for n1, n2 in pairs:
+        L = np.log(a[:, n2 - 1] / a[:, n1 - 1])
+        if n2 - n1 > 1:
+            L = L[L > 0]
+        d = err = math.nan
+        if L.size >= 2 and L.sum() > 0:
+            d, err = _mle(L, n1, n2)
+        rows.append(dict(n1=n1, n2=n2, scale=float(a[:, n2 - 1].mean()), id=d, id_err=err))
+    return pd.DataFrame(rows, columns=GRIDE_COLUMNS)
+
+
+def distinct_rows(X) -> np.ndarray:
+    """The distinct rows of X (numpy, float32 kept as float32, other types as
+    float64), exact duplicates removed, in their order of first appearance."""
+    if isinstance(X, torch.Tensor):
+        X = X.detach().cpu().numpy()
+    a = np.asarray(X)
+    # float32 stays float32: the exact k-NN is much faster on it, and a duplicate is
+    # a duplicate in either type.
+    a = a if a.dtype == np.float32 else a.astype(np.float64)
+    if a.ndim != 2:
+        raise EmbgeomError(f"X must be a 2-d array (points, features), got shape {a.shape}")
+    # First occurrences, in their original order: the exact k-NN is several times
+    # slower on rows sorted lexicographically (as np.unique returns them).
+    first = np.unique(a, axis=0, return_index=True)[1]
+    return a[np.sort(first)]
+
+
+def gride(X, max_rank: int = 64) -> pd.DataFrame:
+    """GRIDE intrinsic dimension of the rows of X at scales n1 = 1, 2, 4, … with
+    n2 = 2·n1 ≤ max_rank, on the exact k-NN of the distinct rows (exact duplicates
+    removed first). See :func:`gride_from_distances` for the columns; the row
+    n1 = 1 is the maximum-likelihood TwoNN N / Σ log(r2/r1), i.e. N/(N − 1) times
+    :func:`embgeom.twonn_ml`'s unbiased estimate on data without duplicates."""
+    pairs = gride_scales(max_rank)
+    U = distinct_rows(X)
+    if U.shape[0] < 3:
+        raise EmbgeomError(f"GRIDE needs at least 3 distinct points, got {U.shape[0]}")
+    k = min(max_rank, U.shape[0] - 1)
+    pairs = [p for p in pairs if p[1] <= k]
+    return gride_from_distances(knn_distances(U, k), pairs[-1][1] if pairs else 2)
+
+
+def gride_plateau(table: pd.DataFrame) -> dict:
+    """The scale range where the ID-against-scale curve is flattest.
+
+    Rule: among consecutive scales i, i+1 (rows in order of n1) with finite ids, the
+    pair with the smallest relative change |id_{i+1} − id_i| / ((id_i + id_{i+1})/2);
+    the first such pair on a tie. Returns {'n1_low', 'n1_high', 'scale_low',
+    'scale_high', 'id'} with id the mean of the pair's two ids, or NaNs when fewer
+    than two finite scales exist.
+    """
+    t = table.sort_values("n1").reset_index(drop=True)
+    best, out = math.inf, dict(n1_low=math.nan, n1_high=math.nan, scale_low=math.nan, scale_high=math.nan,
+                               id=math.nan)
+    for i in range(len(t) - 1):
+        a, b = float(t["id"].iloc[i]), float(t["id"].iloc[i + 1])
+        if not (math.isfinite(a) and math.isfinite(b)) or a + b <= 0:
+            continue
+        change = abs(b - a) / (0.5 * (a + b))
+        if change < best:
+            best = change
+            out = dict(n1_low=int(t["n1"].iloc[i]), n1_high=int(t["n1"].iloc[i + 1]),
+                       scale_low=float(t["scale"].iloc[i]), scale_high=float(t["scale"].iloc[i + 1]),
+                       id=0.5 * (a + b))
+    return out

@@ -1,0 +1,135 @@
+"""Per-sequence geometry of a window's hidden states: curvature and prompt entropy.
+
+Both after Skean et al. (2025), "Layer by Layer: Uncovering Hidden Representations
+in Language Models", ICML. A sequence is H (n, d), its rows the hidden states of
+consecutive tokens at one layer.
+
+- curvature: the mean over t of the angle (radians) between consecutive steps
+  v_t = h_{t+1} − h_t and v_{t+1}: arccos(v_t·v_{t+1} / (‖v_t‖ ‖v_{t+1}‖)).
+- prompt entropy: the α-order (Rényi) entropy of the spectrum of the Gram matrix
+  K = H Hᵀ (rows not centred) normalised by its trace, p_i = λ_i / tr K:
+  S_α = log(Σ p_i^α) / (1 − α), and −Σ p_i log p_i at α = 1 (nats).
+
+The batched forms (`window_curvatures`, `window_entropies`) take many windows at
+once as their rows laid end to end; they use the small n × n Gram of each window
+(never a d × d matrix), padded to the longest window, in float64.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ..errors import EmbgeomError
+
+__all__ = ["curvature", "prompt_entropy", "window_curvatures", "window_entropies", "padded_windows"]
+
+
+def _check_alpha(alpha) -> float:
+    try:
+        a = float(alpha)
+    except (TypeError, ValueError) as exc:
+        raise EmbgeomError(f"alpha must be a positive number, got {alpha!r}") from exc
+    if not (a > 0 and math.isfinite(a)):
+        raise EmbgeomError(f"alpha must be a positive number, got {alpha!r}")
+    return a
+
+
+def padded_windows(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """(B, n_max, d) float64 from rows laid end to end (window b holds lengths[b]
+    consecutive rows), padded with zero rows."""
+    lengths = lengths.to(device=x.device, dtype=torch.long)
+    B = lengths.numel()
+    n = int(lengths.max()) if B else 0
+    out = torch.zeros(B, n, x.shape[1], dtype=torch.float64, device=x.device)
+    if x.shape[0]:
+        win = torch.repeat_interleave(torch.arange(B, device=x.device), lengths)
+        starts = torch.cumsum(lengths, 0) - lengths
+        pos = torch.arange(x.shape[0], device=x.device) - starts[win]
+        out[win, pos] = x.to(torch.float64)
+    return out
+
+
+def window_curvatures(P: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """(B,) float64 curvature of each padded window of `P` (B, n, d); NaN for a
+    window of fewer than 3 rows. A zero step (two equal consecutive states) has no
+    direction: the angles it takes part in are left out of its window's mean."""
+    B, n = P.shape[:2]
+    out = torch.full((B,), math.nan, dtype=torch.float64, device=P.device)
+    if n < 3:
+        return out
+    lengths = lengths.to(device=P.device, dtype=torch.long)
+    v = P[:, 1:] - P[:, :-1]
+    norm = torch.linalg.vector_norm(v, dim=2)
+    dots = (v[:, :-1] * v[:, 1:]).sum(2)
+    den = norm[:, :-1] * norm[:, 1:]
+    t = torch.arange(n - 2, device=P.device)
+    valid = (t[None, :] < (lengths[:, None] - 2)) & (den > 0)
+    cos = torch.where(valid, dots / torch.where(valid, den, 1.0), 0.0).clamp_(-1.0, 1.0)
+    angle = torch.where(valid, torch.arccos(cos), 0.0)
+    count = valid.sum(1)
+    return torch.where(count > 0, angle.sum(1) / count.clamp(min=1), out)
+
+
+def window_entropies(P: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """(B,) float64 prompt entropy of each padded window of `P` (B, n, d): the
+    spectrum of the (B, n, n) Gram P Pᵀ (zero padding rows add zero eigenvalues,
+    which add nothing); NaN for an empty or all-zero window. Eigenvalues below
+    n·ε·λ_max are rounding noise of zero ones and count as zero."""
+    alpha = _check_alpha(alpha)
+    B = P.shape[0]
+    if P.shape[1] == 0:
+        return torch.full((B,), math.nan, dtype=torch.float64, device=P.device)
+    G = torch.bmm(P, P.transpose(1, 2))
+    if G.device.type == "cpu":
+        # Many small decompositions: LAPACK's threads only wait on each other at
+        # n ~ 100 (tens of times slower on a busy host), so one thread does them.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            lam = torch.linalg.eigvalsh(G)
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        lam = torch.linalg.eigvalsh(G)
+    # Eigenvalues within rounding of zero (the Gram of n rows in d < n dimensions has
+    # n − d of them) count as zero: at α < 1 their p^α would add up otherwise.
+    tiny = lam.shape[1] * torch.finfo(lam.dtype).eps * lam[:, -1:].clamp(min=0.0)
+    lam = torch.where(lam > tiny, lam, 0.0)
+    total = lam.sum(1, keepdim=True)
+    p = lam / torch.where(total > 0, total, 1.0)
+    if alpha == 1.0:
+        s = -torch.special.xlogy(p, p).sum(1)
+    else:
+        s = torch.log((p ** alpha).sum(1)) / (1.0 - alpha)
+    return torch.where(total[:, 0] > 0, s, math.nan)
+
+
+def _sequence(H) -> torch.Tensor:
+    if isinstance(H, torch.Tensor):
+        t = H.detach().to("cpu", torch.float64)
+    else:
+        t = torch.from_numpy(np.asarray(H, dtype=np.float64))
+    if t.ndim != 2:
+        raise EmbgeomError(f"H must be a 2-d array (tokens, features), got shape {tuple(t.shape)}")
+    if not bool(torch.isfinite(t).all()):
+        raise EmbgeomError("H holds NaN or infinite values")
+    return t
+
+
+def curvature(H) -> float:
+    """Mean angle (radians) between consecutive steps of the sequence H (n, d):
+    mean over t of arccos(cos(v_t, v_{t+1})), v_t = h_{t+1} − h_t (Skean et al. 2025).
+    NaN for fewer than 3 rows (no pair of steps)."""
+    t = _sequence(H)
+    return float(window_curvatures(t[None], torch.tensor([t.shape[0]]))[0])
+
+
+def prompt_entropy(H, alpha: float = 1.0) -> float:
+    """α-order matrix entropy of the sequence H (n, d), in nats: with p_i the
+    eigenvalues of K = H Hᵀ (rows not centred) divided by tr K,
+    S_α = log(Σ p_i^α) / (1 − α), and −Σ p_i log p_i at α = 1 (Skean et al. 2025).
+    0 for one token (or rank one); log n at most. NaN when every row is zero."""
+    t = _sequence(H)
+    return float(window_entropies(t[None], alpha)[0])
