@@ -292,7 +292,7 @@ def test_pipeline_columns_match_the_functions_on_hidden_states(tiny_models, lee_
     assert list(res.id_scale.columns) == ["model", "revision", "step", "stack", "layer", "view", "n1", "n2",
                                           "scale", "id", "id_err"]
     assert set(res.id_scale["view"]) == {"all", "inliers"}
-    out = res.save(tmp_path / "out")
+    out = embgeom.save_run(res, tmp_path / "out")
     loaded = embgeom.Result.load(out)
     pd.testing.assert_frame_equal(loaded.id_scale, res.id_scale)
     report = (out / "report.md").read_text()

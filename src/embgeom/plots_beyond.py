@@ -9,7 +9,9 @@ import numpy as np
 import pandas as pd
 
 from .metrics.gride import gride_plateau
-from .plots import _draw_metric, _save, _slug, plottable_metrics
+from ._names import slug
+from ._png import save_png
+from ._profiles import _draw_metric, plottable_metrics
 from .results import groups_by_run
 
 
@@ -22,7 +24,7 @@ def _depth_panels(layers: pd.DataFrame, metrics: list[str], path: Path, ylabels:
         _draw_metric(ax, layers, metric)
         ax.set_title(ylabels[metric], fontsize=10)
     axes[0, 0].legend(fontsize=7)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_cross_layer(layers: pd.DataFrame, path: Path) -> Path | None:
@@ -62,7 +64,7 @@ def plot_id_scale(table: pd.DataFrame, path: Path, title: str) -> Path | None:
     ax.set_title(f"{title}: ID against scale (band: flattest pair of scales)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def beyond_tasks(results, layers: pd.DataFrame, figdir: Path) -> list[tuple]:
@@ -75,5 +77,5 @@ def beyond_tasks(results, layers: pd.DataFrame, figdir: Path) -> list[tuple]:
             continue
         for (model, revision, stack), g in groups_by_run(scales):
             title = f"{model} {stack}" + (f" @{revision}" if revision else "")
-            tasks.append((plot_id_scale, (g, figdir / f"id_scale_{_slug(model, revision, stack)}.png", title), {}))
+            tasks.append((plot_id_scale, (g, figdir / f"id_scale_{slug(model, revision, stack)}.png", title), {}))
     return tasks
