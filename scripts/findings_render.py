@@ -46,9 +46,9 @@ def load(name: str, folder: Path) -> Result:
 
 
 def tag(model: str, stack: str) -> str:
-    from embgeom.plots import _slug
+    from embgeom._names import slug
 
-    return _slug(model, "", stack)
+    return slug(model, "", stack)
 
 
 def md_table(header: list[str], rows: list[list]) -> str:

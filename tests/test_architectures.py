@@ -94,5 +94,5 @@ def test_mpnet_positions_start_after_the_padding_index(tmp_path):
     res = analyze(str(tmp_path / "m"), lee_texts(2), seq_len=40, batch_size=2, device="cpu", id_sample=0)
     assert res.run["model"]["max_length"] == 40
     assert res.run["counts"]["windows"] > 1  # full windows of 40 were run
-    with pytest.raises(EmbgeomError, match="--seq-len 41 is longer than this model accepts"):
+    with pytest.raises(EmbgeomError, match="seq_len=41 is longer than this model accepts"):
         analyze(str(tmp_path / "m"), lee_texts(2), seq_len=41, device="cpu", id_sample=0)

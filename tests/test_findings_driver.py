@@ -135,7 +135,7 @@ def test_render_from_two_tiny_runs(tiny_models, lee_corpus, tmp_path):
     for arch, name in (("bert", "tiny-encoder"), ("llama", "tiny-decoder")):
         res = analyze(str(tiny_models[arch]), str(lee_corpus), seq_len=32, max_tokens=400, id_sample=150,
                       device="cpu", progress=False)
-        res.save(tmp_path / "runs" / arch, figures=False)
+        res.save(tmp_path / "runs" / arch)
         plan.append((name, tmp_path / "runs" / arch, None))
     docs = tmp_path / "docs"
     path = render.render(plan, tmp_path / "out", docs, SCRIPTS / "findings_template.md", protocols_run=False)
@@ -147,7 +147,7 @@ def test_render_from_two_tiny_runs(tiny_models, lee_corpus, tmp_path):
         assert sum(line.startswith(f"| {name} | **") for line in text.splitlines()) == 6
     assert "not in this run" in text  # protocols, and the measures this embgeom lacks
     shown = set(render.re.findall(r"\(figures/([^)\s]+\.png)\)", text))
-    assert "shares_tiny-decoder-decoder.png" in shown
+    assert "shares_tiny-decoder_decoder.png" in shown
     assert sum(line.startswith("| tiny-decoder | pre-LN | ") for line in text.splitlines()) == 1  # post-LN vs pre-LN
     assert shown == {p.name for p in (docs / "figures").iterdir()}
     # the encoder's anisotropy cell is read off its table

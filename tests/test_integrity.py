@@ -310,8 +310,8 @@ def test_layer_statistics_refusals():
         LayerStatistics.from_state_dict(dict(sd, inliers={"decoder": sd["inliers"]["decoder"][:2]}))
     with pytest.raises(EmbgeomError, match="median_norm"):
         LayerStatistics.from_state_dict(dict(sd, median_norm={"decoder": [-1.0, 1.0, 1.0]}))
-    with pytest.raises(EmbgeomError, match="version 2"):
-        LayerStatistics.from_state_dict(dict(sd, version=2))
+    with pytest.raises(EmbgeomError, match="version 3"):
+        LayerStatistics.from_state_dict(dict(sd, version=3))
     back = LayerStatistics.from_state_dict(sd, "cpu", type_capacity=10).to("cpu")
     assert back.device == torch.device("cpu")
 

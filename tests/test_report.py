@@ -93,7 +93,8 @@ def test_save_run_writes_tables_then_figures_then_report_then_layers_csv(gpt2_re
     there, writes report.md after the figures, and layers.csv (a finished run) last."""
     tables = gpt2_result.save(tmp_path / "tables")
     assert sorted(p.name for p in tables.iterdir()) == [  # .embgeom.lock: who writes it (see _lock)
-        ".embgeom.lock", "layers.csv", "layers.parquet", "outliers.csv", "run.json", "spectrum.parquet", "tokens.parquet"]
+        ".embgeom.lock", "id_scale.parquet", "layers.csv", "layers.parquet", "outliers.csv", "run.json",
+        "spectrum.parquet", "tokens.parquet"]
     seen = []
 
     def draw(results, figdir, warnings=None):
@@ -107,6 +108,7 @@ def test_save_run_writes_tables_then_figures_then_report_then_layers_csv(gpt2_re
     out.mkdir()
     (out / "layers.csv").write_text("stale")
     save_run(gpt2_result, out, draw=draw)
-    assert seen == [["layers.parquet", "outliers.csv", "run.json", "spectrum.parquet", "tokens.parquet"]]
+    assert seen == [["id_scale.parquet", "layers.parquet", "outliers.csv", "run.json", "spectrum.parquet",
+                     "tokens.parquet"]]
     assert "](figures/layer_profiles.png)" in (out / "report.md").read_text()
     assert Result.load(out).layers.equals(Result.load(tables).layers)
