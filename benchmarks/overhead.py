@@ -45,13 +45,18 @@ def baseline(model_spec: str, corpus: str, seq_len: int, batch_size: int, max_to
 
 def breakdown(model_spec: str, corpus: str, seq_len: int, batch_size: int, max_tokens: int, repeats: int) -> None:
     """Where the streaming time of `analyze` goes, in one process: the forward pass,
-    `Moments.update` and `TokenMoments.update` timed by wrappers (each call's
-    wall time; the remainder is gathers, the outlier split, counting and batching).
+    `Moments.update`, `TokenMoments.update`, the cross-layer moments (centring and
+    products) and the per-window curvature and entropy, timed by wrappers (each
+    call's wall time; the remainder is gathers, the outlier split, counting and
+    batching).
     Best of `repeats` runs."""
     import torch
 
     import embgeom.pipeline as pipeline
     from embgeom.models import load_model
+    from embgeom.stats import cross_moments
+    from embgeom.stats.cross_moments import CrossMoments
+    from embgeom.stats.layers import LayerStatistics
     from embgeom.stats.moments import Moments
     from embgeom.stats.token_moments import TokenMoments
 
@@ -72,6 +77,9 @@ def breakdown(model_spec: str, corpus: str, seq_len: int, batch_size: int, max_t
     wrap(pipeline, "forward_hidden", "forward")
     wrap(Moments, "update", "Moments")
     wrap(TokenMoments, "update", "TokenMoments")
+    wrap(CrossMoments, "update_centred", "cross-layer")
+    wrap(cross_moments, "centred", "cross-layer")
+    wrap(LayerStatistics, "_accumulate_windows", "per-window")
     lm = load_model(model_spec, device="cpu")
     best = None
     for _ in range(repeats):
@@ -81,12 +89,14 @@ def breakdown(model_spec: str, corpus: str, seq_len: int, batch_size: int, max_t
         run = dict(clock, stream=res.run["timings_s"]["stream"])
         if best is None or run["stream"] < best["stream"]:
             best = run
-    rest = best["stream"] - best["forward"] - best["Moments"] - best["TokenMoments"]
+    parts = ("forward", "Moments", "TokenMoments", "cross-layer", "per-window")
+    rest = best["stream"] - sum(best.get(k, 0.0) for k in parts)
     tokens = res.run["counts"]["tokens_counted"]
     layers = sum(n + 1 for n in res.run["model"]["n_layers"].values())
     print(f"streaming part, best of {repeats} ({torch.get_num_threads()} threads): {best['stream']:.2f} s for "
           f"{tokens} tokens x {layers} layers")
-    for key in ("forward", "Moments", "TokenMoments"):
+    for key in parts:
+        best.setdefault(key, 0.0)
         print(f"  {key:13s} {best[key]:6.2f} s  {best[key] / tokens / layers * 1e6:6.2f} us per token and layer  "
               f"{best[key] / best['forward']:6.1%} of the forward pass")
     print(f"  {'the rest':13s} {rest:6.2f} s  {rest / tokens / layers * 1e6:6.2f} us per token and layer  "
