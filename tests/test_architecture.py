@@ -41,7 +41,7 @@ FLOORS = [
     ("model", ["corpus", "windows", "models", "extract", "memory", "distributed", "snapshot", "packaged",
                "wiki", "wikitext", "_wikitext_templates", "protocols"]),
     ("tables", ["results"]),
-    ("pipeline", ["pipeline"]),
+    ("pipeline", ["pipeline.*"]),
     ("figures", ["report", "report_beyond", "plots", "plots_beyond", "plots_training", "_png", "_profiles",
                  "claims"]),
     ("output", ["output"]),
