@@ -50,7 +50,6 @@ def _check_skipped(snaps: Snapshots, skipped: int, progress: dict, in_stream: bo
                             "tokens it says were done")
 
 
-
 def _model_identity(facts) -> dict:
     """What a resumed run must share with the snapshot's run about the model: its
     facts, and for a directory the names, sizes and times of its files."""
