@@ -102,7 +102,7 @@ def token_type_table(tokenizer, token_types: str):
         return np.asarray(["" if p is None else str(p) for p in tokenizer.convert_ids_to_tokens(ids)], dtype=object)
 
     if token_types == "id":
-        # Only the ids that occur are converted (the whole vocabulary costs ~0.05 s).
+        # Only the ids that occur are converted, not the whole vocabulary.
         def id_text(ids):
             ids = np.asarray(ids, dtype=np.int64)
             if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
