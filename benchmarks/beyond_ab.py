@@ -11,6 +11,7 @@ import embgeom
 from embgeom.packaged import minilm_path
 from embgeom.wiki import write_demo_corpus
 from embgeom.stats import layers as L
+from embgeom.stats.cross_moments import CrossMoments
 from embgeom.models import load_model
 
 corpus = write_demo_corpus(sys.argv[2] if len(sys.argv) > 2 else "/tmp/embgeom-demo-corpus.txt", max_words=40000)
@@ -19,10 +20,10 @@ orig = L.LayerStatistics._accumulate_windows
 clock = {"windows": 0.0, "pairs": 0.0}
 def timed_windows(self, *a):
     t = time.perf_counter(); orig(self, *a); clock["windows"] += time.perf_counter() - t
-orig_pair_centred = L.CrossMoments.update_centred
+orig_pair_centred = CrossMoments.update_centred
 def timed_pair(self, *a):
     t = time.perf_counter(); r = orig_pair_centred(self, *a); clock["pairs"] += time.perf_counter() - t; return r
-L.CrossMoments.update_centred = timed_pair
+CrossMoments.update_centred = timed_pair
 def run(full):
     L.LayerStatistics._accumulate_windows = timed_windows if full else (lambda self, *a: None)
     for k in clock: clock[k] = 0.0
