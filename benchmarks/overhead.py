@@ -53,8 +53,8 @@ def breakdown(model_spec: str, corpus: str, seq_len: int, batch_size: int, max_t
     import torch
 
     import embgeom.pipeline as pipeline
+    import embgeom.pipeline.stream as stream
     from embgeom.models import load_model
-    from embgeom.stats import cross_moments
     from embgeom.stats.cross_moments import CrossMoments
     from embgeom.stats.layers import LayerStatistics
     from embgeom.stats.moments import Moments
@@ -74,11 +74,10 @@ def breakdown(model_spec: str, corpus: str, seq_len: int, batch_size: int, max_t
 
         setattr(owner, name, timed_call)
 
-    wrap(pipeline, "forward_hidden", "forward")
+    wrap(stream, "forward_hidden", "forward")
     wrap(Moments, "update", "Moments")
     wrap(TokenMoments, "update", "TokenMoments")
     wrap(CrossMoments, "update_centred", "cross-layer")
-    wrap(cross_moments, "centred", "cross-layer")
     wrap(LayerStatistics, "_accumulate_windows", "per-window")
     lm = load_model(model_spec, device="cpu")
     best = None
