@@ -1,4 +1,4 @@
-"""The norm–variance trade-off across token types (paper B, SPEC §2).
+"""The norm–variance trade-off across token types (paper B): the mv_* and q_cv columns of layers.csv.
 
 Yamagiwa & Shimodaira, "Norm of Mean Contextualized Embeddings Determines their
 Variance", COLING 2025, arXiv:2409.11253.
