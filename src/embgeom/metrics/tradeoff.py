@@ -1,4 +1,5 @@
-"""The norm–variance trade-off across token types (paper B): the mv_* and q_cv columns of layers.csv.
+"""The norm–variance trade-off across token types (paper B): the mv_* and q_cv
+columns of layers.csv.
 
 Yamagiwa & Shimodaira, "Norm of Mean Contextualized Embeddings Determines their
 Variance", COLING 2025, arXiv:2409.11253.
