@@ -1,47 +1,86 @@
-"""AnalysisConfig: every option of one analysis, checked, and --type-layers resolved
-against a model's stacks."""
+"""AnalysisConfig: every option of one analysis, declared once (name, type, default
+and help), checked, and --type-layers resolved against a model's stacks.
+
+The command line builds `embgeom run`'s analysis options from these fields and
+`analyze` documents them through them, so this module imports neither torch nor
+typer.
+"""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
-from ..errors import EmbgeomError, option
-from ..protocols import preset, resolve as resolve_protocol
-from ..stats.moments import PRECISIONS
+from .errors import EmbgeomError, option
+from .protocols import preset, resolve as resolve_protocol
+
+PRECISIONS = ("auto", "float64")  # of the covariance products (see embgeom.stats.moments)
+
+
+def _opt(default, help: str, *, flag: str | None = None, preset: bool = False, repeat: bool = False):
+    """A field with its command-line description. `flag`: the flag(s) if not
+    --name-with-dashes (a boolean pair as "--on/--off"); `preset`: set by --protocol,
+    so the command line passes it only when given (its default there is None);
+    `repeat`: a repeatable flag of integers gathered into a tuple."""
+    return field(default=default, metadata={"help": help, "flag": flag, "preset": preset, "repeat": repeat})
 
 
 @dataclass
 class AnalysisConfig:
-    """Every option of one analysis (recorded in run.json)."""
+    """Every option of one analysis (recorded in run.json); `option_help()` lists them."""
 
-    max_tokens: int | None = None
-    seq_len: int | None = None  # None: min(DEFAULT_SEQ_LEN, the model's positions)
-    batch_size: int = 16
-    device: str = "auto"
-    device_map: str | None = None
-    dtype: str = "float32"
-    id_sample: int = 10000
-    token_types: str = "id"
-    type_layers: tuple | None = None
-    seed: int = 0
-    exclude_special: bool = False
-    exclude_positions: tuple = ()
-    outlier_factor: float = 10.0
-    text_field: str | None = None
-    encoding_errors: str = "strict"
-    min_count: int = 10
-    max_count: int = 100000
-    calibration_tokens: int = 2048
+    max_tokens: int | None = _opt(None, "Stop after this many counted tokens.")
+    seq_len: int | None = _opt(None, "Window length in tokens, special tokens included (default: 512, or the "
+                                     "model's positions if fewer).")
+    batch_size: int = _opt(16, "Windows per forward pass.")
+    device: str = _opt("auto", "auto, cpu or cuda (under torchrun: each rank's own GPU).")
+    device_map: str | None = _opt(None, "auto: spread a model too large for one device over all devices "
+                                        "(accelerate).")
+    dtype: str = _opt("float32", "float32, bfloat16 or float16 (statistics are float64).")
+    id_sample: int = _opt(10000, "Token positions sampled for intrinsic dimension.")
+    token_types: str = _opt("id", "id (vocabulary id; the default), string (surface form), or none: no per-type "
+                                  "statistics, so memory stays constant however many types a long run meets. "
+                                  "--protocol paper-b sets string.", preset=True)
+    type_layers: tuple | None = _opt(None, "Keep per-type statistics only at these layers (0 = embeddings; "
+                                           "-1 = last); repeatable. Per-type tables hold d float64 per type and "
+                                           "layer, most of a long run's memory on a big model.", repeat=True)
+    seed: int = _opt(0, "Seed of the sampled positions for intrinsic dimension (the same positions in every "
+                        "layer, whatever the batching or ranks).")
+    exclude_special: bool = _opt(False, "Do not count special tokens.")
+    exclude_positions: tuple = _opt((), "Window positions not counted (0 = first; -1 = last); repeatable.",
+                                    repeat=True)
+    outlier_factor: float = _opt(10.0, "Inliers: norm <= factor x median norm.")
+    text_field: str | None = _opt(None, "Text column/field of .jsonl/.csv/.parquet/datasets.")
+    encoding_errors: str = _opt("strict", "strict, replace or ignore invalid UTF-8.")
+    min_count: int = _opt(10, "Norm-variance trade-off over token types seen at least this often...")
+    max_count: int = _opt(100000, "...and at most this often.")
+    calibration_tokens: int = 2048  # not an option of the command line (nor read by the analysis yet)
     # A preset of the options below (see `embgeom.protocols`); explicit options win.
-    protocol: str = "embgeom"
-    id_first: int = 0  # > 0: ID on the first N counted tokens of each layer, not a random sample
-    twonn_discard: float = 0.1
-    twonn_duplicates: str = "drop"  # or "keep-rank" (paper A's μ ≤ 1 + ε rule)
-    types_filtered: bool = False  # Q, M, V, V_within, V_between over the types within the count bounds
-    precision: str = "auto"
-    cross_layer: bool = True
+    protocol: str = _opt("embgeom", "embgeom, paper-a or paper-b: a preset of --id-first, --twonn-discard, "
+                                    "--twonn-duplicates, --token-types and --types-filtered that reproduces how "
+                                    "each paper computed its numbers (paper-a: ID on the first 4096 counted "
+                                    "tokens, 20% of the TwoNN ratios kept, mu <= 1+1e-8 left out but ranked; "
+                                    "paper-b: string types, Q/M/V over the types within --min-count/--max-count). "
+                                    "Any of those options given explicitly overrides the preset.")
+    id_first: int = _opt(0, "Intrinsic dimension on the first N counted tokens of each layer (the same tokens in "
+                            "every layer) instead of --id-sample random positions; 0: the random sample (the "
+                            "default; paper-a sets 4096).", preset=True)
+    twonn_discard: float = _opt(0.1, "TwoNN: fraction of the largest ratios r2/r1 left out of the fit (default "
+                                     "0.1; paper-a sets 0.8).", preset=True)
+    twonn_duplicates: str = _opt("drop", "TwoNN: drop (points at distance 0 from their nearest neighbour dropped "
+                                         "before ranking; the default) or keep-rank (points with mu <= 1+1e-8 left "
+                                         "out of the fit but keeping their ranks, as paper A; paper-a sets it).",
+                                 preset=True)
+    types_filtered: bool = _opt(False, "Layer-level Q, M, V, V_within, V_between over the tokens of the types "
+                                       "with --min-count <= n_t <= --max-count only (paper-b sets it), or over "
+                                       "every token (the default).", flag="--types-filtered/--all-types",
+                                preset=True)
+    precision: str = _opt("auto", "auto: each batch's covariance products in float32 (IEEE, no TF32), on data "
+                                  "centred by a reference row, accumulated in float64; float64: every product in "
+                                  "float64 (slower).")
+    cross_layer: bool = _opt(True, "Float64 cross-moments of consecutive layers for linear_cka and linearity "
+                                   "(2 x width² per layer pair).", flag="--cross-layer/--no-cross-layer")
 
     @classmethod
     def from_options(cls, **options) -> "AnalysisConfig":
@@ -114,6 +153,24 @@ class AnalysisConfig:
     def id_points(self) -> int:
         """Positions kept for intrinsic dimension: --id-first if set, else --id-sample."""
         return int(self.id_first or self.id_sample)
+
+
+def options() -> list:
+    """The fields that are options of `analyze` and `embgeom run` (those with help)."""
+    return [f for f in fields(AnalysisConfig) if "help" in f.metadata]
+
+
+def flag(f) -> str:
+    """The command-line flag of option field `f` ("--on/--off" for a boolean pair)."""
+    return f.metadata["flag"] or "--" + f.name.replace("_", "-")
+
+
+def option_help() -> str:
+    """Every option with its default and help, as `analyze`'s docstring lists them."""
+    lines = []
+    for f in options():
+        lines.append(f"{f.name} = {f.default!r} ({flag(f)})\n    {f.metadata['help']}")
+    return "\n".join(lines)
 
 
 def resolve_type_layers(type_layers: tuple | None, n_layers: dict) -> dict | None:
