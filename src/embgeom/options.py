@@ -8,6 +8,7 @@ typer.
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -28,7 +29,7 @@ def _opt(default, help: str, *, flag: str | None = None, preset: bool = False, r
 
 @dataclass
 class AnalysisConfig:
-    """Every option of one analysis (recorded in run.json); `option_help()` lists them."""
+    """Every option of one analysis (recorded in run.json), each field with its help."""
 
     max_tokens: int | None = _opt(None, "Stop after this many counted tokens.")
     seq_len: int | None = _opt(None, "Window length in tokens, special tokens included (default: 512, or the "
@@ -80,7 +81,8 @@ class AnalysisConfig:
                                   "centred by a reference row, accumulated in float64; float64: every product in "
                                   "float64 (slower).")
     cross_layer: bool = _opt(True, "Float64 cross-moments of consecutive layers for linear_cka and linearity "
-                                   "(2 x width² per layer pair).", flag="--cross-layer/--no-cross-layer")
+                                   "(2 x width² per layer pair); --no-cross-layer leaves "
+                                   "them NaN.", flag="--cross-layer/--no-cross-layer")
 
     @classmethod
     def from_options(cls, **options) -> "AnalysisConfig":
@@ -165,12 +167,18 @@ def flag(f) -> str:
     return f.metadata["flag"] or "--" + f.name.replace("_", "-")
 
 
-def option_help() -> str:
-    """Every option with its default and help, as `analyze`'s docstring lists them."""
-    lines = []
+def option_docs(indent: str = "    ") -> str:
+    """An "Options" section listing every option with its flag, default and help,
+    for the docstrings of AnalysisConfig and `analyze`."""
+    lines = ["", f"{indent}Options", f"{indent}-------"]
     for f in options():
-        lines.append(f"{f.name} = {f.default!r} ({flag(f)})\n    {f.metadata['help']}")
-    return "\n".join(lines)
+        lines.append(f"{indent}{f.name} : default {f.default!r} (command line: {flag(f)})")
+        lines += textwrap.wrap(f.metadata["help"], 88, initial_indent=indent * 2, subsequent_indent=indent * 2)
+    return "\n".join(lines) + "\n"
+
+
+if AnalysisConfig.__doc__:  # None under python -OO
+    AnalysisConfig.__doc__ += "\n" + option_docs()
 
 
 def resolve_type_layers(type_layers: tuple | None, n_layers: dict) -> dict | None:
