@@ -81,8 +81,8 @@ class AnalysisConfig:
                                   "centred by a reference row, accumulated in float64; float64: every product in "
                                   "float64 (slower).")
     cross_layer: bool = _opt(True, "Float64 cross-moments of consecutive layers for linear_cka and linearity "
-                                   "(2 x width² per layer pair); --no-cross-layer leaves "
-                                   "them NaN.", flag="--cross-layer/--no-cross-layer")
+                                   "(2 x width² per layer pair); without them both are "
+                                   "NaN.", flag="--cross-layer/--no-cross-layer")
 
     @classmethod
     def from_options(cls, **options) -> "AnalysisConfig":
@@ -173,7 +173,8 @@ def option_docs(indent: str = "    ") -> str:
     lines = ["", f"{indent}Options", f"{indent}-------"]
     for f in options():
         lines.append(f"{indent}{f.name} : default {f.default!r} (command line: {flag(f)})")
-        lines += textwrap.wrap(f.metadata["help"], 88, initial_indent=indent * 2, subsequent_indent=indent * 2)
+        lines += textwrap.wrap(f.metadata["help"], 88, initial_indent=indent * 2, subsequent_indent=indent * 2,
+                               break_long_words=False, break_on_hyphens=False)
     return "\n".join(lines) + "\n"
 
 
