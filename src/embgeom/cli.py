@@ -13,6 +13,7 @@ from typing import List, Optional
 import typer
 
 from .errors import EmbgeomError
+from .options import AnalysisConfig
 
 app = typer.Typer(
     add_completion=False,
@@ -36,44 +37,67 @@ def _hold(out: Path) -> None:
     _HELD.append(acquire(out, "--out"))
 
 
+def _with_analysis_options(command):
+    """`command`'s signature extended, after its `step` parameter, by one option per
+    AnalysisConfig field (flag, type, default and help read from the field), which
+    typer reads as if they were written in the `def`. The command receives them in
+    `**analysis`, as the command line gave them (see `_analysis_options`)."""
+    import inspect
+    import typing
+
+    from .options import flag, options
+
+    hints = typing.get_type_hints(AnalysisConfig)
+    extra = []
+    for f in options():
+        if f.metadata["repeat"]:
+            kind, default = List[int], []
+        elif f.metadata["preset"]:  # None: not given, so that --protocol fills it
+            kind, default = Optional[hints[f.name]], None
+        else:
+            kind, default = hints[f.name], f.default
+        info = typer.Option(default, flag(f), help=f.metadata["help"])
+        extra.append(inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=info, annotation=kind))
+    own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.kind != p.VAR_KEYWORD]
+    cut = [p.name for p in own].index("step") + 1
+    params = own[:cut] + extra + own[cut:]
+    command.__signature__ = inspect.Signature(params, return_annotation=None)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    return command
+
+
+def _analysis_options(given: dict) -> dict:
+    """analyze()'s options from the command line's values: repeated flags as tuples
+    (--type-layers: None when not given), and the options a protocol sets only when
+    given, so that the preset fills in the others."""
+    from .options import options
+
+    out = {}
+    for f in options():
+        value = given[f.name]
+        if f.metadata["repeat"]:
+            value = tuple(value) or f.default
+        elif f.metadata["preset"] and value is None:
+            continue
+        out[f.name] = value
+    return out
+
+
 @app.command()
+@_with_analysis_options
 def run(
     models: List[str] = typer.Argument(..., metavar="MODEL...", help="Model directory, .gguf file or Hub id."),
     corpus: Path = typer.Option(..., "--corpus", help=".txt (one document per line), .jsonl, .csv, .parquet, or a datasets directory."),
     out: Path = typer.Option(..., "--out", help="Output directory (created if missing)."),
     revision: List[str] = typer.Option([], "--revision", help="Hub revision; repeat for several checkpoints (a training directory: checkpoint folder names)."),
     step: List[int] = typer.Option([], "--step", help="Training step of each checkpoint, in the order named (default: parsed from stepN, global_stepN, checkpoint-N)."),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Stop after this many counted tokens."),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Window length in tokens, special tokens included (default: 512, or the model's positions if fewer)."),
-    batch_size: int = typer.Option(16, "--batch-size", help="Windows per forward pass."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (under torchrun: each rank's own GPU)."),
-    device_map: Optional[str] = typer.Option(None, "--device-map", help="auto: spread a model too large for one device over all devices (accelerate)."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16 (statistics are float64)."),
-    precision: str = typer.Option("auto", "--precision", help="auto: each batch's covariance products in float32 (IEEE, no TF32), on data centred by a reference row, accumulated in float64; float64: every product in float64 (slower)."),
-    id_sample: int = typer.Option(10000, "--id-sample", help="Token positions sampled for intrinsic dimension."),
-    id_first: Optional[int] = typer.Option(None, "--id-first", help="Intrinsic dimension on the first N counted tokens of each layer (the same tokens in every layer) instead of --id-sample random positions; 0: the random sample (the default; paper-a sets 4096)."),
-    twonn_discard: Optional[float] = typer.Option(None, "--twonn-discard", help="TwoNN: fraction of the largest ratios r2/r1 left out of the fit (default 0.1; paper-a sets 0.8)."),
-    twonn_duplicates: Optional[str] = typer.Option(None, "--twonn-duplicates", help="TwoNN: drop (points at distance 0 from their nearest neighbour dropped before ranking; the default) or keep-rank (points with mu <= 1+1e-8 left out of the fit but keeping their ranks, as paper A; paper-a sets it)."),
-    types_filtered: Optional[bool] = typer.Option(None, "--types-filtered/--all-types", help="Layer-level Q, M, V, V_within, V_between over the tokens of the types with --min-count <= n_t <= --max-count only (paper-b sets it), or over every token (the default)."),
-    protocol: str = typer.Option("embgeom", "--protocol", help="embgeom, paper-a or paper-b: a preset of --id-first, --twonn-discard, --twonn-duplicates, --token-types and --types-filtered that reproduces how each paper computed its numbers (paper-a: ID on the first 4096 counted tokens, 20% of the TwoNN ratios kept, mu <= 1+1e-8 left out but ranked; paper-b: string types, Q/M/V over the types within --min-count/--max-count). Any of those options given explicitly overrides the preset."),
-    token_types: Optional[str] = typer.Option(None, "--token-types", help="id (vocabulary id; the default), string (surface form), or none: no per-type statistics, so memory stays constant however many types a long run meets. --protocol paper-b sets string."),
-    type_layers: List[int] = typer.Option([], "--type-layers", help="Keep per-type statistics only at these layers (0 = embeddings; -1 = last); repeatable. Per-type tables hold d float64 per type and layer, most of a long run's memory on a big model."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the sampled positions for intrinsic dimension "
-                             "(the same positions in every layer, whatever the batching or ranks)."),
-    exclude_special: bool = typer.Option(False, "--exclude-special", help="Do not count special tokens."),
-    exclude_positions: List[int] = typer.Option([], "--exclude-positions", help="Window positions not counted (0 = first; -1 = last); repeatable."),
-    outlier_factor: float = typer.Option(10.0, "--outlier-factor", help="Inliers: norm <= factor x median norm."),
-    min_count: int = typer.Option(10, "--min-count", help="Norm-variance trade-off over token types seen at least this often..."),
-    max_count: int = typer.Option(100000, "--max-count", help="...and at most this often."),
-    text_field: Optional[str] = typer.Option(None, "--text-field", help="Text column/field of .jsonl/.csv/.parquet/datasets."),
-    encoding_errors: str = typer.Option("strict", "--encoding-errors", help="strict, replace or ignore invalid UTF-8."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where fp32 copies of GGUF models are kept."),
     snapshot_every: float = typer.Option(300.0, "--snapshot-every", help="Seconds between crash-safe snapshots in OUT/snapshots (0: every batch)."),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last snapshot (same command otherwise)."),
-    cross_layer: bool = typer.Option(True, "--cross-layer/--no-cross-layer", help="Float64 cross-moments of consecutive layers for linear_cka and linearity (2 x width² per layer pair)."),
     figures: bool = typer.Option(True, "--figures/--no-figures", help="Write PNG figures into OUT/figures."),
     progress: bool = typer.Option(True, "--progress/--no-progress",
                                   help="Progress on stderr: model loading (and a note before a GGUF file is dequantized), tokens streamed, then layers' metrics."),
+    **analysis,
 ) -> None:
     """Analyse MODEL(s) over a corpus and write tables, figures and run.json to OUT.
 
@@ -92,19 +116,7 @@ def run(
 
     _hold(out)  # one run per OUT: a second is refused while this one lives
     prepare_out_dir(out)
-    options = dict(
-        max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, device=device, dtype=dtype,
-        id_sample=id_sample, type_layers=tuple(type_layers) or None, seed=seed, exclude_special=exclude_special,
-        exclude_positions=tuple(exclude_positions), outlier_factor=outlier_factor, text_field=text_field,
-        encoding_errors=encoding_errors, device_map=device_map, min_count=min_count, max_count=max_count,
-        protocol=protocol,
-        precision=precision,
-        cross_layer=cross_layer,
-    )
-    # The options a protocol sets are passed only when given, so that the preset fills in the others.
-    given = dict(token_types=token_types, id_first=id_first, twonn_discard=twonn_discard,
-                 twonn_duplicates=twonn_duplicates, types_filtered=types_filtered)
-    options.update({k: v for k, v in given.items() if v is not None})
+    options = _analysis_options(analysis)
     targets = expand_targets(models, revision, step)
     if is_sweep(targets, models):
         result = run_sweep(targets, corpus, out, progress=progress, figures=figures, cache_dir=cache_dir,

@@ -15,6 +15,7 @@ import torch
 from ..distributed import Shard
 from ..errors import EmbgeomError
 from ..memory import processes_on_this_machine
+from ..options import option_docs
 from ..results import Result
 from ..snapshot import Snapshots, check_interval
 from ..windows import iter_windows, pad_token_id, validate_plan
@@ -67,22 +68,16 @@ def analyze(
     resume : continue from the snapshot in `snapshot_dir` (True: it must exist;
         "auto": if it exists). A snapshot made with other options, another model or
         corpus, or another number of processes is refused.
-    **options : the fields of `AnalysisConfig` (max_tokens, seq_len, batch_size,
-        device, device_map, dtype, id_sample, token_types, type_layers, seed, exclude_special,
-        exclude_positions, outlier_factor, text_field, encoding_errors, min_count,
-        max_count, protocol, id_first, twonn_discard, twonn_duplicates, types_filtered,
-        precision, cross_layer). `protocol` ("embgeom", "paper-a" or "paper-b", see
-        `embgeom.protocols`) sets id_first, twonn_discard, twonn_duplicates,
-        token_types and types_filtered; those given explicitly beside it override it.
-        `precision`: "auto" forms each batch's covariance products in float32 on
-        centred data and accumulates in float64, "float64" keeps every product in
-        float64 (see `embgeom.stats.moments`). `cross_layer`: False leaves out the
-        cross-layer moments, so linear_cka and linearity are NaN.
+    **options : the fields of `AnalysisConfig`, each listed under Options below
+        with its default and help (written once, in `embgeom.options`, which the
+        command line's `embgeom run` reads too). `protocol` ("embgeom", "paper-a" or
+        "paper-b", see `embgeom.protocols`) sets id_first, twonn_discard,
+        twonn_duplicates, token_types and types_filtered; those given explicitly
+        beside it override it.
 
     Under torchrun (WORLD_SIZE > 1) the batches are shared among the processes and
     their accumulators merged exactly; rank 0 returns the Result, the others None.
     """
-    cfg = AnalysisConfig.from_options(**options)
     cfg = AnalysisConfig.from_options(**options)
     check_interval(snapshot_every)
     if resume and snapshot_dir is None:
@@ -150,3 +145,7 @@ def analyze(
                      timings={"load": t_load, "count": t_count, "stream": t_stream, "metrics": t_metrics}, t0=t0,
                      device=device, warnings_=frames.warnings)
     return Result(layers=layers, spectrum=spectrum, tokens=tokens, outliers=outliers, run=run, id_scale=id_scale)
+
+
+if analyze.__doc__:  # None under python -OO
+    analyze.__doc__ += option_docs()

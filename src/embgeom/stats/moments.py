@@ -28,10 +28,10 @@ import torch
 
 from .._validate import as_float_matrix
 from ..errors import EmbgeomError
+from ..options import PRECISIONS
 from . import _state
 from ..metrics.spectrum import eigenvalues, spectrum_metrics, top_eigenvalue
 
-PRECISIONS = ("auto", "float64")
 # Dtypes models emit: their batches get float32 products under "auto".
 MODEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
