@@ -35,11 +35,12 @@ SRC = Path(__file__).resolve().parents[1] / "src" / PACKAGE
 # every module of the subpackage x, its __init__ included. "" is embgeom/__init__.py,
 # which holds only the version and the lazy public names.
 FLOORS = [
-    ("base", ["", "errors", "_validate", "_atomic", "_names", "progress", "_heap", "_lock", "_statefile", "_numba", "_hardware"]),
+    ("base", ["", "errors", "_validate", "_atomic", "_names", "progress", "_heap", "_lock", "_statefile", "_numba",
+              "_hardware", "protocols", "options"]),
     ("metrics", ["metrics.*"]),
     ("stats", ["stats.*"]),
     ("model", ["corpus", "windows", "models", "extract", "memory", "distributed", "snapshot", "packaged",
-               "wiki", "wikitext", "_wikitext_templates", "protocols"]),
+               "wiki", "wikitext", "_wikitext_templates"]),
     ("tables", ["results"]),
     ("pipeline", ["pipeline.*"]),
     ("figures", ["report", "report_beyond", "plots", "plots_beyond", "plots_training", "_png", "_profiles",
