@@ -38,7 +38,7 @@ FLOORS = [
     ("base", ["", "errors", "_validate", "_atomic", "_names", "progress", "_heap", "_lock", "_statefile", "_numba", "_hardware"]),
     ("metrics", ["metrics.*"]),
     ("stats", ["stats.*"]),
-    ("model", ["corpus", "windows", "models", "model_facts", "model_gguf", "extract", "memory", "distributed", "snapshot", "packaged",
+    ("model", ["corpus", "corpus_columns", "windows", "models", "model_facts", "model_gguf", "extract", "memory", "distributed", "snapshot", "packaged",
                "wiki", "wikitext", "_wikitext_templates", "protocols"]),
     ("tables", ["results"]),
     ("pipeline", ["pipeline.*"]),
