@@ -45,7 +45,7 @@ FLOORS = [
     ("figures", ["report", "report_beyond", "plots", "plots_beyond", "plots_training", "_png", "_profiles",
                  "claims"]),
     ("output", ["output"]),
-    ("callers", ["sweep", "probe", "callback", "demo"]),
+    ("callers", ["sweep", "sweep_targets", "probe", "callback", "demo"]),
     ("cli", ["cli", "__main__"]),
 ]
 
