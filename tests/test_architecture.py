@@ -39,14 +39,14 @@ FLOORS = [
               "_hardware", "protocols", "options"]),
     ("metrics", ["metrics.*"]),
     ("stats", ["stats.*"]),
-    ("model", ["corpus", "windows", "models", "extract", "memory", "distributed", "snapshot", "packaged",
-               "wiki", "wikitext", "_wikitext_templates"]),
+    ("model", ["corpus", "corpus_columns", "windows", "models", "model_facts", "model_gguf", "extract", "memory",
+               "distributed", "snapshot", "packaged", "wiki", "wikitext", "_wikitext_templates"]),
     ("tables", ["results"]),
     ("pipeline", ["pipeline.*"]),
     ("figures", ["report", "report_beyond", "plots", "plots_beyond", "plots_training", "_png", "_profiles",
                  "claims"]),
     ("output", ["output"]),
-    ("callers", ["sweep", "probe", "callback", "demo"]),
+    ("callers", ["sweep", "sweep_targets", "probe", "callback", "demo"]),
     ("cli", ["cli", "__main__"]),
 ]
 

@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from embgeom import corpus
+from embgeom import corpus, corpus_columns
 from embgeom.corpus import corpus_fingerprint, corpus_format, iter_documents, read_documents
 from embgeom.errors import EmbgeomError
 
@@ -222,7 +222,7 @@ def test_parquet_reader_streams_in_batches(tmp_path, monkeypatch):
     table = pa.table({"id": list(range(2500)), "text": docs})
     p = tmp_path / "c.parquet"
     pq.write_table(table, p, row_group_size=1000)
-    monkeypatch.setattr(corpus, "_PARQUET_BATCH_ROWS", 300)
+    monkeypatch.setattr(corpus_columns, "_PARQUET_BATCH_ROWS", 300)  # the Parquet reader lives there
     expected = [d for d in docs if d is not None and d.strip()]
     assert _read(p) == expected
     assert corpus_format(p) == "parquet"

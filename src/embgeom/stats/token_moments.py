@@ -53,7 +53,7 @@ from .._validate import as_float_matrix
 from ..errors import EmbgeomError
 from . import _state
 from ..metrics.tradeoff import norm_variance_tradeoff
-from . import _token_update
+from . import _token_pool, _token_update
 from ._row_store import _RowStore
 from ._token_groups import TokenGroups
 
@@ -297,36 +297,8 @@ class TokenMoments:
         return self._pool(rows) if rows.numel() else empty
 
     def _pool(self, rows: torch.Tensor) -> dict:
-        """n, Q, M, V, V_within, V_between of the pooled vectors of `rows` (stored
-        rows, in sorted-id order so the result does not depend on the order in which
-        types arrived: a state_dict round trip reproduces it bit for bit)."""
-        k = int(rows.shape[0])
-        cnt = self._counts.index_select(0, rows).to(_F64)
-        N = float(cnt.sum())
-        v_within = float(self._m2.index_select(0, rows).sum()) / N
-        # Overall mean, as an offset from the most frequent type's mean (pivot), so
-        # far-from-origin means lose nothing; then a second, centred pass.
-        pivot = self._mean[int(rows[int(torch.argmax(cnt))])].clone()
-        chunks = list(self._chunk_rows(k))
-        # One chunk (the usual case): gather the means once for both passes.
-        whole = self._mean.index_select(0, rows).sub_(pivot) if len(chunks) == 1 else None
-
-        def offsets(a, b):  # μ_t − pivot of rows a:b (the second pass may overwrite it)
-            return whole if whole is not None else self._mean.index_select(0, rows[a:b]).sub_(pivot)
-
-        mu_off = torch.zeros(self.dim, dtype=_F64, device=self._device)
-        for a, b in chunks:
-            mu_off += cnt[a:b] @ offsets(a, b)
-        mu_off /= N
-        between = 0.0
-        for a, b in chunks:
-            dd = offsets(a, b).sub_(mu_off)
-            between += float(cnt[a:b] @ dd.square_().sum(1))
-        v_between = between / N
-        mean = pivot + mu_off
-        M = float(mean @ mean)
-        V = v_within + v_between
-        return {"n": int(N), "Q": M + V, "M": M, "V": V, "V_within": v_within, "V_between": v_between}
+        """The pooled moments of the stored `rows` (see ``_token_pool.pool``)."""
+        return _token_pool.pool(self, rows)
 
     def tradeoff(self, min_count: int = 10, max_count: int = 100_000, table: pd.DataFrame | None = None) -> dict:
         """Norm–variance trade-off across the types with min_count ≤ n_t ≤ max_count:
