@@ -1,6 +1,6 @@
 """Corpus readers: a path in, a deterministic stream of documents (strings) out.
 
-Supported inputs (see SPEC §6):
+Supported inputs:
 
 * ``.txt``      one document per line (``\\n``-separated; surrounding whitespace of
   each line is stripped);

@@ -119,7 +119,7 @@ def intrinsic_dimensions(
     discard_fraction: float = 0.1,
     confidence: float = 0.95,
 ) -> dict:
-    """The ``id_*`` columns of SPEC §3 from one exact k-NN.
+    """The ``id_*`` columns of layers.csv from one exact k-NN.
 
     Give either ``X`` ((n, d) array/tensor; its exact duplicate rows are removed, then
     the k-NN is computed here, exact) or ``distances`` ((n, ≥k) ascending neighbour

@@ -62,7 +62,7 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
 
 
 class Moments:
-    """Streaming, mergeable moments of vectors in R^d (SPEC §2).
+    """Streaming, mergeable moments of vectors in R^d: the Q, M, V and spectrum columns.
 
     Parameters
     ----------
@@ -288,7 +288,7 @@ class Moments:
 
     def metrics(self, eigenvalues_out: list | None = None) -> dict[str, float]:
         """Q M V anisotropy anisotropy_uncentered mean_cosine isoscore effective_rank
-        participation_ratio (SPEC §2). If `eigenvalues_out` is a list, the covariance
+        participation_ratio (formulas in the README). If `eigenvalues_out` is a list, the covariance
         spectrum is appended to it, so callers need not decompose twice."""
         self._require_data("metrics")
         lam = self.eigenvalues()

@@ -1,6 +1,6 @@
 """A uniform random sample of token positions, the same for every layer.
 
-SPEC §3: the sample-based statistics (intrinsic dimension) are computed on a uniform
+The sample-based statistics (intrinsic dimension) are computed on a uniform
 random sample of the counted token positions of the whole stream, the same positions
 in every layer, reproducible from the seed and mergeable across shards.
 

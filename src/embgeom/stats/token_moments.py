@@ -1,4 +1,4 @@
-"""`TokenMoments`: exact streaming moments per token type (paper B, SPEC §2 and §7).
+"""`TokenMoments`: exact streaming moments per token type (paper B; tokens.parquet and the V_within, V_between, mv_* columns).
 
 For every token type t that occurs, with X_t its vectors and n_t = |X_t|, it keeps in
 float64 the count n_t, the mean μ_t and the scalar sum of squared deviations
@@ -64,7 +64,7 @@ _F64 = torch.float64
 
 
 class TokenMoments:
-    """Streaming, mergeable per-token-type moments (SPEC §2, §7; paper B).
+    """Streaming, mergeable per-token-type moments (paper B).
 
     Parameters
     ----------
