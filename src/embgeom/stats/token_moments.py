@@ -1,4 +1,5 @@
-"""`TokenMoments`: exact streaming moments per token type (paper B; tokens.parquet and the V_within, V_between, mv_* columns).
+"""`TokenMoments`: exact streaming moments per token type (paper B; tokens.parquet
+and the V_within, V_between, mv_* columns).
 
 For every token type t that occurs, with X_t its vectors and n_t = |X_t|, it keeps in
 float64 the count n_t, the mean μ_t and the scalar sum of squared deviations
