@@ -26,6 +26,31 @@ from ..errors import EmbgeomError
 __all__ = ["curvature", "prompt_entropy", "window_curvatures", "window_entropies", "padded_windows"]
 
 
+_POOL: dict = {}
+
+
+def _cpu_eigvalsh(G: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues of a batch of small symmetric matrices on the CPU. LAPACK's own
+    threads only wait on each other at n ~ 100, so each matrix is decomposed on one
+    thread, and the batch is shared among as many threads as torch may use (each
+    matrix is decomposed by the same routine either way: the values do not depend
+    on the sharing)."""
+    threads = torch.get_num_threads()
+    parts = min(threads, G.shape[0])
+    torch.set_num_threads(1)
+    try:
+        if parts <= 1:
+            return torch.linalg.eigvalsh(G)
+        pool = _POOL.get(parts)
+        if pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            pool = _POOL[parts] = ThreadPoolExecutor(parts, thread_name_prefix="embgeom-eigvalsh")
+        return torch.cat(list(pool.map(torch.linalg.eigvalsh, torch.tensor_split(G, parts))))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _check_alpha(alpha) -> float:
     try:
         a = float(alpha)
@@ -82,17 +107,7 @@ def window_entropies(P: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
     if P.shape[1] == 0:
         return torch.full((B,), math.nan, dtype=torch.float64, device=P.device)
     G = torch.bmm(P, P.transpose(1, 2))
-    if G.device.type == "cpu":
-        # Many small decompositions: LAPACK's threads only wait on each other at
-        # n ~ 100 (tens of times slower on a busy host), so one thread does them.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            lam = torch.linalg.eigvalsh(G)
-        finally:
-            torch.set_num_threads(threads)
-    else:
-        lam = torch.linalg.eigvalsh(G)
+    lam = _cpu_eigvalsh(G) if G.device.type == "cpu" else torch.linalg.eigvalsh(G)
     # Eigenvalues within rounding of zero (the Gram of n rows in d < n dimensions has
     # n − d of them) count as zero: at α < 1 their p^α would add up otherwise.
     tiny = lam.shape[1] * torch.finfo(lam.dtype).eps * lam[:, -1:].clamp(min=0.0)
