@@ -100,6 +100,19 @@ def distinct_points(X, name: str = "X") -> torch.Tensor:
     return t[first.sort().values]
 
 
+def distinct_distances(X, k: int, need: int, what: str, fix: str = "") -> torch.Tensor:
+    """Exact distances from each distinct row of `X` (duplicates removed first, see
+    :func:`distinct_points`) to its `k` nearest others; EmbgeomError naming `what`
+    when fewer than `need` distinct rows remain (`fix`: advice appended)."""
+    from .neighbors import knn_distances
+
+    X = distinct_points(X)
+    n = _n_points(X)
+    if n < need:
+        raise EmbgeomError(f"{what} needs at least {need} distinct points, got {n}{fix}")
+    return knn_distances(X, k)
+
+
 def _log_ratios(dist: np.ndarray) -> np.ndarray:
     """log(r2/r1) of the points whose nearest neighbour is at a positive distance."""
     r1, r2 = dist[:, 0], dist[:, 1]

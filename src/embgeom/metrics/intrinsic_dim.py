@@ -37,7 +37,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import EmbgeomError
-from .id_inputs import _as_distances, _check_confidence, _check_fraction, _check_k, _n_points, distinct_points
+from .id_inputs import (_as_distances, _check_confidence, _check_fraction, _check_k, _n_points, distinct_distances,
+                        distinct_points)
 from .neighbors import knn_distances
 # The TwoNN family lives in .twonn and the input checks in .id_inputs; their public
 # names are re-exported here, the one module callers import estimators from.
@@ -100,12 +101,8 @@ def mle_id(X, k: int = 20) -> float:
     neighbours; see :func:`mle_id_from_distances`. Equal to
     ``skdim.id.MLE(K=20).fit(X).dimension_`` for ``k = 20`` on data without repeated rows."""
     k = _check_k(k)
-    X = distinct_points(X)
-    n = _n_points(X)
-    if n < k + 1:
-        raise EmbgeomError(f"the MLE with k = {k} needs at least {k + 1} distinct points, got {n}; "
-                           "use more points or a smaller k")
-    return mle_id_from_distances(knn_distances(X, k), k)
+    dist = distinct_distances(X, k, k + 1, f"the MLE with k = {k}", "; use more points or a smaller k")
+    return mle_id_from_distances(dist, k)
 
 
 # ---------------------------------------------------------------------------

@@ -12,8 +12,7 @@ import numpy as np
 import torch
 
 from ..errors import EmbgeomError
-from .id_inputs import _as_distances, _check_confidence, _check_fraction, _log_ratios, _n_points, distinct_points
-from .neighbors import knn_distances
+from .id_inputs import _as_distances, _check_confidence, _check_fraction, _log_ratios, distinct_distances
 
 __all__ = ["twonn", "twonn_from_distances", "twonn_ranked_from_distances", "twonn_ml", "twonn_ml_from_distances"]
 
@@ -138,11 +137,7 @@ def twonn(X, discard_fraction: float = 0.1) -> float:
     ``twonn(X) == twonn(distinct_points(X))``.
     """
     f = _check_fraction(discard_fraction)
-    X = distinct_points(X)
-    n = _n_points(X)
-    if n < 3:
-        raise EmbgeomError(f"TwoNN needs at least 3 distinct points, got {n}")
-    return twonn_from_distances(knn_distances(X, 2), f)
+    return twonn_from_distances(distinct_distances(X, 2, 3, "TwoNN"), f)
 
 
 # ---------------------------------------------------------------------------
@@ -216,8 +211,4 @@ def twonn_ml(X, confidence: float = 0.95) -> tuple[float, float, float]:
     ``X`` (exact duplicates removed first, :func:`distinct_points`); see
     :func:`twonn_ml_from_distances`."""
     c = _check_confidence(confidence)
-    X = distinct_points(X)
-    n = _n_points(X)
-    if n < 3:
-        raise EmbgeomError(f"maximum-likelihood TwoNN needs at least 3 distinct points, got {n}")
-    return twonn_ml_from_distances(knn_distances(X, 2), c)
+    return twonn_ml_from_distances(distinct_distances(X, 2, 3, "maximum-likelihood TwoNN"), c)

@@ -25,6 +25,7 @@ import math
 import numpy as np
 import torch
 
+from .._hardware import ieee_fp32_matmul
 from .._validate import as_float_matrix
 from ..errors import EmbgeomError
 from ..options import PRECISIONS
@@ -163,7 +164,6 @@ class Moments:
         """Add a batch in model precision with float32 products (module docstring).
         Returns False, with nothing changed, when float32 overflowed on finite data
         (huge bfloat16 values): the caller then takes the float64 path."""
-        from .._hardware import ieee_fp32_matmul
 
         if x.device != self._device:
             x = x.to(self._device)
