@@ -252,3 +252,38 @@ def load_weights(source: Source, cfg: AnalysisConfig, shard: Shard, n_types: int
     loaded = source.opened.load(dtype=cfg.dtype, device=shard.device(cfg.device), device_map=cfg.device_map,
                                 progress=progress)
     return loaded, time.perf_counter() - t
+
+
+@dataclass
+class Prepared:
+    """What the run knows before the weights load: the model's tokenizer side, the
+    window plan, the token-type table (vocabulary id -> type id, or None) and its
+    texts (type ids -> texts, or None), the pre-pass's counts, the corpus record, and
+    the seconds spent opening the model (from the run's start) and counting."""
+
+    source: Source
+    plan: WindowPlan
+    type_of: object
+    type_text: object
+    counts: Counts
+    corpus_record: dict
+    t_load: float
+    t_count: float
+
+
+def prepare(model, corpus, docs, cfg: AnalysisConfig, shard: Shard, *, revision, cache_dir, progress: bool,
+            t0: float, keep_tokens: int) -> Prepared:
+    """Open `model` without its weights, plan the windows and count them over `docs`;
+    `t0`: the run's start (perf_counter)."""
+    from ..models import _quiet_transformers
+
+    _quiet_transformers()  # long documents are windowed here, not truncated: no length warnings
+    source = open_source(model, corpus, cfg, shard, revision=revision, cache_dir=cache_dir, progress=progress)
+    t_load = time.perf_counter() - t0
+    plan = window_plan(cfg, source)
+    tok = source.tokenizer
+    type_of, type_text = token_type_table(tok, cfg.token_types) if cfg.token_types != "none" else (None, None)
+    t1 = time.perf_counter()
+    counts = count_windows(docs, tok, plan, cfg, type_of, keep_tokens)
+    corpus_record = _corpus_record(corpus)
+    return Prepared(source, plan, type_of, type_text, counts, corpus_record, t_load, time.perf_counter() - t1)

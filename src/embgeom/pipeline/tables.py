@@ -217,3 +217,15 @@ def result_tables(frames: Frames, cfg: AnalysisConfig, type_text, *, name: str, 
     for col, value in (("step", step), ("revision", rev), ("model", name)):
         tokens.insert(0, col, value)
     return layers, spectrum, tokens, id_scale_frame(frames.scales)
+
+
+def run_tables(stats: LayerStatistics, n_layers: dict, cfg: AnalysisConfig, type_text, tokenizer, *, name: str,
+               rev: str, step, progress: bool, description: str) -> tuple[dict, list]:
+    """(the Result's tables by field name, the metrics' warnings) read off the merged
+    `stats`."""
+    frames = layer_frames(stats, n_layers, cfg, name=name, rev=rev, step=step, progress=progress,
+                          description=description)
+    layers, spectrum, tokens, id_scale = result_tables(frames, cfg, type_text, name=name, rev=rev, step=step)
+    outliers = outlier_table(stats.outlier_records(), tokenizer, name, rev)
+    tables = dict(layers=layers, spectrum=spectrum, tokens=tokens, outliers=outliers, id_scale=id_scale)
+    return tables, frames.warnings
