@@ -151,19 +151,9 @@ def _stderr(msg: str) -> None:
 
 
 @holding("out", "out")  # one sweep per output directory at a time
-def run_sweep(
-    targets: Iterable[Target],
-    corpus,
-    out,
-    *,
-    progress: bool = True,
-    figures: bool = True,
-    cache_dir=None,
-    say: Callable[[str], None] | None = _stderr,
-    snapshot_every: float = 300.0,
-    resume: bool = False,
-    **options,
-):
+def run_sweep(targets: Iterable[Target], corpus, out, *, progress: bool = True, figures: bool = True, cache_dir=None,
+              say: Callable[[str], None] | None = _stderr, snapshot_every: float = 300.0, resume: bool = False,
+              **options):
     """Analyse every target over `corpus` into one output directory; return the
     combined Result.
 

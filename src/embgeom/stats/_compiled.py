@@ -113,6 +113,31 @@ def merge_type_sums(rows, counts_b, s1, s2, mean, m2, counts):  # pragma: no cov
 _HASH_MUL = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: odd, well mixed
 
 @numba.njit(cache=True, nogil=True)
+def _group_sorted(ids):  # pragma: no cover - compiled
+    """`group_ids` of ids already in ascending order: the groups are runs."""
+    n = ids.shape[0]
+    m = 0
+    for i in range(n):
+        if i == 0 or ids[i] != ids[i - 1]:
+            m += 1
+    starts = np.empty(m, dtype=np.int64)
+    inverse = np.empty(n, dtype=np.int64)
+    g = -1
+    for i in range(n):
+        if i == 0 or ids[i] != ids[i - 1]:
+            g += 1
+            starts[g] = i
+        inverse[i] = g
+    uniq = ids[starts]
+    counts = np.empty(m, dtype=np.int64)
+    for j in range(m):
+        end = starts[j + 1] if j + 1 < m else n
+        counts[j] = end - starts[j]
+    perm = np.arange(n)
+    return True, uniq, counts, perm, starts, inverse, inverse.copy(), starts.copy()
+
+
+@numba.njit(cache=True, nogil=True)
 def group_ids(ids):  # pragma: no cover - compiled
     """Group a batch's int64 ids in O(n) (a hash table of the distinct ids, then
     a counting sort of the rows; only the m distinct ids are sorted).
@@ -128,25 +153,7 @@ def group_ids(ids):  # pragma: no cover - compiled
             presorted = False
             break
     if presorted:
-        m = 0
-        for i in range(n):
-            if i == 0 or ids[i] != ids[i - 1]:
-                m += 1
-        starts = np.empty(m, dtype=np.int64)
-        inverse = np.empty(n, dtype=np.int64)
-        g = -1
-        for i in range(n):
-            if i == 0 or ids[i] != ids[i - 1]:
-                g += 1
-                starts[g] = i
-            inverse[i] = g
-        uniq = ids[starts]
-        counts = np.empty(m, dtype=np.int64)
-        for j in range(m):
-            end = starts[j + 1] if j + 1 < m else n
-            counts[j] = end - starts[j]
-        perm = np.arange(n)
-        return True, uniq, counts, perm, starts, inverse, inverse.copy(), starts.copy()
+        return _group_sorted(ids)
 
     bits = 1
     while (1 << bits) < 2 * n:
