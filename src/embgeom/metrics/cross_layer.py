@@ -81,15 +81,47 @@ def linearity_from_covariances(Sxx, Syy, Sxy) -> float:
 def linear_cka(X, Y) -> float:
     """Linear CKA of two representations of the same n tokens, X (n, p) and Y (n, q):
     ‖Σ_xy‖²_F / (‖Σ_xx‖_F ‖Σ_yy‖_F) with Σ the covariances of the centred rows
-    (Kornblith et al. 2019). 1 for representations equal up to an orthogonal map
-    and isotropic scaling."""
+    (float64). 1 for representations equal up to an orthogonal map and isotropic
+    scaling; near 0 for unrelated ones.
+
+    Reference: S. Kornblith, M. Norouzi, H. Lee, G. Hinton (2019), "Similarity of
+    neural network representations revisited", ICML.
+
+    Parameters
+    ----------
+    X, Y : (n, p) and (n, q) arrays or tensors, row i of both the same token.
+
+    >>> import numpy as np
+    >>> from embgeom import linear_cka
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.normal(size=(200, 16))
+    >>> Q = np.linalg.qr(rng.normal(size=(16, 16)))[0]  # an orthogonal map
+    >>> round(linear_cka(X, 3 * X @ Q), 6), round(linear_cka(X, rng.normal(size=(200, 16))), 2)
+    (1.0, 0.07)
+    """
     return cka_from_covariances(*_covariances(X, Y))
 
 
 def linearity(X, Y) -> float:
-    """Linearity score of Y on X (Razzhigaev et al. 2024): 1 − min_A ‖X̃A − Ỹ‖²_F,
-    X̃, Ỹ the centred rows scaled to unit Frobenius norm. The least-squares residual
-    is ‖Ỹ‖² − tr(Ỹᵀ P_X Ỹ), so the score is tr(Σ_yx Σ_xx⁺ Σ_xy) / tr(Σ_yy): the share
-    of Y's variance a linear map of X explains (1: Y is an affine function of X).
-    Eigenvalues of Σ_xx below 1e-10 of the largest are dropped from Σ_xx⁺."""
+    """Linearity score of Y on X: 1 − min_A ‖X̃A − Ỹ‖²_F, X̃, Ỹ the centred rows
+    scaled to unit Frobenius norm. The least-squares residual is
+    ‖Ỹ‖² − tr(Ỹᵀ P_X Ỹ), so the score is tr(Σ_yx Σ_xx⁺ Σ_xy) / tr(Σ_yy): the share of
+    Y's variance a linear map of X explains (1: Y is an affine function of X).
+    Eigenvalues of Σ_xx below 1e-10 of the largest are dropped from Σ_xx⁺.
+
+    Reference: A. Razzhigaev, M. Mikhalchuk, E. Goncharova, N. Gerasimenko,
+    I. Oseledets, D. Dimitrov, A. Kuznetsov (2024), "Your Transformer is Secretly
+    Linear", ACL.
+
+    Parameters
+    ----------
+    X, Y : (n, p) and (n, q) arrays or tensors, row i of both the same token.
+
+    >>> import numpy as np
+    >>> from embgeom import linearity
+    >>> rng = np.random.default_rng(0)
+    >>> X, A = rng.normal(size=(200, 16)), rng.normal(size=(16, 8))
+    >>> round(linearity(X, X @ A + 1), 6), round(linearity(X, np.tanh(X @ A)), 2)
+    (1.0, 0.79)
+    """
     return linearity_from_covariances(*_covariances(X, Y))

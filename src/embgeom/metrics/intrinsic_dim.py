@@ -96,10 +96,30 @@ def mle_id_from_distances(dist, k: int = 20) -> float:
 
 
 def mle_id(X, k: int = 20) -> float:
-    """Levina–Bickel / MacKay–Ghahramani MLE dimension of the distinct rows of ``X``
+    """Levina–Bickel maximum-likelihood dimension of the distinct rows of ``X``
     (exact duplicates removed first, :func:`distinct_points`) with ``k`` exact nearest
-    neighbours; see :func:`mle_id_from_distances`. Equal to
-    ``skdim.id.MLE(K=20).fit(X).dimension_`` for ``k = 20`` on data without repeated rows."""
+    neighbours, pooled over points as MacKay & Ghahramani suggest:
+    ``m̂ = (k − 1) n / Σ_i Σ_(j<k) log(T_k / T_j)``, ``T_j`` a point's distance to its
+    j-th neighbour (:func:`mle_id_from_distances`). Equal to
+    ``skdim.id.MLE().fit(X).dimension_`` for ``k = 20`` on data without repeated rows.
+
+    References: E. Levina, P. J. Bickel (2004), "Maximum likelihood estimation of
+    intrinsic dimension", NeurIPS 17; D. J. C. MacKay, Z. Ghahramani (2005),
+    "Comments on 'Maximum likelihood estimation of intrinsic dimension' by E. Levina
+    and P. Bickel" (note, University of Cambridge).
+
+    Parameters
+    ----------
+    X : (n, d) numpy array or torch tensor, more than ``k`` distinct rows.
+    k : neighbours per point, ≥ 2.
+
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.normal(size=(1000, 3)) @ rng.normal(size=(3, 10))  # a 3-d plane in R^10
+    >>> from embgeom import mle_id
+    >>> round(mle_id(X), 1)
+    3.0
+    """
     k = _check_k(k)
     dist = distinct_distances(X, k, k + 1, f"the MLE with k = {k}", "; use more points or a smaller k")
     return mle_id_from_distances(dist, k)

@@ -135,8 +135,24 @@ def _sequence(H) -> torch.Tensor:
 
 def curvature(H) -> float:
     """Mean angle (radians) between consecutive steps of the sequence H (n, d):
-    mean over t of arccos(cos(v_t, v_{t+1})), v_t = h_{t+1} − h_t (Skean et al. 2025).
-    NaN for fewer than 3 rows (no pair of steps)."""
+    mean over t of arccos(cos(v_t, v_{t+1})), v_t = h_{t+1} − h_t. 0 for a straight
+    path; NaN for fewer than 3 rows (no pair of steps).
+
+    Reference: Skean et al. (2025), "Layer by Layer: Uncovering Hidden
+    Representations in Language Models", ICML.
+
+    Parameters
+    ----------
+    H : (n, d) array or tensor, the hidden states of n consecutive tokens.
+
+    >>> import numpy as np
+    >>> from embgeom import curvature
+    >>> t = np.linspace(0, 1, 5)
+    >>> round(curvature(np.stack([t, 2 * t], 1)), 6)  # a straight line
+    0.0
+    >>> round(curvature(np.array([[0, 0], [1, 0], [1, 1], [0, 1.0]])), 4)  # right angles
+    1.5708
+    """
     t = _sequence(H)
     return float(window_curvatures(t[None], torch.tensor([t.shape[0]]))[0])
 
@@ -144,7 +160,21 @@ def curvature(H) -> float:
 def prompt_entropy(H, alpha: float = 1.0) -> float:
     """α-order matrix entropy of the sequence H (n, d), in nats: with p_i the
     eigenvalues of K = H Hᵀ (rows not centred) divided by tr K,
-    S_α = log(Σ p_i^α) / (1 − α), and −Σ p_i log p_i at α = 1 (Skean et al. 2025).
-    0 for one token (or rank one); log n at most. NaN when every row is zero."""
+    S_α = log(Σ p_i^α) / (1 − α), and −Σ p_i log p_i at α = 1.
+    0 for one token (or rank one); log n at most. NaN when every row is zero.
+
+    Reference: Skean et al. (2025), "Layer by Layer: Uncovering Hidden
+    Representations in Language Models", ICML.
+
+    Parameters
+    ----------
+    H : (n, d) array or tensor, the hidden states of n consecutive tokens.
+    alpha : the order α > 0 (1: the Shannon (von Neumann) entropy).
+
+    >>> import numpy as np
+    >>> from embgeom import prompt_entropy
+    >>> round(prompt_entropy(np.eye(4)), 4)  # orthogonal rows of equal norm: log 4
+    1.3863
+    """
     t = _sequence(H)
     return float(window_entropies(t[None], alpha)[0])

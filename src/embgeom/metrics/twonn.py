@@ -128,13 +128,32 @@ def twonn_ranked_from_distances(dist, discard_fraction: float = 0.8, *, scale: f
 
 
 def twonn(X, discard_fraction: float = 0.1) -> float:
-    """TwoNN intrinsic dimension of the rows of ``X`` ((n, d) numpy array or torch
-    tensor, CPU or CUDA), with exact Euclidean nearest neighbours.
+    """TwoNN intrinsic dimension of the rows of ``X``, with exact Euclidean nearest
+    neighbours.
 
-    See :func:`twonn_from_distances` for the formula; equal to scikit-dimension's
-    ``TwoNN(discard_fraction=discard_fraction).fit(X).dimension_`` on data without
-    repeated rows. Exact duplicate rows are removed first (:func:`distinct_points`):
-    ``twonn(X) == twonn(distinct_points(X))``.
+    With ``μ_i = r2/r1`` each point's distances to its second and first nearest
+    neighbours, ``μ`` is Pareto, ``F(μ) = 1 − μ^(−d)``; ``d`` is the slope through the
+    origin of ``−log(1 − F_i)`` on ``log μ_(i)``, ``F_i = i/n``, over the
+    ``⌊(1 − discard_fraction) n⌋`` smallest ratios (:func:`twonn_from_distances`).
+    Equal to scikit-dimension's ``TwoNN(discard_fraction=...).fit(X).dimension_`` on
+    data without repeated rows; exact duplicate rows are removed first
+    (:func:`distinct_points`): ``twonn(X) == twonn(distinct_points(X))``.
+
+    Reference: E. Facco, M. d'Errico, A. Rodriguez, A. Laio (2017), "Estimating the intrinsic
+    dimension of datasets by a minimal neighborhood information", Sci. Rep. 7, 12140.
+
+    Parameters
+    ----------
+    X : (n, d) numpy array or torch tensor (CPU or CUDA), at least 3 distinct rows.
+    discard_fraction : share of the largest ratios left out of the fit (paper A's
+        protocol leaves out 0.8).
+
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.normal(size=(1000, 3)) @ rng.normal(size=(3, 10))  # a 3-d plane in R^10
+    >>> from embgeom import twonn
+    >>> round(twonn(X), 1)
+    3.0
     """
     f = _check_fraction(discard_fraction)
     return twonn_from_distances(distinct_distances(X, 2, 3, "TwoNN"), f)
@@ -208,7 +227,28 @@ def twonn_ml_from_distances(dist, confidence: float = 0.95) -> tuple[float, floa
 
 def twonn_ml(X, confidence: float = 0.95) -> tuple[float, float, float]:
     """Maximum-likelihood TwoNN ``(estimate, low, high)`` of the distinct rows of
-    ``X`` (exact duplicates removed first, :func:`distinct_points`); see
-    :func:`twonn_ml_from_distances`."""
+    ``X`` (exact duplicates removed first, :func:`distinct_points`).
+
+    ``log μ_i = log(r2/r1)`` are exponentials of rate ``d``: with ``S = Σ log μ_i``
+    over the ``n`` points, ``d̂ = (n − 1)/S`` (unbiased), and ``d·S ~ Gamma(n, 1)``
+    gives the exact interval ``[g_(α/2)/S, g_(1−α/2)/S]``, ``α = 1 − confidence``
+    (:func:`twonn_ml_from_distances`).
+
+    References: E. Facco, M. d'Errico, A. Rodriguez, A. Laio (2017), "Estimating the intrinsic
+    dimension of datasets by a minimal neighborhood information", Sci. Rep. 7, 12140; F. Denti, D. Doimo, A. Laio, A. Mira (2022), "The generalized ratios intrinsic
+    dimension estimator", Sci. Rep. 12, 20005.
+
+    Parameters
+    ----------
+    X : (n, d) numpy array or torch tensor, at least 3 distinct rows.
+    confidence : level of the interval, in (0, 1).
+
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.normal(size=(1000, 3)) @ rng.normal(size=(3, 10))  # a 3-d plane in R^10
+    >>> from embgeom import twonn_ml
+    >>> [round(v, 1) for v in twonn_ml(X)]
+    [3.0, 2.8, 3.2]
+    """
     c = _check_confidence(confidence)
     return twonn_ml_from_distances(distinct_distances(X, 2, 3, "maximum-likelihood TwoNN"), c)
