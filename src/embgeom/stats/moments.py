@@ -86,6 +86,22 @@ class Moments:
     V : (1/N) Σ ‖x − μ‖², the trace of the covariance.
     covariance : (1/N) Σ (x − μ)(x − μ)ᵀ.
     second_moment : (1/N) Σ x xᵀ = covariance + μμᵀ.
+
+    A batch is folded in, and two accumulators merged, by the pairwise update: scatter
+    of the union = both scatters + (n₁n₂/n) δδᵀ, δ the difference of the means
+    (float64 state: the batching changes only the rounding). References: T. F.
+    Chan, G. H. Golub, R. J. LeVeque (1983), "Algorithms for computing the sample
+    variance: analysis and recommendations", The American Statistician 37(3) (the update); H. Yamagiwa, H. Shimodaira (2025), "Norm of Mean Contextualized Embeddings
+    Determines their Variance", COLING (Q = M + V).
+
+    >>> import numpy as np
+    >>> from embgeom import Moments
+    >>> x = np.random.default_rng(0).normal(size=(1000, 4)) + 2.0
+    >>> m = Moments(4).update(x[:600]).update(x[600:])  # two batches: as one
+    >>> m.n, round(m.Q, 3), round(m.M, 3), round(m.V, 3)
+    (1000, 19.746, 15.762, 3.984)
+    >>> round(float(x.var(axis=0).sum()), 3)  # V: the trace of the covariance
+    3.984
     """
 
     def __init__(self, dim: int, device=None, precision: str = "auto"):
