@@ -96,6 +96,9 @@ class GeometryCallback(TrainerCallback):
     at the end of training, figures/training_*.png. A resumed training keeps the rows
     an earlier run wrote there for earlier steps.
     tokenizer: default, the Trainer's `processing_class` (or `tokenizer`).
+    name: the `model` column (default: the name of the path the model was loaded from,
+    else its class name).
+    keep_tokens: keep each step's per-type table (tokens.parquet).
     log: send headline numbers (see `headline_metrics`) to the Trainer's loggers;
     log_layers: per layer as well as the mean over layers.
     **options: those of `embgeom.analyze` (max_tokens, seq_len, batch_size,
@@ -104,6 +107,26 @@ class GeometryCallback(TrainerCallback):
     `callback.layers` holds every row so far; `callback.probe` is the GeometryProbe.
     Only the main process measures in distributed training; the model must not be
     sharded (FSDP/ZeRO-3) across processes.
+
+    >>> import tempfile, torch
+    >>> from transformers import (AutoTokenizer, BertConfig, BertForMaskedLM, DataCollatorForLanguageModeling,
+    ...                           Trainer, TrainingArguments)
+    >>> from embgeom import GeometryCallback
+    >>> from embgeom.packaged import minilm_path
+    >>> tok = AutoTokenizer.from_pretrained(minilm_path())
+    >>> _ = torch.manual_seed(0)
+    >>> model = BertForMaskedLM(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+    ...                                    intermediate_size=64))  # a tiny untrained BERT
+    >>> texts = ["The cat sat on the mat.", "Layers change the states."]
+    >>> cb = GeometryCallback(texts, every=None, log=False, figures=False, id_sample=0)
+    >>> args = TrainingArguments(tempfile.mkdtemp(), max_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+    ...                          disable_tqdm=True)
+    >>> trainer = Trainer(model=model, args=args, train_dataset=[tok(t) for t in texts], processing_class=tok,
+    ...                   data_collator=DataCollatorForLanguageModeling(tok), callbacks=[cb])
+    >>> _ = trainer.train()  # doctest: +ELLIPSIS
+    {...'train_loss': ...}
+    >>> cb.steps, cb.layers.shape[0]  # measured at the start and the end: 2 steps x 3 layers x 2 views
+    ([0, 1], 12)
     """
 
     def __init__(self, corpus, every: int | None = 100, out=None, tokenizer=None, *, at_steps: Iterable[int] = (),

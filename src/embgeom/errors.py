@@ -36,7 +36,18 @@ def _spell(text: str, flags: bool) -> str:
 
 
 class EmbgeomError(Exception):
-    """Bad input or an unusable environment, with a message that says how to fix it."""
+    """Bad input or an unusable environment, with a message that says how to fix it.
+
+    The one error type embgeom raises on purpose; the command line prints its message
+    on one line (options spelled as flags, see `command_line`) and exits with status 2.
+
+    >>> from embgeom import EmbgeomError, twonn
+    >>> try:
+    ...     twonn([[0.0, 1.0], [0.0, 1.0]])
+    ... except EmbgeomError as exc:
+    ...     print(exc)
+    TwoNN needs at least 3 distinct points, got 1
+    """
 
     def __str__(self) -> str:
         return _spell(super().__str__(), flags=False)

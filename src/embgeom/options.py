@@ -29,7 +29,21 @@ def _opt(default, help: str, *, flag: str | None = None, preset: bool = False, r
 
 @dataclass
 class AnalysisConfig:
-    """Every option of one analysis (recorded in run.json), each field with its help."""
+    """Every option of one analysis (recorded in run.json), each field with its help.
+
+    Declared once, here: `embgeom.analyze`'s keyword options, `embgeom run`'s flags
+    and the lists of options in the docs are read off these fields. `protocol` presets
+    how paper A (Razzhigaev et al., EACL 2024 Findings) or paper B (Yamagiwa &
+    Shimodaira, COLING 2025) computed their numbers; options given beside it win.
+    `calibration_tokens` (not an option of the command line): the outlier threshold
+    (outlier_factor x the median norm) is calibrated on the first windows that hold
+    that many counted tokens.
+
+    >>> from embgeom import AnalysisConfig
+    >>> cfg = AnalysisConfig.from_options(protocol="paper-a", batch_size=8)
+    >>> cfg.id_first, cfg.twonn_discard, cfg.twonn_duplicates, cfg.batch_size
+    (4096, 0.8, 'keep-rank', 8)
+    """
 
     max_tokens: int | None = _opt(None, "Stop after this many counted tokens.")
     seq_len: int | None = _opt(None, "Window length in tokens, special tokens included (default: 512, or the "
@@ -56,7 +70,7 @@ class AnalysisConfig:
     encoding_errors: str = _opt("strict", "strict, replace or ignore invalid UTF-8.")
     min_count: int = _opt(10, "Norm-variance trade-off over token types seen at least this often...")
     max_count: int = _opt(100000, "...and at most this often.")
-    calibration_tokens: int = 2048  # not an option of the command line (nor read by the analysis yet)
+    calibration_tokens: int = 2048  # not an option of the command line
     # A preset of the options below (see `embgeom.protocols`); explicit options win.
     protocol: str = _opt("embgeom", "embgeom, paper-a or paper-b: a preset of --id-first, --twonn-discard, "
                                     "--twonn-duplicates, --token-types and --types-filtered that reproduces how "

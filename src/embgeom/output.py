@@ -27,12 +27,24 @@ def save_run(result: Result, out, *, figures: bool = True, report: bool = True,
     `embgeom.plots.plot_runs`); then, with `report`, report.md; last, atomically,
     layers.csv, so a directory that has it holds a finished run.
 
-    rewrite: `out` is rewritten again and again while it may be read (GeometryProbe
-    after each measurement): its previous layers.csv stays until the new one
-    replaces it, instead of being removed first.
+    Parameters
+    ----------
+    result : the Result to write (`embgeom.analyze`, a sweep, a probe).
+    out : the output directory (created; a finished run there is replaced).
+    figures, report : draw the figures, write report.md.
+    draw : the figure function, called as above.
+    extra_tables : more tables, name -> DataFrame, written as CSV.
+    rewrite : `out` is rewritten again and again while it may be read (GeometryProbe
+        after each measurement): its previous layers.csv stays until the new one
+        replaces it, instead of being removed first.
 
-        result = embgeom.analyze("model", "corpus.txt")
-        embgeom.save_run(result, "out/")   # layers.csv ... figures/ report.md
+    >>> import tempfile
+    >>> from embgeom import analyze, save_run
+    >>> from embgeom.packaged import minilm_path
+    >>> res = analyze(minilm_path(), ["A short text."], id_sample=0, token_types="none", cross_layer=False)
+    >>> out = save_run(res, tempfile.mkdtemp(), figures=False)  # figures=True draws figures/*.png
+    >>> [(out / name).exists() for name in ("run.json", "report.md", "layers.csv")]
+    [True, True, True]
     """
     out = prepare_out_dir(out, keep_finished=rewrite)
     figdir = out / "figures"

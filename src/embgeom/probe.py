@@ -124,18 +124,37 @@ def _sorted_log(entries) -> list[dict]:
 class GeometryProbe:
     """Measure a model in memory again and again on one probe corpus; keep every row.
 
-    probe = GeometryProbe("probe.txt", tokenizer, out="geometry/", max_tokens=5000)
-    for step in range(n_steps):
-        ...train...
-        if step % 100 == 0:
-            probe(model, step, train_loss=loss.item())
-    probe.finish()        # figures in geometry/figures/
-
     `probe.layers` holds every row (the columns of layers.csv and `train_loss`). With
     `out`, the tables are rewritten after each measurement (layers.csv last,
     atomically), so they can be watched while training runs. A step measured again
-    replaces its rows. `options` are those of `embgeom.analyze`, `protocol="paper-a"`
-    or `"paper-b"` included (each paper's own way of computing its numbers).
+    replaces its rows.
+
+    Parameters
+    ----------
+    corpus : a corpus file (see `embgeom.corpus.read_documents`) or a list of texts;
+        small (a few thousand tokens), so a measurement costs a few forward passes.
+    tokenizer : the model's tokenizer (or pass it at the first call).
+    out : a directory for the tables and, at `finish`, the training figures.
+    name : the `model` column (default: the name of the path the model was loaded
+        from, else its class name).
+    keep_tokens : keep each step's per-type table (tokens.parquet).
+    **options : those of `embgeom.analyze`, `protocol="paper-a"` or `"paper-b"`
+        included (each paper's own way of computing its numbers).
+
+    >>> import torch
+    >>> from transformers import AutoTokenizer, BertConfig, BertModel
+    >>> from embgeom import GeometryProbe
+    >>> from embgeom.packaged import minilm_path
+    >>> tok = AutoTokenizer.from_pretrained(minilm_path())
+    >>> _ = torch.manual_seed(0)
+    >>> model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+    ...                              intermediate_size=64))  # a tiny untrained BERT
+    >>> probe = GeometryProbe(["The cat sat on the mat.", "Layers change the states."], tok, id_sample=0)
+    >>> for step in (0, 10):  # ... training between the measurements ...
+    ...     _ = probe(model, step, train_loss=1.0 / (step + 1))
+    >>> rows = probe.layers.query("view == 'all'")  # 3 hidden states per step
+    >>> rows["step"].tolist(), rows["train_loss"].round(3).tolist()
+    ([0, 0, 0, 10, 10, 10], [1.0, 1.0, 1.0, 0.091, 0.091, 0.091])
     """
 
     def __init__(self, corpus, tokenizer=None, *, out=None, name: str | None = None, keep_tokens: bool = False,

@@ -125,7 +125,29 @@ def write_csv(df: pd.DataFrame, path: Path) -> None:
 
 @dataclass
 class Result:
-    """Everything one analysis produced. `layers` has the columns of layers.csv."""
+    """Everything one analysis produced: tables only (figures and report.md are drawn
+    from them by `embgeom.save_run`).
+
+    Parameters
+    ----------
+    layers : one row per (model, revision, step, stack, layer, view), the columns of
+        layers.csv (the README's "Columns").
+    spectrum : the covariance eigenvalues of each layer and view (spectrum.parquet).
+    tokens : per token type n, Q, M, V (tokens.parquet), or None.
+    outliers : the vectors whose norm exceeds the outlier factor (outliers.csv), or None.
+    run : run.json's record: versions, options, corpus, counts, timings, warnings.
+    id_scale : GRIDE's intrinsic dimension against scale (id_scale.parquet), or None.
+
+    >>> import tempfile
+    >>> from embgeom import Result, analyze
+    >>> from embgeom.packaged import minilm_path
+    >>> res = analyze(minilm_path(), ["A short text."], id_sample=0, token_types="none", cross_layer=False)
+    >>> res.layers[["stack", "layer", "view"]].drop_duplicates().shape  # 7 hidden states x 2 views
+    (14, 3)
+    >>> out = res.save(tempfile.mkdtemp())  # the tables, layers.csv last
+    >>> Result.load(out).layers["n_tokens"].tolist() == res.layers["n_tokens"].tolist()
+    True
+    """
 
     layers: pd.DataFrame
     spectrum: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=SPECTRUM_TABLE_COLUMNS))

@@ -234,9 +234,10 @@ def twonn_ml(X, confidence: float = 0.95) -> tuple[float, float, float]:
     gives the exact interval ``[g_(α/2)/S, g_(1−α/2)/S]``, ``α = 1 − confidence``
     (:func:`twonn_ml_from_distances`).
 
-    References: E. Facco, M. d'Errico, A. Rodriguez, A. Laio (2017), "Estimating the intrinsic
-    dimension of datasets by a minimal neighborhood information", Sci. Rep. 7, 12140; F. Denti, D. Doimo, A. Laio, A. Mira (2022), "The generalized ratios intrinsic
-    dimension estimator", Sci. Rep. 12, 20005.
+    References: E. Facco, M. d'Errico, A. Rodriguez, A. Laio (2017), "Estimating the
+    intrinsic dimension of datasets by a minimal neighborhood information", Sci. Rep.
+    7, 12140; F. Denti, D. Doimo, A. Laio, A. Mira (2022), "The generalized ratios
+    intrinsic dimension estimator", Sci. Rep. 12, 20005.
 
     Parameters
     ----------

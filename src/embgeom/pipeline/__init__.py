@@ -45,7 +45,7 @@ def analyze(model, corpus, *, revision: str | None = None, step: int | None = No
     model: a local Hugging Face directory, a `.gguf` file, a Hub id (see `load_model`)
     or a LoadedModel. corpus: a corpus file or directory (see
     `embgeom.corpus.read_documents`) or a list of documents. revision: the Hub
-    revision, for Hub ids. step: the training step of the `step` column. name: the
+    revision, for Hub ids; cache_dir: where Hub downloads go. step: the training step of the `step` column. name: the
     `model` column (default: the model's directory or file name, or the Hub id).
     progress: show progress bars. snapshot_dir, snapshot_every: crash-safe snapshots
     of the accumulators there, every that many seconds (0: after every batch).
@@ -55,6 +55,7 @@ def analyze(model, corpus, *, revision: str | None = None, step: int | None = No
     once, in `embgeom.options`). Under torchrun (WORLD_SIZE > 1) the processes share
     the batches and merge exactly; rank 0 returns the Result, the others None.
 
+    >>> from embgeom import analyze
     >>> from embgeom.packaged import minilm_path
     >>> docs = ["The cat sat on the mat.", "Hidden states change from layer to layer."]
     >>> res = analyze(minilm_path(), docs, token_types="none", cross_layer=False)

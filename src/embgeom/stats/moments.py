@@ -89,10 +89,12 @@ class Moments:
 
     A batch is folded in, and two accumulators merged, by the pairwise update: scatter
     of the union = both scatters + (n₁n₂/n) δδᵀ, δ the difference of the means
-    (float64 state: the batching changes only the rounding). References: T. F.
-    Chan, G. H. Golub, R. J. LeVeque (1983), "Algorithms for computing the sample
-    variance: analysis and recommendations", The American Statistician 37(3) (the update); H. Yamagiwa, H. Shimodaira (2025), "Norm of Mean Contextualized Embeddings
-    Determines their Variance", COLING (Q = M + V).
+    (float64 state: the batching changes only the rounding).
+
+    References: T. F. Chan, G. H. Golub, R. J. LeVeque (1983), "Algorithms for
+    computing the sample variance: analysis and recommendations", The American
+    Statistician 37(3) (the update); H. Yamagiwa, H. Shimodaira (2025), "Norm of Mean
+    Contextualized Embeddings Determines their Variance", COLING (Q = M + V).
 
     >>> import numpy as np
     >>> from embgeom import Moments
