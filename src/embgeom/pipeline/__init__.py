@@ -42,18 +42,21 @@ def analyze(model, corpus, *, revision: str | None = None, step: int | None = No
     """Measure the geometry of `model`'s hidden states over `corpus`, layer by layer:
     one row per (stack, layer, view) in `Result.layers` (the README's "Columns").
 
-    model: a local Hugging Face directory, a `.gguf` file, a Hub id (see `load_model`)
-    or a LoadedModel. corpus: a corpus file or directory (see
-    `embgeom.corpus.read_documents`) or a list of documents. revision: the Hub
-    revision, for Hub ids; cache_dir: where Hub downloads go. step: the training step of the `step` column. name: the
-    `model` column (default: the model's directory or file name, or the Hub id).
-    progress: show progress bars. snapshot_dir, snapshot_every: crash-safe snapshots
-    of the accumulators there, every that many seconds (0: after every batch).
+    model: a Hugging Face directory, a `.gguf` file, a Hub id (see `load_model`) or a
+        LoadedModel.
+    corpus: a corpus file or directory (see `embgeom.corpus.read_documents`) or a list
+        of documents.
+    revision, cache_dir: the Hub revision (for Hub ids) and where Hub downloads go.
+    step, name: the `step` and `model` columns (name's default: the model's directory
+        or file name, or the Hub id).
+    progress: show progress bars.
+    snapshot_dir, snapshot_every: crash-safe snapshots of the accumulators there, every
+        that many seconds (0: after every batch).
     resume: continue from the snapshot in `snapshot_dir` (True: it must exist; "auto":
-    if it exists); one made with other options, model, corpus or process count is
-    refused. **options: the fields of `AnalysisConfig`, under Options below (declared
-    once, in `embgeom.options`). Under torchrun (WORLD_SIZE > 1) the processes share
-    the batches and merge exactly; rank 0 returns the Result, the others None.
+        if it exists); one made with other options, model, corpus or processes is refused.
+    **options: the fields of `AnalysisConfig` (declared in `embgeom.options`), below.
+    Under torchrun (WORLD_SIZE > 1) the processes share the batches and merge exactly;
+    rank 0 returns the Result, the others None.
 
     >>> from embgeom import analyze
     >>> from embgeom.packaged import minilm_path
