@@ -151,12 +151,10 @@ def gride(X, max_rank: int = 64) -> pd.DataFrame:
     ``μ = r_n2 / r_n1`` has the density
     ``f(μ) = d (μ^d − 1)^(n2−n1−1) / (B(n2−n1, n1) μ^((n2−1)d+1))``, μ > 1; ``id`` is
     the maximiser of the likelihood of the observed ratios. Columns ``n1, n2, scale,
-    id, id_err`` (``scale``: mean r_n2; ``id_err``: 1/√ observed Fisher information;
-    :func:`gride_from_distances`). The row n1 = 1 is the maximum-likelihood TwoNN
-    N / Σ log(r2/r1), N/(N − 1) times :func:`embgeom.twonn_ml`'s estimate.
+    id, id_err`` (``scale``: mean r_n2; ``id_err``: 1/√ observed Fisher information).
 
-    Reference: F. Denti, D. Doimo, A. Laio, A. Mira (2022), "The generalized ratios intrinsic
-    dimension estimator", Sci. Rep. 12, 20005.
+    Reference: F. Denti, D. Doimo, A. Laio, A. Mira (2022), "The generalized ratios
+    intrinsic dimension estimator", Sci. Rep. 12, 20005.
 
     Parameters
     ----------
@@ -169,7 +167,10 @@ def gride(X, max_rank: int = 64) -> pd.DataFrame:
     >>> from embgeom import gride
     >>> gride(X, max_rank=16)[["n1", "n2", "id"]].round(1).to_numpy().tolist()
     [[1.0, 2.0, 3.0], [2.0, 4.0, 2.9], [4.0, 8.0, 3.0], [8.0, 16.0, 3.0]]
-    """
+
+    See :func:`gride_from_distances` for the columns; the row
+    n1 = 1 is the maximum-likelihood TwoNN N / Σ log(r2/r1), i.e. N/(N − 1) times
+    :func:`embgeom.twonn_ml`'s unbiased estimate on data without duplicates."""
     pairs = gride_scales(max_rank)
     U = distinct_rows(X)
     if U.shape[0] < 3:
@@ -186,9 +187,11 @@ def gride_plateau(table: pd.DataFrame) -> dict:
     pair with the smallest relative change |id_{i+1} − id_i| / ((id_i + id_{i+1})/2);
     the first such pair on a tie. Returns {'n1_low', 'n1_high', 'scale_low',
     'scale_high', 'id'} with id the mean of the pair's two ids, or NaNs when fewer
-    than two finite scales exist. The plateau is how GRIDE's authors read a dimension
-    off the curve (reference: F. Denti, D. Doimo, A. Laio, A. Mira (2022), "The generalized ratios intrinsic
-    dimension estimator", Sci. Rep. 12, 20005).
+    than two finite scales exist.
+
+    Reference (ID against scale, read off where it is stable): F. Denti, D. Doimo,
+    A. Laio, A. Mira (2022), "The generalized ratios intrinsic dimension estimator",
+    Sci. Rep. 12, 20005.
 
     Parameters
     ----------
