@@ -145,7 +145,6 @@ def _bf16_finish(A, B, nhat, ne, eps_n, n, n_pad, d):
     columns, the padding rows and the bound. ``nhat`` (n,) float64 squared norms,
     ``ne`` (n,) float64 ``‖x32 − a‖``.
 
-
     Rows are ``A_i = [a_i, H_i, L_i, 1, 1]`` and columns ``B_j = [−a_j, 1, 1, H_j, L_j]``
     with ``a = bf16(x32)`` and ``H + L`` a two-term bf16 split of a lowered half norm
     ``h``, so the product is the key ``r ≈ h_i + h_j − a_i·a_j`` and its bf16 output
@@ -207,10 +206,8 @@ def _bf16_finish(A, B, nhat, ne, eps_n, n, n_pad, d):
     A[:n, d] = H
     A[:n, d + 1] = L
     A[n:, d] = _PAD_KEY  # padding rows and columns get keys of about 2^100
-    A[:, d + 2] = 1.0
-    A[:, d + 3] = 1.0
-    B[:, d] = 1.0
-    B[:, d + 1] = 1.0
+    A[:, d + 2:d + 4] = 1.0
+    B[:, d:d + 2] = 1.0
     B[:n, d + 2] = H
     B[:n, d + 3] = L
     B[n:, d + 2] = _PAD_KEY

@@ -21,7 +21,7 @@ from ..snapshot import Snapshots, check_interval
 from ..windows import iter_windows, pad_token_id, validate_plan
 from .config import AnalysisConfig, resolve_type_layers
 from .prepare import (MARKERS, _check_memory, _corpus_record, _documents, corpus_contents,  # noqa: F401 (sweeps)
-                      load_weights, preflight, prepare, token_type_table)
+                      load_weights, preflight, prepare_run, token_type_table)
 from .record import run_record
 from .resume import open_snapshots, resume_state
 from .stream import merge_ranks, new_statistics, stream_batches
@@ -76,8 +76,8 @@ def analyze(model, corpus, *, revision: str | None = None, step: int | None = No
     if resume is True:  # nothing to resume from: refused before any loading (every rank agrees)
         shard.check_all(Snapshots.missing(snapshot_dir, shard.rank, shard.world))
     show_loading = progress and shard.is_main
-    pre = prepare(model, corpus, docs, cfg, shard, revision=revision, cache_dir=cache_dir, progress=show_loading,
-                  t0=t0, keep_tokens=KEEP_WINDOW_TOKENS)
+    pre = prepare_run(model, corpus, docs, cfg, shard, revision=revision, cache_dir=cache_dir,
+                      progress=show_loading, t0=t0, keep_tokens=KEEP_WINDOW_TOKENS)
     counts, tok = pre.counts, pre.source.tokenizer
     sharers = processes_on_this_machine() if shard.world > 1 else 1
     loaded, t_weights = load_weights(pre.source, cfg, shard, counts.n_types, sharers, show_loading)

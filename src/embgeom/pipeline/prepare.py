@@ -271,8 +271,8 @@ class Prepared:
     t_count: float
 
 
-def prepare(model, corpus, docs, cfg: AnalysisConfig, shard: Shard, *, revision, cache_dir, progress: bool,
-            t0: float, keep_tokens: int) -> Prepared:
+def prepare_run(model, corpus, docs, cfg: AnalysisConfig, shard: Shard, *, revision, cache_dir, progress: bool,
+                t0: float, keep_tokens: int) -> Prepared:
     """Open `model` without its weights, plan the windows and count them over `docs`;
     `t0`: the run's start (perf_counter)."""
     from ..models import _quiet_transformers
