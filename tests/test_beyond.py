@@ -309,3 +309,17 @@ def test_no_cross_layer_leaves_those_columns_nan(tiny_models, lee_corpus):
     assert res.layers["linear_cka"].isna().all() and res.layers["linearity"].isna().all()
     assert res.layers["curvature"].notna().all()
     assert res.id_scale is not None and len(res.id_scale) == 0
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda sd: sd.update(n=-3), "n must be"),
+    (lambda sd: sd.update(n=2.5), "n must be an integer"),
+    (lambda sd: sd["cross"].__setitem__((0, 0), float("nan")), "cross holds NaN"),
+    (lambda sd: sd.update(mean_x=sd["mean_x"][:2]), "mean_x has shape"),
+    (lambda sd: sd.pop("cross"), "lacks the entry 'cross'"),
+])
+def test_cross_moments_state_refused_when_damaged(change, match):
+    sd = CrossMoments(3, 2).update(torch.randn(10, 3), torch.randn(10, 2)).state_dict()
+    change(sd)
+    with pytest.raises(EmbgeomError, match=match):
+        CrossMoments.from_state_dict(sd)

@@ -87,7 +87,7 @@ class LayerStatistics(CrossLayerSums, IntrinsicDimension, LayerState):
 
         self.inliers = part(type_capacity)
         self.outliers = part(0)
-        self.pairs = {s: [PairAccumulators.new(self.widths[s][layer], self.widths[s][layer + 1], device)
+        self.pairs = {s: [PairAccumulators.new(self.widths[s][layer], self.widths[s][layer + 1], device, precision)
                           for layer in range(n)] for s, n in self.n_layers.items()} if self.cross_layer else {}
         self.window_sums = {s: torch.zeros(n + 1, len(VIEWS), WINDOW_SUMS, dtype=torch.float64, device=device)
                             for s, n in self.n_layers.items()}
@@ -244,16 +244,16 @@ class LayerStatistics(CrossLayerSums, IntrinsicDimension, LayerState):
             except NonFiniteInput:
                 raise NonFiniteHidden(stack, layer) from None
             self._accumulate_windows(stack, layer, x, outs[-1], lengths)
-        cache = {}  # layer -> (mean, centred float64 rows): a layer shared by two pairs is converted once
+        cache = {}  # layer -> its `centred` form: a layer shared by two pairs is prepared once
 
         def whole(layer):
             if layer not in cache:
-                cache[layer] = centred(xs[layer], self.device)
+                cache[layer] = centred(xs[layer], self.device, self.precision)
             return cache[layer]
 
         for layer, pair in enumerate(self.pairs.get(stack, ())):
             if outs[layer] is None and outs[layer + 1] is None:
-                pair.both.update_centred(*whole(layer), *whole(layer + 1))
+                pair.both.update_centred(whole(layer), whole(layer + 1))
             else:
                 self._accumulate_pair(pair, xs[layer], xs[layer + 1], outs[layer], outs[layer + 1])
             cache.pop(layer, None)
