@@ -192,6 +192,25 @@ def test_curvature_and_prompt_entropy_against_their_definitions():
         embgeom.prompt_entropy(H, 0)
 
 
+@pytest.mark.parametrize("n, d", [(6, 10), (10, 6), (9, 9)])
+def test_window_entropies_batched_take_either_gram(n, d):
+    """Equal windows (laid out as they come) and unequal ones (padded) alike, with
+    fewer rows than features and more: each window's entropy is its own."""
+    from embgeom.metrics.trajectory import padded_windows, window_curvatures, window_entropies
+
+    rng = np.random.default_rng(n * d)
+    for lengths in ([n, n, n], [n, 2, n - 1]):
+        rows = rng.normal(size=(sum(lengths), d)) + 1.0
+        lens = torch.tensor(lengths)
+        P = padded_windows(torch.from_numpy(rows), lens)
+        windows = np.split(rows, np.cumsum(lengths)[:-1])
+        for alpha in (1.0, 0.5, 2.0):
+            got = window_entropies(P, alpha).numpy()
+            np.testing.assert_allclose(got, [_entropy_reference(H, alpha) for H in windows], rtol=1e-10)
+        want_curv = [_curvature_reference(H) for H in windows]
+        np.testing.assert_allclose(window_curvatures(P, lens).numpy(), want_curv, rtol=1e-12)
+
+
 # --------------------------------------------------------------- LayerStatistics
 def test_layer_statistics_cross_layer_and_window_means_in_both_views():
     """Two layers with massive activations at different tokens: the inliers view of a
