@@ -328,6 +328,12 @@ def test_no_cross_layer_leaves_those_columns_nan(tiny_models, lee_corpus):
     assert res.layers["linear_cka"].isna().all() and res.layers["linearity"].isna().all()
     assert res.layers["curvature"].notna().all()
     assert res.id_scale is not None and len(res.id_scale) == 0
+    off = embgeom.analyze(str(tiny_models["gpt2"]), texts, seq_len=32, batch_size=3, device="cpu", id_sample=0,
+                          window_measures=False)
+    assert off.layers["curvature"].isna().all() and off.layers["prompt_entropy"].isna().all()
+    assert off.layers.loc[off.layers["layer"] > 0, "linear_cka"].notna().all() and off.run["config"]["window_measures"] is False
+    same = ["layer", "view", "M", "V", "anisotropy"]
+    pd.testing.assert_frame_equal(off.layers[same], res.layers[same])
 
 
 @pytest.mark.parametrize("change, match", [
