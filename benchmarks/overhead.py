@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -56,6 +57,7 @@ def breakdown(model_spec: str, corpus: str, seq_len: int, batch_size: int, max_t
     import embgeom.pipeline.stream as stream
     from embgeom.models import load_model
     from embgeom.stats.cross_moments import CrossMoments
+    import embgeom.stats.layers as layer_statistics
     from embgeom.stats.layers import LayerStatistics
     from embgeom.stats.moments import Moments
     from embgeom.stats.token_moments import TokenMoments
@@ -78,6 +80,7 @@ def breakdown(model_spec: str, corpus: str, seq_len: int, batch_size: int, max_t
     wrap(Moments, "update", "Moments")
     wrap(TokenMoments, "update", "TokenMoments")
     wrap(CrossMoments, "update_centred", "cross-layer")
+    wrap(layer_statistics, "centred", "cross-layer")  # the pairs' centring, once per layer
     wrap(LayerStatistics, "_accumulate_windows", "per-window")
     lm = load_model(model_spec, device="cpu")
     best = None
@@ -92,6 +95,9 @@ def breakdown(model_spec: str, corpus: str, seq_len: int, batch_size: int, max_t
     rest = best["stream"] - sum(best.get(k, 0.0) for k in parts)
     tokens = res.run["counts"]["tokens_counted"]
     layers = sum(n + 1 for n in res.run["model"]["n_layers"].values())
+    from embgeom import _hardware
+
+    print(f"CPU: {_hardware.cpu_name()}; bf16 {'native' if _hardware.bf16_native() else 'emulated'}")
     print(f"streaming part, best of {repeats} ({torch.get_num_threads()} threads): {best['stream']:.2f} s for "
           f"{tokens} tokens x {layers} layers")
     for key in parts:
@@ -126,6 +132,8 @@ def main() -> None:
     ap.add_argument("--breakdown", action="store_true",
                     help="instead: time the forward pass and each accumulator inside one process")
     ap.add_argument("--corpus", default=None)
+    ap.add_argument("--run-options", default="",
+                    help='more options for embgeom run, one string (e.g. "--no-cross-layer --no-window-measures")')
     args = ap.parse_args()
 
     if args.baseline_worker:
@@ -149,7 +157,7 @@ def main() -> None:
                 "--tokens", str(args.tokens), *common]
     run_cmd = [sys.executable, "-m", "embgeom", "run", model, "--corpus", str(corpus), "--out", str(tmp / "out"),
                "--max-tokens", str(args.tokens), "--device", "cpu", "--no-progress", "--no-figures",
-               "--id-sample", str(args.id_sample), *common]
+               "--id-sample", str(args.id_sample), *common, *shlex.split(args.run_options)]
     # Warm the GGUF cache and the page cache before timing either side.
     timed(base_cmd)
     rows = []
@@ -166,8 +174,12 @@ def main() -> None:
     b_stream = min(r[2] for r in rows)
     e_stream = min(r[3] for r in rows)
     med = statistics.median
+    from embgeom import _hardware
+
+    print(f"CPU: {_hardware.cpu_name()}; bf16 {'native' if _hardware.bf16_native() else 'emulated'}")
     print(f"model {Path(model).name}, {args.tokens} tokens, id-sample {args.id_sample}, seq_len {args.seq_len}, batch {args.batch_size}, "
-          f"torch threads {os.cpu_count()} cores, best of {args.repeats}")
+          f"torch threads {os.cpu_count()} cores, best of {args.repeats}"
+          + (f", run options {args.run_options}" if args.run_options else ""))
     print(f"whole process: forward-only loop {b_wall:.1f} s, embgeom run {e_wall:.1f} s, ratio {e_wall / b_wall:.3f} "
           f"(medians {med(r[0] for r in rows):.1f} s, {med(r[1] for r in rows):.1f} s, "
           f"ratio {med(r[1] for r in rows) / med(r[0] for r in rows):.3f})")

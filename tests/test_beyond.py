@@ -192,6 +192,25 @@ def test_curvature_and_prompt_entropy_against_their_definitions():
         embgeom.prompt_entropy(H, 0)
 
 
+@pytest.mark.parametrize("n, d", [(6, 10), (10, 6), (9, 9)])
+def test_window_entropies_batched_take_either_gram(n, d):
+    """Equal windows (laid out as they come) and unequal ones (padded) alike, with
+    fewer rows than features and more: each window's entropy is its own."""
+    from embgeom.metrics.trajectory import padded_windows, window_curvatures, window_entropies
+
+    rng = np.random.default_rng(n * d)
+    for lengths in ([n, n, n], [n, 2, n - 1]):
+        rows = rng.normal(size=(sum(lengths), d)) + 1.0
+        lens = torch.tensor(lengths)
+        P = padded_windows(torch.from_numpy(rows), lens)
+        windows = np.split(rows, np.cumsum(lengths)[:-1])
+        for alpha in (1.0, 0.5, 2.0):
+            got = window_entropies(P, alpha).numpy()
+            np.testing.assert_allclose(got, [_entropy_reference(H, alpha) for H in windows], rtol=1e-10)
+        want_curv = [_curvature_reference(H) for H in windows]
+        np.testing.assert_allclose(window_curvatures(P, lens).numpy(), want_curv, rtol=1e-12)
+
+
 # --------------------------------------------------------------- LayerStatistics
 def test_layer_statistics_cross_layer_and_window_means_in_both_views():
     """Two layers with massive activations at different tokens: the inliers view of a
@@ -309,3 +328,23 @@ def test_no_cross_layer_leaves_those_columns_nan(tiny_models, lee_corpus):
     assert res.layers["linear_cka"].isna().all() and res.layers["linearity"].isna().all()
     assert res.layers["curvature"].notna().all()
     assert res.id_scale is not None and len(res.id_scale) == 0
+    off = embgeom.analyze(str(tiny_models["gpt2"]), texts, seq_len=32, batch_size=3, device="cpu", id_sample=0,
+                          window_measures=False)
+    assert off.layers["curvature"].isna().all() and off.layers["prompt_entropy"].isna().all()
+    assert off.layers.loc[off.layers["layer"] > 0, "linear_cka"].notna().all() and off.run["config"]["window_measures"] is False
+    same = ["layer", "view", "M", "V", "anisotropy"]
+    pd.testing.assert_frame_equal(off.layers[same], res.layers[same])
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda sd: sd.update(n=-3), "n must be"),
+    (lambda sd: sd.update(n=2.5), "n must be an integer"),
+    (lambda sd: sd["cross"].__setitem__((0, 0), float("nan")), "cross holds NaN"),
+    (lambda sd: sd.update(mean_x=sd["mean_x"][:2]), "mean_x has shape"),
+    (lambda sd: sd.pop("cross"), "lacks the entry 'cross'"),
+])
+def test_cross_moments_state_refused_when_damaged(change, match):
+    sd = CrossMoments(3, 2).update(torch.randn(10, 3), torch.randn(10, 2)).state_dict()
+    change(sd)
+    with pytest.raises(EmbgeomError, match=match):
+        CrossMoments.from_state_dict(sd)

@@ -164,3 +164,42 @@ def test_minilm_hidden_states_within_1e5(lee_corpus):
         m = streamed(torch.from_numpy(X).float(), parts=2)
         assert m.products == {"float32"}
         assert_metrics(m.metrics(), want, 1e-5)
+
+
+def _streamed_cross(X, Y, precision="auto", seed=0):
+    """Pairs (X, Y) in batches of 1 to 700 rows into two CrossMoments, merged."""
+    from embgeom.stats.cross_moments import CrossMoments
+
+    rng = np.random.default_rng(seed)
+    accs = [CrossMoments(X.shape[1], Y.shape[1], precision=precision) for _ in range(2)]
+    start, i = 0, 0
+    while start < len(X):
+        nb = int(rng.integers(1, 700))
+        accs[i % 2].update(X[start:start + nb], Y[start:start + nb])
+        start, i = start + nb, i + 1
+    return accs[0].merge(accs[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cross_moments_model_precision_far_from_origin(dtype):
+    X = torch.from_numpy(far_from_origin(4000, 24, seed=2)).to(dtype)
+    Y = torch.from_numpy(far_from_origin(4000, 16, seed=3) + 0.5 * far_from_origin(4000, 24, seed=2)[:, :16]).to(dtype)
+    Xd, Yd = X.double().numpy(), Y.double().numpy()
+    ref = (Xd - Xd.mean(0)).T @ (Yd - Yd.mean(0))
+    auto = _streamed_cross(X, Y)
+    np.testing.assert_allclose(auto.cross_scatter, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    exact = _streamed_cross(X, Y, precision="float64")
+    np.testing.assert_allclose(exact.cross_scatter, ref, rtol=0, atol=1e-9 * np.abs(ref).max())
+    # The float32 path is not the float64 one in disguise: its products differ in the last bits.
+    assert not np.array_equal(auto.cross_scatter, exact.cross_scatter)
+    assert auto.state_dict()["precision"] == "auto" and exact.state_dict()["precision"] == "float64"
+
+
+def test_cross_moments_float32_overflow_falls_back_to_float64():
+    from embgeom.stats.cross_moments import CrossMoments
+
+    X = torch.tensor([[3e19], [-3e19], [1e19]], dtype=torch.float32)  # squares overflow float32
+    got = CrossMoments(1, 1).update(X, X).cross_scatter
+    Xd = X.double().numpy()
+    want = (Xd - Xd.mean(0)).T @ (Xd - Xd.mean(0))
+    np.testing.assert_allclose(got, want, rtol=1e-6)

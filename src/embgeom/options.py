@@ -97,6 +97,9 @@ class AnalysisConfig:
     cross_layer: bool = _opt(True, "Float64 cross-moments of consecutive layers for linear_cka and linearity "
                                    "(2 x width² per layer pair); without them both are "
                                    "NaN.", flag="--cross-layer/--no-cross-layer")
+    window_measures: bool = _opt(True, "Per-window curvature and prompt entropy (one eigendecomposition per window "
+                                       "and layer, of a min(window, width)-sided Gram); without them both are NaN.",
+                                 flag="--window-measures/--no-window-measures")
 
     @classmethod
     def from_options(cls, **options) -> "AnalysisConfig":
@@ -145,6 +148,8 @@ class AnalysisConfig:
             raise EmbgeomError(f"{option('precision')} must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if not isinstance(self.cross_layer, bool):
             raise EmbgeomError(f"{option('cross_layer')} must be True or False, got {self.cross_layer!r}")
+        if not isinstance(self.window_measures, bool):
+            raise EmbgeomError(f"{option('window_measures')} must be True or False, got {self.window_measures!r}")
         if self.min_count < 1 or self.max_count < self.min_count:
             raise EmbgeomError(f"{option('min_count')}/{option('max_count')} must satisfy 1 <= min <= max, "
                                f"got {self.min_count}, {self.max_count}")

@@ -11,8 +11,9 @@ consecutive tokens at one layer.
   S_α = log(Σ p_i^α) / (1 − α), and −Σ p_i log p_i at α = 1 (nats).
 
 The batched forms (`window_curvatures`, `window_entropies`) take many windows at
-once as their rows laid end to end; they use the small n × n Gram of each window
-(never a d × d matrix), padded to the longest window, in float64.
+once as their rows laid end to end, padded to the longest window, in float64; the
+entropy decomposes the smaller of each window's n × n Gram H Hᵀ and its d × d
+counterpart Hᵀ H (the same non-zero eigenvalues), never anything larger.
 """
 from __future__ import annotations
 
@@ -67,6 +68,8 @@ def padded_windows(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     lengths = lengths.to(device=x.device, dtype=torch.long)
     B = lengths.numel()
     n = int(lengths.max()) if B else 0
+    if B and n * B == x.shape[0]:  # every window full: the rows are already laid out
+        return x.to(torch.float64).reshape(B, n, x.shape[1])
     out = torch.zeros(B, n, x.shape[1], dtype=torch.float64, device=x.device)
     if x.shape[0]:
         win = torch.repeat_interleave(torch.arange(B, device=x.device), lengths)
@@ -99,14 +102,17 @@ def window_curvatures(P: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 
 def window_entropies(P: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
     """(B,) float64 prompt entropy of each padded window of `P` (B, n, d): the
-    spectrum of the (B, n, n) Gram P Pᵀ (zero padding rows add zero eigenvalues,
-    which add nothing); NaN for an empty or all-zero window. Eigenvalues below
+    spectrum of the Gram P Pᵀ, or of Pᵀ P when d < n (zero padding rows add zero
+    eigenvalues, which add nothing); NaN for an empty or all-zero window. Eigenvalues below
     n·ε·λ_max are rounding noise of zero ones and count as zero."""
     alpha = _check_alpha(alpha)
     B = P.shape[0]
     if P.shape[1] == 0:
         return torch.full((B,), math.nan, dtype=torch.float64, device=P.device)
-    G = torch.bmm(P, P.transpose(1, 2))
+    # P Pᵀ (n × n) and Pᵀ P (d × d) share their non-zero spectrum: the smaller one
+    # is decomposed (the zeros only the larger one has add nothing to any S_α).
+    Pt = P.transpose(1, 2)
+    G = torch.bmm(P, Pt) if P.shape[1] <= P.shape[2] else torch.bmm(Pt, P)
     lam = _cpu_eigvalsh(G) if G.device.type == "cpu" else torch.linalg.eigvalsh(G)
     # Eigenvalues within rounding of zero (the Gram of n rows in d < n dimensions has
     # n − d of them) count as zero: at α < 1 their p^α would add up otherwise.

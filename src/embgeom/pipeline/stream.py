@@ -77,7 +77,7 @@ def new_statistics(cfg: AnalysisConfig, facts, device, type_layers: dict | None,
                            type_capacity=(n_types or 0) + 1,
                            id_sample=cfg.id_points, seed=cfg.seed,
                            id_order="first" if cfg.id_first else "random", precision=cfg.precision,
-                           cross_layer=cfg.cross_layer)
+                           cross_layer=cfg.cross_layer, window_measures=cfg.window_measures)
 
 
 def _add_batch(stats: LayerStatistics, loaded, plan: WindowPlan, batch, type_lut, head: int, pool: int,

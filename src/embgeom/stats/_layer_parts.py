@@ -33,9 +33,9 @@ class PairAccumulators:
     drop_y: Moments
 
     @classmethod
-    def new(cls, dx, dy, device):
-        return cls(CrossMoments(dx, dy, device), CrossMoments(dx, dy, device), Moments(dx, device=device),
-                   Moments(dy, device=device))
+    def new(cls, dx, dy, device, precision="auto"):
+        return cls(CrossMoments(dx, dy, device, precision), CrossMoments(dx, dy, device, precision),
+                   Moments(dx, device=device, precision=precision), Moments(dy, device=device, precision=precision))
 
     def parts(self):
         return (self.both, self.rest, self.drop_x, self.drop_y)

@@ -29,6 +29,7 @@ class LayerState:
 
         return {
             "kind": "LayerStatistics", "version": 2, "cross_layer": self.cross_layer,
+            "window_measures": self.window_measures,
             "pairs": {s: [p.state_dict() for p in ps] for s, ps in self.pairs.items()},
             "window_sums": {s: t.cpu().clone() for s, t in self.window_sums.items()},
             "n_layers": dict(self.n_layers), "width": self.width, "outlier_factor": self.outlier_factor,
@@ -53,7 +54,9 @@ class LayerState:
             stats = cls(sd["n_layers"], sd["width"], device, outlier_factor=sd["outlier_factor"],
                         with_types=sd["with_types"], id_sample=0, seed=sd["seed"], type_layers=sd.get("type_layers"),
                         id_order=sd.get("id_order", "random"), precision=sd.get("precision", "auto"),
-                        cross_layer=False)
+                        cross_layer=False, window_measures=sd.get("window_measures", True))
+            if not isinstance(stats.window_measures, bool) or not isinstance(sd.get("window_measures", True), bool):
+                raise TypeError("window_measures must be True or False")
             stats.id_sample = _state.count(sd["id_sample"], k, "id_sample")
             stats.median_norm = {s: _state.finite_or_nan(sd["median_norm"][s], k, f"median_norm[{s!r}]", n + 1)
                                  for s, n in stats.n_layers.items()}

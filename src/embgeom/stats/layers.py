@@ -55,9 +55,9 @@ class LayerStatistics(CrossLayerSums, IntrinsicDimension, LayerState):
         (d_l × d_{l+1} each), for linear CKA and linearity. Their inliers view is the
         tokens that are inliers at both layers of the pair.
 
-    Every batch also adds each window's curvature and prompt entropy over its
-    counted tokens (the inliers view: its counted tokens that are inliers at that
-    layer) to per-layer sums, for their means over windows.
+    window_measures : add each window's curvature and prompt entropy over its
+        counted tokens (the inliers view: its counted tokens that are inliers at
+        that layer) to per-layer sums, for their means over windows.
 
     The cross-layer pairs and window sums, the intrinsic dimension and the state
     dict are written in `_layer_pairs`, `_layer_id` and `_layer_state` (mixins).
@@ -66,10 +66,11 @@ class LayerStatistics(CrossLayerSums, IntrinsicDimension, LayerState):
     def __init__(self, n_layers: dict, width: int | dict, device=None, outlier_factor: float = 10.0,
                  with_types: bool = True, type_capacity: int = 0, id_sample: int = 0, seed: int = 0,
                  type_layers: dict | None = None, id_order: str = "random", precision: str = "auto",
-                 cross_layer: bool = True):
+                 cross_layer: bool = True, window_measures: bool = True):
         self.n_layers = dict(n_layers)
         self.precision = precision
         self.cross_layer = bool(cross_layer)
+        self.window_measures = bool(window_measures)
         self.width = width
         self.widths = self.layer_widths(self.n_layers, width)
         self.device = torch.device(device) if device is not None else None
@@ -87,7 +88,7 @@ class LayerStatistics(CrossLayerSums, IntrinsicDimension, LayerState):
 
         self.inliers = part(type_capacity)
         self.outliers = part(0)
-        self.pairs = {s: [PairAccumulators.new(self.widths[s][layer], self.widths[s][layer + 1], device)
+        self.pairs = {s: [PairAccumulators.new(self.widths[s][layer], self.widths[s][layer + 1], device, precision)
                           for layer in range(n)] for s, n in self.n_layers.items()} if self.cross_layer else {}
         self.window_sums = {s: torch.zeros(n + 1, len(VIEWS), WINDOW_SUMS, dtype=torch.float64, device=device)
                             for s, n in self.n_layers.items()}
@@ -243,17 +244,18 @@ class LayerStatistics(CrossLayerSums, IntrinsicDimension, LayerState):
                 outs.append(self._accumulate_layer(stack, layer, x, types, groups, metas))
             except NonFiniteInput:
                 raise NonFiniteHidden(stack, layer) from None
-            self._accumulate_windows(stack, layer, x, outs[-1], lengths)
-        cache = {}  # layer -> (mean, centred float64 rows): a layer shared by two pairs is converted once
+            if self.window_measures:
+                self._accumulate_windows(stack, layer, x, outs[-1], lengths)
+        cache = {}  # layer -> its `centred` form: a layer shared by two pairs is prepared once
 
         def whole(layer):
             if layer not in cache:
-                cache[layer] = centred(xs[layer], self.device)
+                cache[layer] = centred(xs[layer], self.device, self.precision)
             return cache[layer]
 
         for layer, pair in enumerate(self.pairs.get(stack, ())):
             if outs[layer] is None and outs[layer + 1] is None:
-                pair.both.update_centred(*whole(layer), *whole(layer + 1))
+                pair.both.update_centred(whole(layer), whole(layer + 1))
             else:
                 self._accumulate_pair(pair, xs[layer], xs[layer + 1], outs[layer], outs[layer + 1])
             cache.pop(layer, None)
@@ -322,7 +324,7 @@ class LayerStatistics(CrossLayerSums, IntrinsicDimension, LayerState):
         if not isinstance(other, LayerStatistics):
             raise EmbgeomError(f"can only merge LayerStatistics, got {type(other).__name__}")
         for name in ("n_layers", "widths", "outlier_factor", "with_types", "type_layers", "id_sample", "seed",
-                     "id_order", "cross_layer"):
+                     "id_order", "cross_layer", "window_measures"):
             if getattr(self, name) != getattr(other, name):
                 raise EmbgeomError(f"cannot merge LayerStatistics with different {name}: "
                                    f"{getattr(self, name)!r} vs {getattr(other, name)!r}")
