@@ -11,7 +11,7 @@ import pytest
 
 import embgeom
 
-PUBLIC = [name for name in embgeom.__all__]
+PUBLIC = list(embgeom.__all__)
 # Methods from a paper carry the reference (authors and year) in the docstring.
 WITH_REFERENCE = ["anisotropy", "curvature", "gride", "gride_plateau", "linear_cka", "linearity", "mle_id",
                   "prompt_entropy", "twonn", "twonn_ml", "Moments", "TokenMoments", "AnalysisConfig"]
