@@ -16,6 +16,8 @@ PUBLIC = list(embgeom.__all__)
 WITH_REFERENCE = ["anisotropy", "curvature", "gride", "gride_plateau", "linear_cka", "linearity", "mle_id",
                   "prompt_entropy", "twonn", "twonn_ml", "Moments", "TokenMoments", "AnalysisConfig"]
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+# Examples that load the packaged MiniLM (its weights, or only its tokenizer).
+WITH_MODEL = {"analyze", "Result", "save_run", "GeometryProbe", "GeometryCallback"}
 
 
 def examples(name):
@@ -58,7 +60,7 @@ def test_the_checks_see_a_missing_example_and_parameter():
     assert parameters(bare) == ["x", "k"]
 
 
-@pytest.mark.parametrize("name", PUBLIC)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in WITH_MODEL else n for n in PUBLIC])
 def test_docstring_examples_run(name):
     report = []
     runner = doctest.DocTestRunner(optionflags=FLAGS)
