@@ -220,6 +220,21 @@ def test_groups_are_exact():
     assert _nb._groups(rng.standard_normal((50, 4))) is None
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_groups_find_copies_in_any_row(dtype):
+    """A copy is found wherever it lies: the first hash is the same sum for every row
+    (a matrix product summed the tail rows of its blocks in another order, and copies
+    in the last rows of 1,750 were missed)."""
+    rng = np.random.default_rng(11)
+    for n in (1750, 1003, 97):
+        X = rng.standard_normal((n, 12)).astype(dtype)
+        X[-3:] = X[rng.integers(0, n - 3, 3)]  # copies in the tail rows
+        X[n // 2] = X[1]
+        _, first = np.unique(X, axis=0, return_index=True)
+        reps, group = _nb._groups(X)
+        np.testing.assert_array_equal(reps, np.sort(first))
+
+
 @pytest.mark.skipif(not BF16, reason="no bf16 products that keep the bound")
 def test_bf16_operands_keep_the_bound():
     """The compiled pass and per-point terms (prepare, operands) give keys that

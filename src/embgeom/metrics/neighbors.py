@@ -84,7 +84,11 @@ def _groups(xn: np.ndarray):
     n, d = xn.shape
     w = _hash_weights(d)
     m = min(d, _SUBHASH_COLS)
-    h1 = np.ascontiguousarray(xn[:, :m], dtype=np.float64) @ w[:m]
+    # Column by column, so every row's hash is the same sum in the same order: a BLAS
+    # product may sum the tail rows of a block in another order and split copies.
+    h1 = xn[:, 0].astype(np.float64) * w[0]
+    for j in range(1, m):
+        h1 += xn[:, j] * w[j]
     hs = np.sort(h1)
     eq = hs[1:] == hs[:-1]
     if not eq.any():
