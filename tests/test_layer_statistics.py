@@ -134,6 +134,7 @@ def test_intrinsic_dimension_of_both_views_from_one_search(first):
     """The all view's k-NN extends the inliers' (a few massive activations added):
     its estimates equal those of a search of all sampled points, whichever view is
     asked for first, and the inliers' equal a search of the inliers."""
+    from embgeom.metrics.gride import gride
     from embgeom.metrics.intrinsic_dim import intrinsic_dimensions
 
     rng = np.random.default_rng(4)
@@ -157,8 +158,15 @@ def test_intrinsic_dimension_of_both_views_from_one_search(first):
             assert got[view]["id_n"] == want[view]["id_n"]
             for key in ("id_twonn", "id_twonn_ml", "id_mle"):
                 assert got[view][key] == pytest.approx(want[view][key], rel=1e-12, abs=0), (view, key)
-        assert "inliers_dist" not in stats._id_cache[("decoder", layer)]  # freed once both views are done
-    # one search per layer (the all view extends it), its diagnostics kept for run.json
+        # GRIDE reads the same search (rank 64 ≥ k = 20): equal to its own search's
+        for view, pts in (("all", X), ("inliers", X[inlier])):
+            table, want_table = stats.id_scales("decoder", layer, view), gride(pts)
+            assert list(table["n2"]) == list(want_table["n2"]) == [2, 4, 8, 16, 32, 64]
+            np.testing.assert_allclose(table[["scale", "id", "id_err"]].to_numpy(),
+                                       want_table[["scale", "id", "id_err"]].to_numpy(), rtol=1e-12)
+        assert stats._id_cache[("search", True)]["key"] == ("decoder", layer)  # only the last layer's search is kept
+    # one search per layer for every ID column and scale (the all view extends it),
+    # its diagnostics kept for run.json
     summary = stats.knn_summary()
     assert summary["searches"] == 2 and summary["points"] == sum(
         int((torch.linalg.vector_norm(torch.from_numpy(stats.samples["decoder"].layer(layer)), dim=1)

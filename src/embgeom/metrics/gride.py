@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 
 from ..errors import EmbgeomError
+from .id_inputs import distinct_points
 from .neighbors import knn_distances
 
 __all__ = ["gride", "gride_from_distances", "gride_scales", "gride_plateau"]
@@ -126,23 +127,6 @@ def gride_from_distances(dist, max_rank: int | None = None) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=GRIDE_COLUMNS)
 
 
-def distinct_rows(X) -> np.ndarray:
-    """The distinct rows of X (numpy, float32 kept as float32, other types as
-    float64), exact duplicates removed, in their order of first appearance."""
-    if isinstance(X, torch.Tensor):
-        X = X.detach().cpu().numpy()
-    a = np.asarray(X)
-    # float32 stays float32: the exact k-NN is much faster on it, and a duplicate is
-    # a duplicate in either type.
-    a = a if a.dtype == np.float32 else a.astype(np.float64)
-    if a.ndim != 2:
-        raise EmbgeomError(f"X must be a 2-d array (points, features), got shape {a.shape}")
-    # First occurrences, in their original order: the exact k-NN is several times
-    # slower on rows sorted lexicographically (as np.unique returns them).
-    first = np.unique(a, axis=0, return_index=True)[1]
-    return a[np.sort(first)]
-
-
 def gride(X, max_rank: int = 64) -> pd.DataFrame:
     """GRIDE intrinsic dimension of the rows of X at scales n1 = 1, 2, 4, … with
     n2 = 2·n1 ≤ max_rank, on the exact k-NN of the distinct rows (exact duplicates
@@ -171,13 +155,12 @@ def gride(X, max_rank: int = 64) -> pd.DataFrame:
     See :func:`gride_from_distances` for the columns; the row
     n1 = 1 is the maximum-likelihood TwoNN N / Σ log(r2/r1), i.e. N/(N − 1) times
     :func:`embgeom.twonn_ml`'s unbiased estimate on data without duplicates."""
-    pairs = gride_scales(max_rank)
-    U = distinct_rows(X)
+    gride_scales(max_rank)  # checks max_rank
+    U = distinct_points(X)
     if U.shape[0] < 3:
         raise EmbgeomError(f"GRIDE needs at least 3 distinct points, got {U.shape[0]}")
-    k = min(max_rank, U.shape[0] - 1)
-    pairs = [p for p in pairs if p[1] <= k]
-    return gride_from_distances(knn_distances(U, k), pairs[-1][1] if pairs else 2)
+    k = min(max_rank, U.shape[0] - 1)  # the scales with n2 ≤ k
+    return gride_from_distances(knn_distances(U, k), k)
 
 
 def gride_plateau(table: pd.DataFrame) -> dict:

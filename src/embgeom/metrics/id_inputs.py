@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .. import _numba
 from .._validate import as_float_matrix
 from ..errors import EmbgeomError
 
@@ -89,6 +90,12 @@ def distinct_points(X, name: str = "X") -> torch.Tensor:
         return t
     if not bool(torch.isfinite(t).all()):
         raise EmbgeomError(f"{name} contains NaN or infinite values")
+    if t.device.type == "cpu" and _numba.AVAILABLE:
+        # the exact k-NN's own grouping of equal rows (a hash, then exact comparison)
+        from .neighbors import _as_cpu_floats, _groups
+
+        groups = _groups(_as_cpu_floats(t).numpy())
+        return t if groups is None else t[torch.from_numpy(groups[0])]
     # + 0.0 turns −0.0 into 0.0, so the sort that finds equal rows sees one value.
     _, inverse = torch.unique(t + 0.0, dim=0, return_inverse=True)
     n_distinct = int(inverse.max()) + 1
