@@ -183,6 +183,60 @@ def _insert_pair(vals, ids, m, cap, v, j):  # pragma: no cover - compiled
     ids[pos] = j
     return m
 
+@numba.njit(cache=True, nogil=True)
+def merge_list(g, bv, bi, nb, keys, idx, cnt, lim, tv, ti):  # pragma: no cover - compiled
+    """Merge the candidates bv[:nb] (float32 keys, unsorted; bi their points) whose
+    key is ≤ ``lim`` into g's ascending list ``keys[g, :cnt[g]]`` of at most p keys,
+    the list's entries first among equal keys (as inserting them one by one after
+    any equal key would), keeping the p smallest; ``tv``/``ti`` scratch of p.
+    Returns the first position a candidate landed at (p when none did). One merge
+    per row and tile replaces a shift of the list for every accepted key."""
+    p = keys.shape[1]
+    m = 0
+    for e in range(nb):  # keep the keys under the limit, in place
+        if bv[e] <= lim:
+            bv[m] = bv[e]
+            bi[m] = bi[e]
+            m += 1
+    if m == 0:
+        return p
+    if m <= 16:
+        for e in range(1, m):  # stable insertion sort
+            v, j, pos = bv[e], bi[e], e
+            while pos > 0 and bv[pos - 1] > v:
+                bv[pos] = bv[pos - 1]
+                bi[pos] = bi[pos - 1]
+                pos -= 1
+            bv[pos] = v
+            bi[pos] = j
+    else:
+        order = np.argsort(bv[:m], kind="mergesort")
+        sv = bv[:m][order]
+        si = bi[:m][order]
+        bv[:m] = sv
+        bi[:m] = si
+    c = cnt[g]
+    a = 0
+    b = 0
+    o = 0
+    first = p
+    while o < p and (a < c or b < m):
+        if b >= m or (a < c and keys[g, a] <= bv[b]):
+            tv[o] = keys[g, a]
+            ti[o] = idx[g, a]
+            a += 1
+        else:
+            tv[o] = bv[b]
+            ti[o] = bi[b]
+            b += 1
+            first = o if o < first else first
+        o += 1
+    for e in range(o):
+        keys[g, e] = tv[e]
+        idx[g, e] = ti[e]
+    cnt[g] = o
+    return first
+
 # -----------------------------------------------------------------------
 # exact distances and the certificate
 # -----------------------------------------------------------------------

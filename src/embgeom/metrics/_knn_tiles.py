@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._knn_points import _insert_pair, numba
+from ._knn_points import _insert_pair, merge_list, numba
 
 prange = numba.prange
 _I32 = np.int32
@@ -68,30 +68,6 @@ def _tighten(g, keys, idx, cnt, tau, G, u_o, sigma, delta, k, scratch):  # pragm
     th = _key_threshold(scratch[k - 1], delta, sigma, u_o)
     if th < tau[g]:
         tau[g] = th
-
-@numba.njit(cache=True, nogil=True)
-def _offer(g, v, col, keys, idx, cnt, tau, p):  # pragma: no cover - compiled
-    """Insert key ``v`` (float32) of point ``col`` into g's sorted list of the p
-    smallest keys, unless the filter (``v > tau[g]``: provably farther than the
-    k-th neighbour) or the list (full, ``v ≥`` its p-th key: pushed out) rejects
-    it. Returns the position it was inserted at, or −1."""
-    if not (v <= tau[g]):
-        return -1
-    c = cnt[g]
-    if c == p:
-        if v >= keys[g, p - 1]:
-            return -1
-        pos = p - 1
-    else:
-        pos = c
-        cnt[g] = c + 1
-    while pos > 0 and keys[g, pos - 1] > v:
-        keys[g, pos] = keys[g, pos - 1]
-        idx[g, pos] = idx[g, pos - 1]
-        pos -= 1
-    keys[g, pos] = v
-    idx[g, pos] = col
-    return pos
 
 @numba.njit(cache=True, nogil=True)
 def _tighten_first(g, keys, idx, cnt, tau, G, u_o, sigma, delta, k):  # pragma: no cover - compiled
@@ -273,10 +249,13 @@ def _off_bands(t, i0, j0, n, keys, idx, cnt, tau, G, u_o, sigma, delta, k, is16,
     nr = min(t.shape[0], n - i0)
     nc = thrc.shape[0]
     p = keys.shape[1]
-    S = nc // _GS
-    rem = S * _GS
+    # at least 4(p + 1) groups, so that a screen near the p-th key leaves most out
+    gs = max(1, min(_GS, nc // (4 * (p + 1))))
+    S = nc // gs
+    rem = S * gs
     gm = np.empty(max(S, 1), dtype=t.dtype)
     mk = np.empty(nc, dtype=np.uint32)
+    bv, bi, tv, ti = _buffers(nc, p)
     for b in range(ba, bb):
         ra = b * _GS
         rb = min(ra + _GS, nr)
@@ -289,25 +268,23 @@ def _off_bands(t, i0, j0, n, keys, idx, cnt, tau, G, u_o, sigma, delta, k, is16,
                 mk[c] |= bit if row[c] <= thrc[c] else np.uint32(0)
             g = i0 + r
             thr = _screen_bits(g, keys, cnt, tau, p, is16)
-            _group_mins(row, gm, S, _GS)
+            _group_mins(row, gm, S, gs)
+            z = 0
             if _count_le(gm, S, thr) > 0:
                 for q in range(S):
                     if _I32(gm[q]) <= thr:
-                        for m in range(_GS):
+                        for m in range(gs):
                             c = q + m * S
-                            if _I32(row[c]) <= thr:
-                                pos = _offer(g, _as_key(row[c], is16), j0 + c, keys, idx, cnt, tau, p)
-                                if pos >= 0:
-                                    if pos < k:  # the first k changed (only they make the bound)
-                                        _tighten_first(g, keys, idx, cnt, tau, G, u_o, sigma, delta, k)
-                                    thr = _screen_bits(g, keys, cnt, tau, p, is16)
+                            bv[z] = _as_key(row[c], is16)
+                            bi[z] = j0 + c
+                            z += _I32(row[c]) <= thr
             for c in range(rem, nc):
                 if _I32(row[c]) <= thr:
-                    pos = _offer(g, _as_key(row[c], is16), j0 + c, keys, idx, cnt, tau, p)
-                    if pos >= 0:
-                        if pos < k:  # the first k changed (only they make the bound)
-                            _tighten_first(g, keys, idx, cnt, tau, G, u_o, sigma, delta, k)
-                        thr = _screen_bits(g, keys, cnt, tau, p, is16)
+                    bv[z] = _as_key(row[c], is16)
+                    bi[z] = j0 + c
+                    z += 1
+            if z and merge_list(g, bv, bi, z, keys, idx, cnt, tau[g], tv, ti) < k:
+                _tighten_first(g, keys, idx, cnt, tau, G, u_o, sigma, delta, k)  # only the first k make the bound
         h = 0
         for c in range(nc):
             hits[b, h] = c
@@ -316,41 +293,49 @@ def _off_bands(t, i0, j0, n, keys, idx, cnt, tau, G, u_o, sigma, delta, k, is16,
         nh[b] = h
 
 @numba.njit(cache=True, nogil=True)
+def _buffers(m, p):  # pragma: no cover - compiled
+    """Scratch of one task: m candidates (keys, points) and a list of p."""
+    return (np.empty(m, dtype=np.float32), np.empty(m, dtype=np.int64), np.empty(p, dtype=np.float32),
+            np.empty(p, dtype=np.int64))
+
+@numba.njit(cache=True, nogil=True)
 def _off_cols(t, i0, j0, keys, idx, cnt, tau, G, u_o, sigma, delta, k, is16, hits, hmask, nh,
               c0, c1):  # pragma: no cover - compiled
-    """Columns ``c0 … c1 − 1`` of the columns' side of :func:`tile_off` (serial)."""
+    """Columns ``c0 … c1 − 1`` of the columns' side of :func:`tile_off` (serial): each
+    column's marked rows across the bands, merged into its list at once."""
     p = keys.shape[1]
-    thr2 = np.empty(c1 - c0, dtype=np.int32)
-    for c in range(c0, c1):
-        thr2[c - c0] = _screen_bits(j0 + c, keys, cnt, tau, p, is16)
-    for b in range(nh.shape[0]):
-        ra = b * _GS
-        hb = hits[b]
-        # the hits of a band ascend by column: find this range's start
+    nb = nh.shape[0]
+    ptr = np.empty(nb, dtype=np.int64)  # per band, its first hit at or after the column
+    for b in range(nb):
         lo = 0
         hi = nh[b]
-        while lo < hi:
+        while lo < hi:  # the hits of a band ascend by column
             mid = (lo + hi) // 2
-            if hb[mid] < c0:
+            if hits[b, mid] < c0:
                 lo = mid + 1
             else:
                 hi = mid
-        for e in range(lo, nh[b]):
-            c = hb[e]
-            if c >= c1:
-                break
-            g = j0 + c
-            mask = np.uint32(hmask[b, e])
-            while mask != 0:
-                low = np.uint32(mask & np.uint32(np.uint32(~mask) + np.uint32(1)))
-                r = ra + _ctz32(low)
-                mask = np.uint32(mask ^ low)
-                if _I32(t[r, c]) <= thr2[c - c0]:
-                    pos = _offer(g, _as_key(t[r, c], is16), i0 + r, keys, idx, cnt, tau, p)
-                    if pos >= 0:
-                        if pos < k:  # the first k changed (only they make the bound)
-                            _tighten_first(g, keys, idx, cnt, tau, G, u_o, sigma, delta, k)
-                        thr2[c - c0] = _screen_bits(g, keys, cnt, tau, p, is16)
+        ptr[b] = lo
+    bv, bi, tv, ti = _buffers(t.shape[0], p)
+    for c in range(c0, c1):
+        g = j0 + c
+        thr = _screen_bits(g, keys, cnt, tau, p, is16)
+        z = 0
+        for b in range(nb):
+            e = ptr[b]
+            if e < nh[b] and hits[b, e] == c:
+                ptr[b] = e + 1
+                mask = np.uint32(hmask[b, e])
+                while mask != 0:
+                    low = np.uint32(mask & np.uint32(np.uint32(~mask) + np.uint32(1)))
+                    r = b * _GS + _ctz32(low)
+                    mask = np.uint32(mask ^ low)
+                    if _I32(t[r, c]) <= thr:
+                        bv[z] = _as_key(t[r, c], is16)
+                        bi[z] = i0 + r
+                        z += 1
+        if z and merge_list(g, bv, bi, z, keys, idx, cnt, tau[g], tv, ti) < k:
+            _tighten_first(g, keys, idx, cnt, tau, G, u_o, sigma, delta, k)  # only the first k make the bound
 
 @numba.njit(cache=True, nogil=True, parallel=True)
 def tile_off(t, i0, j0, n, keys, idx, cnt, tau, G, u_o, sigma, delta, k, is16):  # pragma: no cover
