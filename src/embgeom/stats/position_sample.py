@@ -324,6 +324,9 @@ class PositionSample:
     def state_dict(self) -> dict:
         """Plain dict (torch tensors and ints) for ``torch.save``; entries sorted by key."""
         order = torch.from_numpy(self._sort_order())
+        vectors = self._vec[:, : self._m].index_select(1, order)
+        for l, d in enumerate(self.dims):
+            vectors[l, :, d:] = 0.0  # a narrower layer's unused columns were never written
         return {
             "kind": "PositionSample",
             "version": _STATE_VERSION,
@@ -334,7 +337,7 @@ class PositionSample:
             "order": self.order,
             "n_seen": self.n_seen,
             "keys": torch.from_numpy(self.keys.copy()),
-            "vectors": self._vec[:, : self._m].index_select(1, order),
+            "vectors": vectors,
             "metadata": {nm: torch.from_numpy(self.metadata(nm).copy()) for nm in self.metadata_names},
             "metadata_names": list(self._meta_names) if self._meta_names is not None else None,
         }
