@@ -106,6 +106,26 @@ def test_precisions_and_margins_exact(precision):
     _check(X.astype(np.float32), 4, precision=precision, block_size=96)  # float32 input, read as it is
 
 
+@pytest.mark.parametrize("flags, isa, native", [
+    ("sse avx2 avx512f avx512_bf16", None, True),
+    ("sse avx2 avx512f avx512_bf16", "AVX2", False),  # oneDNN held below bf16: emulated
+    ("sse avx2 avx512f avx512_bf16", "avx512_core", False),
+    ("sse avx2 avx512f avx512_bf16", "AVX512_CORE_BF16", True),
+    ("sse avx2 amx_bf16", "AVX512_CORE_AMX", True),
+    ("sse avx2", None, False),
+])
+def test_bf16_native_reads_the_flags_and_the_isa_limit(monkeypatch, flags, isa, native):
+    from embgeom import _hardware
+
+    monkeypatch.setattr(_hardware, "_cpu_field", lambda names: flags if "flags" in names else "cpu")
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    if isa is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa)
+    assert _hardware.bf16_native() is native
+
+
 def test_pick_fastest_with_injected_timings():
     """The chooser takes the faster path, never an emulated one, whatever its time."""
     assert _hardware.pick_fastest({"fp32": 2.0, "bf16": 1.0}) == "bf16"

@@ -10,6 +10,7 @@ whatever its timing.
 """
 from __future__ import annotations
 
+import os
 import platform
 import time
 from contextlib import contextmanager
@@ -47,7 +48,15 @@ def bf16_native(device=None) -> bool:
 
         return torch.cuda.get_device_capability(device)[0] >= 8
     flags = set(_cpu_field(("flags", "features")).split())
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"}) and _isa_limit_keeps_bf16()
+
+
+def _isa_limit_keeps_bf16() -> bool:
+    """False where oneDNN, which runs torch's bfloat16 products on x86 CPUs, is told
+    to stop below the bf16 instructions (``ONEDNN_MAX_CPU_ISA=AVX2`` and the like):
+    its bf16 products are then emulated, whatever the CPU has."""
+    isa = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+    return isa in ("", "ALL", "DEFAULT") or any(part in isa for part in ("BF16", "AMX", "FP16", "AVX10"))
 
 
 def pick_fastest(timings: dict, emulated=()) -> str:
