@@ -321,6 +321,16 @@ def test_errors():
     bad[3, 3] = np.inf
     with pytest.raises(EmbgeomError, match="NaN or infinite"):
         twonn(bad)
+    bad[3, 3] = np.nan
+    with pytest.raises(EmbgeomError, match="NaN or infinite"):
+        twonn(bad)
+    from embgeom.metrics.id_inputs import distinct_points
+
+    huge = np.full((4, 20), 1e308)  # finite, but their sums overflow: accepted, copies found
+    huge[1:3, 0] = [-1e308, 5e307]
+    huge = np.vstack([huge, huge[1:2], -huge])
+    huge[-1, 19] = np.nextafter(-1e308, 0)  # not a copy of the row before
+    assert distinct_points(huge).shape == (len(np.unique(huge, axis=0)), 20) == (7, 20)
     with pytest.raises(EmbgeomError, match="at least 3 distinct points, got 2"):
         twonn(np.vstack([X[:2], X[:2]]))  # 4 points, 2 distinct
     dist = knn_distances(X, 5).numpy()

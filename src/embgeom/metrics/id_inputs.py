@@ -3,6 +3,8 @@ they estimate on (exact duplicate rows removed; why, see ``intrinsic_dim``).
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -88,7 +90,9 @@ def distinct_points(X, name: str = "X") -> torch.Tensor:
     t = as_float_matrix(X, name)
     if t.shape[0] < 2:
         return t
-    if not bool(torch.isfinite(t).all()):
+    # A sum is finite when every value is (one cheap pass); only a non-finite sum,
+    # which finite values can also overflow to, needs the exact check.
+    if not math.isfinite(float(t.sum())) and not bool(torch.isfinite(t).all()):
         raise EmbgeomError(f"{name} contains NaN or infinite values")
     if t.device.type == "cpu" and _numba.AVAILABLE:
         # the exact k-NN's own grouping of equal rows (a hash, then exact comparison)

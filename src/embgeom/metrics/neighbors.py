@@ -71,6 +71,17 @@ def _hash_weights(d: int) -> np.ndarray:
     return np.random.default_rng(0x5EED).random(d) + 0.5
 
 
+def _first_hash(xn: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Σ_j x_j w_j over the first few columns, column by column, so that every row's
+    hash is the same sum in the same order (a BLAS product may sum the tail rows of
+    a block in another order and split copies)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        h = xn[:, 0].astype(np.float64) * w[0]
+        for j in range(1, min(xn.shape[1], _SUBHASH_COLS)):
+            h += xn[:, j] * w[j]
+    return h
+
+
 def _groups(xn: np.ndarray):
     """Groups of exactly equal rows: None when all rows differ, else (representative
     rows (u,) ascending, group of each row (n,)), numpy int64.
@@ -83,12 +94,11 @@ def _groups(xn: np.ndarray):
 
     n, d = xn.shape
     w = _hash_weights(d)
-    m = min(d, _SUBHASH_COLS)
-    # Column by column, so every row's hash is the same sum in the same order: a BLAS
-    # product may sum the tail rows of a block in another order and split copies.
-    h1 = xn[:, 0].astype(np.float64) * w[0]
-    for j in range(1, m):
-        h1 += xn[:, j] * w[j]
+    h1 = _first_hash(xn, w)
+    tiny = w * 2.0 ** -1000  # sums of huge values overflow: hash the rows scaled by a
+    if not np.isfinite(h1).all():  # power of two (NaN rows stay NaN, equal to nothing)
+        w = tiny
+        h1 = _first_hash(xn, w)
     hs = np.sort(h1)
     eq = hs[1:] == hs[:-1]
     if not eq.any():
@@ -96,6 +106,8 @@ def _groups(xn: np.ndarray):
     cand = np.flatnonzero(np.isin(h1, hs[1:][eq]))  # the rows whose first hash repeats
     h2 = np.empty(cand.shape[0])
     kp.row_hash(xn, cand, w, h2)
+    if w is not tiny and not np.isfinite(h2).all():
+        kp.row_hash(xn, cand, tiny, h2)
     rep = np.arange(n, dtype=np.int64)
     kp.group_runs(xn, cand, h2, rep)
     isrep = rep == np.arange(n)
