@@ -1,6 +1,8 @@
 """Compiled CPU loops (numba) of the exact k-NN's candidate scan: one read of each
 tile of keys, keeping every row's (and column's) ``p`` smallest keys in a sorted
-list whose screening threshold tightens as soon as candidates arrive.
+list whose screening threshold tightens as candidates are merged in (a row's
+candidates of a tile at once, a column's whenever its buffer fills and at the end:
+one sort and merge per batch instead of a shift of the list per key).
 
 Keys of a bfloat16 (float32) tile are read as int16 (int32) bit patterns: for a
 threshold ``T ≥ 0`` a key is ``≤ T`` exactly when its bits, read as a signed
@@ -255,7 +257,8 @@ def _off_bands(t, i0, j0, n, keys, idx, cnt, tau, G, u_o, sigma, delta, k, is16,
     rem = S * gs
     gm = np.empty(max(S, 1), dtype=t.dtype)
     mk = np.empty(nc, dtype=np.uint32)
-    bv, bi, tv, ti = _buffers(nc, p)
+    bv, bi = np.empty(nc, dtype=np.float32), np.empty(nc, dtype=np.int64)  # a row's candidates
+    tv, ti = np.empty(p, dtype=np.float32), np.empty(p, dtype=np.int64)
     for b in range(ba, bb):
         ra = b * _GS
         rb = min(ra + _GS, nr)
@@ -283,8 +286,8 @@ def _off_bands(t, i0, j0, n, keys, idx, cnt, tau, G, u_o, sigma, delta, k, is16,
                     bv[z] = _as_key(row[c], is16)
                     bi[z] = j0 + c
                     z += 1
-            if z and merge_list(g, bv, bi, z, keys, idx, cnt, tau[g], tv, ti) < k:
-                _tighten_first(g, keys, idx, cnt, tau, G, u_o, sigma, delta, k)  # only the first k make the bound
+            if z:
+                _merge(g, bv, bi, z, keys, idx, cnt, tau, G, u_o, sigma, delta, k, tv, ti)
         h = 0
         for c in range(nc):
             hits[b, h] = c
@@ -293,64 +296,73 @@ def _off_bands(t, i0, j0, n, keys, idx, cnt, tau, G, u_o, sigma, delta, k, is16,
         nh[b] = h
 
 @numba.njit(cache=True, nogil=True)
-def _buffers(m, p):  # pragma: no cover - compiled
-    """Scratch of one task: m candidates (keys, points) and a list of p."""
-    return (np.empty(m, dtype=np.float32), np.empty(m, dtype=np.int64), np.empty(p, dtype=np.float32),
-            np.empty(p, dtype=np.int64))
-
-@numba.njit(cache=True, nogil=True)
 def _off_cols(t, i0, j0, keys, idx, cnt, tau, G, u_o, sigma, delta, k, is16, hits, hmask, nh,
               c0, c1):  # pragma: no cover - compiled
-    """Columns ``c0 … c1 − 1`` of the columns' side of :func:`tile_off` (serial): each
-    column's marked rows across the bands, merged into its list at once."""
+    """Columns ``c0 … c1 − 1`` of the columns' side of :func:`tile_off` (serial): the
+    marked rows, band by band, collected per column and merged into its list when
+    the column's buffer fills and at the end."""
     p = keys.shape[1]
-    nb = nh.shape[0]
-    ptr = np.empty(nb, dtype=np.int64)  # per band, its first hit at or after the column
-    for b in range(nb):
+    cap = max(16, 2 * p)
+    thr2 = np.empty(c1 - c0, dtype=np.int32)
+    for c in range(c0, c1):
+        thr2[c - c0] = _screen_bits(j0 + c, keys, cnt, tau, p, is16)
+    bv = np.empty((c1 - c0, cap), dtype=np.float32)
+    bi = np.empty((c1 - c0, cap), dtype=np.int64)
+    z = np.zeros(c1 - c0, dtype=np.int64)
+    tv, ti = np.empty(p, dtype=np.float32), np.empty(p, dtype=np.int64)
+    for b in range(nh.shape[0]):
+        hb = hits[b]
         lo = 0
         hi = nh[b]
-        while lo < hi:  # the hits of a band ascend by column
+        while lo < hi:  # the hits of a band ascend by column: find this range's start
             mid = (lo + hi) // 2
-            if hits[b, mid] < c0:
+            if hb[mid] < c0:
                 lo = mid + 1
             else:
                 hi = mid
-        ptr[b] = lo
-    bv, bi, tv, ti = _buffers(t.shape[0], p)
-    for c in range(c0, c1):
-        g = j0 + c
-        thr = _screen_bits(g, keys, cnt, tau, p, is16)
-        z = 0
-        for b in range(nb):
-            e = ptr[b]
-            if e < nh[b] and hits[b, e] == c:
-                ptr[b] = e + 1
-                mask = np.uint32(hmask[b, e])
-                while mask != 0:
-                    low = np.uint32(mask & np.uint32(np.uint32(~mask) + np.uint32(1)))
-                    r = b * _GS + _ctz32(low)
-                    mask = np.uint32(mask ^ low)
-                    if _I32(t[r, c]) <= thr:
-                        bv[z] = _as_key(t[r, c], is16)
-                        bi[z] = i0 + r
-                        z += 1
-        if z and merge_list(g, bv, bi, z, keys, idx, cnt, tau[g], tv, ti) < k:
-            _tighten_first(g, keys, idx, cnt, tau, G, u_o, sigma, delta, k)  # only the first k make the bound
+        for e in range(lo, nh[b]):
+            c = hb[e]
+            if c >= c1:
+                break
+            cc = c - c0
+            mask = np.uint32(hmask[b, e])
+            while mask != 0:
+                low = np.uint32(mask & np.uint32(np.uint32(~mask) + np.uint32(1)))
+                r = b * _GS + _ctz32(low)
+                mask = np.uint32(mask ^ low)
+                if _I32(t[r, c]) <= thr2[cc]:
+                    q = z[cc]
+                    bv[cc, q] = _as_key(t[r, c], is16)
+                    bi[cc, q] = i0 + r
+                    z[cc] = q + 1
+                    if q + 1 == cap:  # full: merge now, and screen with the tighter list
+                        _merge(j0 + c, bv[cc], bi[cc], cap, keys, idx, cnt, tau, G, u_o, sigma, delta, k, tv, ti)
+                        z[cc] = 0
+                        thr2[cc] = _screen_bits(j0 + c, keys, cnt, tau, p, is16)
+    for cc in range(c1 - c0):
+        if z[cc]:
+            _merge(j0 + c0 + cc, bv[cc], bi[cc], z[cc], keys, idx, cnt, tau, G, u_o, sigma, delta, k, tv, ti)
+
+@numba.njit(cache=True, nogil=True)
+def _merge(g, bv, bi, z, keys, idx, cnt, tau, G, u_o, sigma, delta, k, tv, ti):  # pragma: no cover
+    """Candidates bv[:z] (points bi) into g's list, then its threshold if the first k changed."""
+    if merge_list(g, bv, bi, z, keys, idx, cnt, tau[g], tv, ti) < k:
+        _tighten_first(g, keys, idx, cnt, tau, G, u_o, sigma, delta, k)  # only the first k make the bound
 
 @numba.njit(cache=True, nogil=True, parallel=True)
 def tile_off(t, i0, j0, n, keys, idx, cnt, tau, G, u_o, sigma, delta, k, is16):  # pragma: no cover
     """An off-diagonal tile ``t`` (bits of the keys of points ``i0 + r`` against
-    ``j0 + c``): offer every key that passes its row's screen to the row's list,
-    and every key that passes its column's screen to the column's list; a list's
-    threshold tightens as soon as it changes.
+    ``j0 + c``): merge every key that passes its row's screen into the row's list,
+    and every key that passes its column's screen into the column's list.
 
     One read of the tile, in bands of ``_GS`` rows (a task per run of bands): per
-    row the minima of strided groups of ``_GS`` columns (``q + m·S``; only the groups
-    whose minimum passes the row's screen are read again), and per column a bit
+    row the minima of strided groups of columns (``q + m·S``, at least 4(p + 1)
+    groups; only the groups whose minimum passes the row's screen are read again,
+    and their passing keys merged into the row's list at once), and per column a bit
     mask of the band's rows whose key passes the column's screen as it was when
     the tile started (screens only tighten, so that is a superset). The marked
-    entries are then offered by column tasks, against the columns' current
-    screens. Rows and columns ≥ ``n`` (padding) are skipped."""
+    entries are then collected by column tasks and merged into the columns'
+    lists. Rows and columns ≥ ``n`` (padding) are skipped."""
     thrc, hits, hmask, nh = _off_setup(t, i0, j0, n, keys, cnt, tau, is16)
     nb = nh.shape[0]
     nc = thrc.shape[0]
