@@ -201,14 +201,8 @@ def merge_list(g, bv, bi, nb, keys, idx, cnt, lim, tv, ti):  # pragma: no cover 
     if m == 0:
         return p
     if m <= 16:
-        for e in range(1, m):  # stable insertion sort
-            v, j, pos = bv[e], bi[e], e
-            while pos > 0 and bv[pos - 1] > v:
-                bv[pos] = bv[pos - 1]
-                bi[pos] = bi[pos - 1]
-                pos -= 1
-            bv[pos] = v
-            bi[pos] = j
+        for e in range(1, m):  # stable insertion sort: bv[e] into the sorted bv[:e]
+            _insert_pair(bv, bi, e, m, bv[e], bi[e])
     else:
         order = np.argsort(bv[:m], kind="mergesort")
         sv = bv[:m][order]
