@@ -97,6 +97,22 @@ def test_tricky_data_exact_and_same_sets_on_every_path(k):
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_a_column_flooded_with_candidates(precision):
+    """64 points equidistant from one point, all in one tile where that point is a
+    column: more candidates than its buffer holds (2p = 18 at k = 1), so the buffer
+    is merged while the tile is read, and still every distance is the brute force's."""
+    rng = np.random.default_rng(21)
+    d = 64
+    far = rng.standard_normal((64, d)) * 50.0 + 400.0  # rows 64..127 (the centre's own block)
+    centre = np.full(d, 3.0)
+    ring = centre + 2.0 * np.eye(d)  # rows 0..63, each at distance 2 from the centre
+    X = np.vstack([ring, far])
+    X[64] = centre
+    for k in (1, 2):
+        _check(X, k, precision=precision, block_size=64)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
 def test_precisions_and_margins_exact(precision):
     rng = np.random.default_rng(7)
     X = rng.standard_normal((700, 12)) * 4.0 + 9.0
