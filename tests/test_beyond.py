@@ -212,11 +212,13 @@ def test_window_entropies_batched_take_either_gram(n, d):
 
 
 # --------------------------------------------------------------- LayerStatistics
-def test_layer_statistics_cross_layer_and_window_means_in_both_views():
+@pytest.mark.parametrize("T, d", [(40, 8), (12, 32)])  # windows longer than wide, and not
+def test_layer_statistics_cross_layer_and_window_means_in_both_views(T, d):
     """Two layers with massive activations at different tokens: the inliers view of a
-    pair is the tokens inliers in both; window means weight each window equally."""
+    pair is the tokens inliers in both; window means weight each window equally.
+    Windows longer than wide take the d × d Gram, the others the n × n one."""
     rng = np.random.default_rng(8)
-    B, T, d = 4, 40, 8
+    B = 4
     batches = []
     for _ in range(5):
         h0 = rng.normal(size=(B, T, d))
