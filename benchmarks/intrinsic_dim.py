@@ -9,8 +9,8 @@ process on the same float64 data, times for each n, d and k (best of ``--repeat`
 median in brackets, peak resident memory growth of the call):
 
 * ``knn`` at its defaults (``precision="auto"``: the faster exact candidate path,
-  chosen by timing one tile of each), then forced to each exact path this CPU runs
-  natively (``fp32``; ``bf16`` only where bf16 is native: an emulated bf16 is skipped
+  chosen by timing one tile of each) and forced to each exact path this CPU runs
+  natively, timed in turn within each repeat (``fp32``; ``bf16`` only where bf16 is native: an emulated bf16 is skipped
   and the output says so); the default's ratio to the fastest;
 * faiss-cpu ``IndexFlatL2`` (exact float32 search; if installed) and scikit-learn's
   brute-force ``NearestNeighbors``, with their ratio to embgeom's default and the
@@ -116,20 +116,29 @@ def baselines(X, k, repeat, ref_idx, rows, t_ref):
 
 def bench_knn(X, k, repeat, native, compare):
     n, d = X.shape
-    b, m, p, (dist, idx, info) = measured(lambda: knn(X, k, return_info=True), repeat)
+    # The default and each forced path are timed in turn within every repeat, so the
+    # machine's drift and the order of the calls weigh on all of them alike.
+    calls = {"default": lambda: knn(X, k, return_info=True)}
+    for precision in ("fp32", "bf16"):
+        if precision == "bf16" and not native:
+            continue
+        calls[precision] = lambda p=precision: knn(X, k, precision=p)
+    runs = {name: [] for name in calls}
+    for _ in range(repeat):
+        for name, fn in calls.items():
+            runs[name].append(measured(fn, 1))
+    timed = {name: (min(r[0] for r in rs), float(np.median([r[0] for r in rs])), max(r[2] for r in rs), rs[-1][3])
+             for name, rs in runs.items()}
+    b, m, p, (dist, idx, info) = timed.pop("default")
     print(f"  n={n} d={d} k={k}")
     print(f"    embgeom default       {fmt(b, m, p)}   -> {info['precision']} "
           f"(fallback rows {info['fallback_rows']})")
-    paths = {}
-    for precision in ("fp32", "bf16"):
-        if precision == "bf16" and not native:
-            print("    embgeom bf16          skipped: bf16 is emulated on this CPU (never the default)")
-            continue
-        pb, pm, pp, (dp, ip) = measured(lambda: knn(X, k, precision=precision), repeat)
-        paths[precision] = pb
+    if not native:
+        print("    embgeom bf16          skipped: bf16 is emulated on this CPU (never the default)")
+    for precision, (pb, pm, pp, (dp, ip)) in timed.items():
         same = "identical" if torch.equal(dp, dist) else "DIFFERENT"
         print(f"    embgeom {precision:<13} {fmt(pb, pm, pp)}   distances {same}")
-    print(f"    default / fastest exact path: {b / min(paths.values()):.2f}")
+    print(f"    default / fastest exact path: {b / min(t[0] for t in timed.values()):.2f}")
     if compare:
         ref = knn(X, k + 1)[0].numpy()
         baselines(X, k, repeat, idx.numpy(), untied_rows(ref, k), b)
