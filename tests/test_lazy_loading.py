@@ -107,3 +107,21 @@ def test_knn_loads_the_compiled_loops_on_first_use():
         print(np.allclose(d.numpy(), np.sort(ref, axis=1)[:, :3], rtol=1e-12, atol=0), "numba" in sys.modules)
     """)
     assert out.splitlines() == ["False", "True True"]
+
+
+def test_saving_without_figures_does_not_load_matplotlib():
+    """`--no-figures` (save_run(figures=False)) writes tables and report.md without
+    importing the figure modules; figures=True draws with them."""
+    out = run_python("""
+        import sys, tempfile
+        from pathlib import Path
+        from embgeom import analyze, save_run
+        from embgeom.packaged import minilm_path
+        res = analyze(minilm_path(), ["A short text for a run."], id_sample=0, token_types="none",
+                      cross_layer=False, progress=False)
+        out = save_run(res, tempfile.mkdtemp(), figures=False)
+        print("matplotlib" in sys.modules, (out / "report.md").exists())
+        out = save_run(res, tempfile.mkdtemp(), figures=True)
+        print("matplotlib" in sys.modules, any(Path(out, "figures").glob("*.png")))
+    """)
+    assert out.splitlines()[-2:] == ["False True", "True True"]

@@ -11,20 +11,19 @@ from pathlib import Path
 from typing import Callable
 
 from ._lock import holding
-from .plots import plot_runs
 from .report import write_report
 from .results import Result, combine, prepare_out_dir, write_csv, writing_to
 
 
 @holding("out", "out")  # a run directory is written by one run at a time
 def save_run(result: Result, out, *, figures: bool = True, report: bool = True,
-             draw: Callable = plot_runs, extra_tables: dict | None = None, rewrite: bool = False) -> Path:
+             draw: Callable | None = None, extra_tables: dict | None = None, rewrite: bool = False) -> Path:
     """Write `result` to the directory `out` and return it.
 
     In order: run.json, layers.parquet, spectrum.parquet, tokens.parquet,
     outliers.csv and `extra_tables` (name -> DataFrame, written as CSV); then, with
     `figures`, `draw(results, out / "figures", warnings=list)` (default: every figure,
-    `embgeom.plots.plot_runs`); then, with `report`, report.md; last, atomically,
+    `embgeom.plots.plot_runs`; matplotlib is imported only when figures are drawn); then, with `report`, report.md; last, atomically,
     layers.csv, so a directory that has it holds a finished run.
 
     Parameters
@@ -32,7 +31,7 @@ def save_run(result: Result, out, *, figures: bool = True, report: bool = True,
     result : the Result to write (`embgeom.analyze`, a sweep, a probe).
     out : the output directory (created; a finished run there is replaced).
     figures, report : draw the figures, write report.md.
-    draw : the figure function, called as above.
+    draw : the figure function, called as above (None: `embgeom.plots.plot_runs`).
     extra_tables : more tables, name -> DataFrame, written as CSV.
     rewrite : `out` is rewritten again and again while it may be read (GeometryProbe
         after each measurement): its previous layers.csv stays until the new one
@@ -56,6 +55,8 @@ def save_run(result: Result, out, *, figures: bool = True, report: bool = True,
         for name, table in (extra_tables or {}).items():
             write_csv(table, out / name)
         if figures:
+            if draw is None:
+                from .plots import plot_runs as draw
             draw([result], figdir, warnings=warnings)
         if report:
             try:
@@ -76,6 +77,8 @@ def save_comparison(results: list[Result], out, figures_dir=None, layer: int | N
     per-type figures (default: each model's middle layer). A figure that cannot be
     drawn is skipped with a line appended to `warnings`. Returns (figure paths,
     report path)."""
+    from .plots import plot_runs
+
     out = Path(out)
     figures_dir = out if figures_dir is None else Path(figures_dir)
     written = plot_runs(results, figures_dir, layer=layer, warnings=warnings)
