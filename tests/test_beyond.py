@@ -350,3 +350,33 @@ def test_cross_moments_state_refused_when_damaged(change, match):
     change(sd)
     with pytest.raises(EmbgeomError, match=match):
         CrossMoments.from_state_dict(sd)
+
+
+def test_window_measures_read_curvature_off_the_gram_only_where_it_is_exact():
+    """One Gram per window serves both measures. Windows whose steps are long next
+    to their states take the curvature from the Gram; windows with a zero step
+    (a repeated state) or short steps far from the origin are computed from the
+    rows: every value equals the direct one."""
+    from embgeom.metrics.trajectory import _curvatures_from_gram, padded_windows, window_grams, window_measures
+
+    rng = np.random.default_rng(21)
+    d = 24
+    plain = rng.normal(size=(10, d))
+    repeated = rng.normal(size=(10, d))
+    repeated[4] = repeated[3]  # a zero step
+    far = 1e4 + 1e-2 * rng.normal(size=(10, d))  # short steps between long states
+    short = rng.normal(size=(5, d))
+    windows = [plain, repeated, far, short, plain[:2]]
+    lens = torch.tensor([len(w) for w in windows])
+    P = padded_windows(torch.from_numpy(np.concatenate(windows)), lens)
+    _, trusted = _curvatures_from_gram(window_grams(P), lens, d)
+    assert trusted.tolist() == [True, False, False, True, True]
+    got = window_measures(P, lens)
+    want_curv = [_curvature_reference(w) for w in windows]
+    # the zero step v_3 has no direction: the angles at t = 2 and 3 are left out
+    want_curv[1] = _curvature_reference(repeated[:4]) * 2 / 6 + _curvature_reference(repeated[4:]) * 4 / 6
+    np.testing.assert_allclose(got[0].numpy(), want_curv, rtol=1e-12)
+    np.testing.assert_allclose(got[1].numpy(), [_entropy_reference(w) for w in windows], rtol=1e-10, atol=1e-12)
+    # the Gram's own values of the untrusted windows are off: the redo is needed
+    values, _ = _curvatures_from_gram(window_grams(P), lens, d)
+    assert abs(values[2].item() - want_curv[2]) > 1e-9

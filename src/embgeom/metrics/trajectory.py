@@ -10,10 +10,13 @@ consecutive tokens at one layer.
   K = H Hᵀ (rows not centred) normalised by its trace, p_i = λ_i / tr K:
   S_α = log(Σ p_i^α) / (1 − α), and −Σ p_i log p_i at α = 1 (nats).
 
-The batched forms (`window_curvatures`, `window_entropies`) take many windows at
-once as their rows laid end to end, padded to the longest window, in float64; the
-entropy decomposes the smaller of each window's n × n Gram H Hᵀ and its d × d
-counterpart Hᵀ H (the same non-zero eigenvalues), never anything larger.
+The batched forms (`window_curvatures`, `window_entropies`, and `window_measures`
+for both) take many windows at once as their rows laid end to end, padded to the
+longest window, in float64; the entropy decomposes the smaller of each window's
+n × n Gram H Hᵀ and its d × d counterpart Hᵀ H (the same non-zero eigenvalues),
+never anything larger. When that is H Hᵀ, `window_measures` reads the curvature's
+step lengths and products off it too, where that is provably as exact (below), so
+the rows are read once.
 """
 from __future__ import annotations
 
@@ -24,7 +27,8 @@ import torch
 
 from ..errors import EmbgeomError
 
-__all__ = ["curvature", "prompt_entropy", "window_curvatures", "window_entropies", "padded_windows"]
+__all__ = ["curvature", "prompt_entropy", "window_curvatures", "window_entropies", "window_grams", "window_measures",
+           "padded_windows"]
 
 
 _POOL: dict = {}
@@ -79,40 +83,101 @@ def padded_windows(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def window_curvatures(P: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+def window_curvatures(P: torch.Tensor, lengths: torch.Tensor, gram: torch.Tensor | None = None) -> torch.Tensor:
     """(B,) float64 curvature of each padded window of `P` (B, n, d); NaN for a
     window of fewer than 3 rows. A zero step (two equal consecutive states) has no
-    direction: the angles it takes part in are left out of its window's mean."""
-    B, n = P.shape[:2]
-    out = torch.full((B,), math.nan, dtype=torch.float64, device=P.device)
-    if n < 3:
-        return out
+    direction: the angles it takes part in are left out of its window's mean.
+
+    With `gram`, the windows' Gram P Pᵀ (B, n, n), the steps' lengths and dot
+    products are read off it (‖v_t‖² = K_{t,t} − 2K_{t,t+1} + K_{t+1,t+1}, and
+    likewise v_t·v_{t+1}) wherever every cosine of the window is provably within
+    1e-10 of its value from the rows; the other windows (short steps between long
+    states, zero steps) are computed from the rows."""
     lengths = lengths.to(device=P.device, dtype=torch.long)
-    v = P[:, 1:] - P[:, :-1]
-    norm = torch.linalg.vector_norm(v, dim=2)
-    dots = (v[:, :-1] * v[:, 1:]).sum(2)
-    den = norm[:, :-1] * norm[:, 1:]
-    t = torch.arange(n - 2, device=P.device)
-    valid = (t[None, :] < (lengths[:, None] - 2)) & (den > 0)
+    if gram is None:
+        return _curvatures_from_rows(P, lengths)
+    out, trusted = _curvatures_from_gram(gram, lengths, P.shape[2])
+    redo = torch.nonzero(~trusted).squeeze(1)
+    if redo.numel():
+        out[redo] = _curvatures_from_rows(P[redo], lengths[redo])
+    return out
+
+
+def _mean_angles(dots, den, valid):
+    """Mean over t of arccos(dots/den) where valid, per window; NaN where none is."""
     cos = torch.where(valid, dots / torch.where(valid, den, 1.0), 0.0).clamp_(-1.0, 1.0)
     angle = torch.where(valid, torch.arccos(cos), 0.0)
     count = valid.sum(1)
-    return torch.where(count > 0, angle.sum(1) / count.clamp(min=1), out)
+    return torch.where(count > 0, angle.sum(1) / count.clamp(min=1), math.nan)
 
 
-def window_entropies(P: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+def _angle_slots(B, n, lengths, device):
+    """(B, n − 2) mask of the angles t that lie inside each window."""
+    t = torch.arange(max(n - 2, 0), device=device)
+    return t[None, :] < (lengths[:, None] - 2)
+
+
+def _curvatures_from_rows(P, lengths):
+    B, n = P.shape[:2]
+    if n < 3:
+        return torch.full((B,), math.nan, dtype=torch.float64, device=P.device)
+    v = P[:, 1:] - P[:, :-1]
+    norm = torch.linalg.vector_norm(v, dim=2)
+    dots = torch.linalg.vecdot(v[:, :-1], v[:, 1:])
+    den = norm[:, :-1] * norm[:, 1:]
+    return _mean_angles(dots, den, _angle_slots(B, n, lengths, P.device) & (den > 0))
+
+
+# Rounding of a dot product of d terms: |fl(x·y) − x·y| ≤ γ_d ‖x‖‖y‖ (Higham, 2002,
+# eq. 3.5), γ_d = d·u / (1 − d·u). A Gram-based step length or step product combines
+# four such entries; with A = ‖h_t‖² + ‖h_{t+1}‖² + ‖h_{t+2}‖², each is off by at most
+# (2γ_d + 6u)·2A, so the cosine by at most 6(2γ_d + 6u)·A / (‖v_t‖‖v_{t+1}‖).
+_COSINE_TOLERANCE = 1e-10
+
+
+def _curvatures_from_gram(G, lengths, d):
+    """(values, trusted): curvatures from the Gram, and which windows' cosines are
+    all within _COSINE_TOLERANCE (the others' values are to be recomputed)."""
+    B, n = G.shape[:2]
+    if n < 3:
+        return torch.full((B,), math.nan, dtype=torch.float64, device=G.device), torch.ones(
+            B, dtype=torch.bool, device=G.device)
+    u = torch.finfo(torch.float64).eps / 2
+    gamma = d * u / (1 - d * u)
+    a = torch.diagonal(G, 0, 1, 2)
+    b = torch.diagonal(G, 1, 1, 2)
+    c = torch.diagonal(G, 2, 1, 2)
+    sq = a[:, 1:] + a[:, :-1] - 2.0 * b  # ‖v_t‖²
+    dots = b[:, 1:] + b[:, :-1] - a[:, 1:-1] - c  # v_t·v_{t+1}
+    positive = (sq[:, :-1] > 0) & (sq[:, 1:] > 0)
+    den = torch.sqrt(torch.where(positive, sq[:, :-1] * sq[:, 1:], 0.0))
+    inside = _angle_slots(B, n, lengths, G.device)
+    bound = 6.0 * (2.0 * gamma + 6.0 * u) * (a[:, :-2] + a[:, 1:-1] + a[:, 2:])
+    sure = positive & (bound <= _COSINE_TOLERANCE * den)
+    trusted = (sure | ~inside).all(1)
+    return _mean_angles(dots, den, inside & positive), trusted
+
+
+def window_grams(P: torch.Tensor) -> torch.Tensor:
+    """The smaller of each padded window's Gram matrices: P Pᵀ (B, n, n) when
+    n ≤ d, else Pᵀ P (B, d, d). Both have the same non-zero eigenvalues."""
+    Pt = P.transpose(1, 2)
+    return torch.bmm(P, Pt) if P.shape[1] <= P.shape[2] else torch.bmm(Pt, P)
+
+
+def window_entropies(P: torch.Tensor, alpha: float = 1.0, gram: torch.Tensor | None = None) -> torch.Tensor:
     """(B,) float64 prompt entropy of each padded window of `P` (B, n, d): the
     spectrum of the Gram P Pᵀ, or of Pᵀ P when d < n (zero padding rows add zero
     eigenvalues, which add nothing); NaN for an empty or all-zero window. Eigenvalues below
-    n·ε·λ_max are rounding noise of zero ones and count as zero."""
+    n·ε·λ_max are rounding noise of zero ones and count as zero. `gram`: the
+    windows' `window_grams(P)`, when already formed."""
     alpha = _check_alpha(alpha)
     B = P.shape[0]
     if P.shape[1] == 0:
         return torch.full((B,), math.nan, dtype=torch.float64, device=P.device)
     # P Pᵀ (n × n) and Pᵀ P (d × d) share their non-zero spectrum: the smaller one
     # is decomposed (the zeros only the larger one has add nothing to any S_α).
-    Pt = P.transpose(1, 2)
-    G = torch.bmm(P, Pt) if P.shape[1] <= P.shape[2] else torch.bmm(Pt, P)
+    G = window_grams(P) if gram is None else gram
     lam = _cpu_eigvalsh(G) if G.device.type == "cpu" else torch.linalg.eigvalsh(G)
     # Eigenvalues within rounding of zero (the Gram of n rows in d < n dimensions has
     # n − d of them) count as zero: at α < 1 their p^α would add up otherwise.
@@ -125,6 +190,16 @@ def window_entropies(P: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
     else:
         s = torch.log((p ** alpha).sum(1)) / (1.0 - alpha)
     return torch.where(total[:, 0] > 0, s, math.nan)
+
+
+def window_measures(P: torch.Tensor, lengths: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """(2, B) float64: each padded window's curvature and prompt entropy, from one
+    Gram per window (the curvature reads its steps off P Pᵀ when that is the Gram
+    formed, see `window_curvatures`)."""
+    G = window_grams(P) if P.shape[1] else None
+    rows_gram = G is not None and G.shape[1] == P.shape[1] and P.shape[1] <= P.shape[2]
+    return torch.stack([window_curvatures(P, lengths, G if rows_gram else None),
+                        window_entropies(P, alpha, G)])
 
 
 def _sequence(H) -> torch.Tensor:

@@ -11,7 +11,7 @@ from .cross_moments import scatter_without
 from .moments import Moments
 from ._layer_parts import VIEWS, PairAccumulators
 from ..errors import EmbgeomError
-from ..metrics.trajectory import padded_windows, window_curvatures, window_entropies
+from ..metrics.trajectory import padded_windows, window_measures
 
 
 class CrossLayerSums:
@@ -26,8 +26,7 @@ class CrossLayerSums:
         lengths = lengths.to(x.device)
 
         def measure(rows, lens):
-            P = padded_windows(rows, lens)
-            return torch.stack([window_curvatures(P, lens), window_entropies(P)])  # (2, windows)
+            return window_measures(padded_windows(rows, lens), lens)  # (2, windows)
 
         def add(v, values):
             ok = torch.isfinite(values)
