@@ -15,8 +15,9 @@ for both) take many windows at once as their rows laid end to end, padded to the
 longest window, in float64; the entropy decomposes the smaller of each window's
 n × n Gram H Hᵀ and its d × d counterpart Hᵀ H (the same non-zero eigenvalues),
 never anything larger. When that is H Hᵀ, `window_measures` reads the curvature's
-step lengths and products off it too, where that is provably as exact (below), so
-the rows are read once.
+step lengths and products off it too, in the windows where every cosine is then
+provably within 1e-10 of its exact value (`window_curvatures`), so the rows are
+read once.
 """
 from __future__ import annotations
 
@@ -91,7 +92,7 @@ def window_curvatures(P: torch.Tensor, lengths: torch.Tensor, gram: torch.Tensor
     With `gram`, the windows' Gram P Pᵀ (B, n, n), the steps' lengths and dot
     products are read off it (‖v_t‖² = K_{t,t} − 2K_{t,t+1} + K_{t+1,t+1}, and
     likewise v_t·v_{t+1}) wherever every cosine of the window is provably within
-    1e-10 of its value from the rows; the other windows (short steps between long
+    1e-10 of its exact value; the other windows (short steps between long
     states, zero steps) are computed from the rows."""
     lengths = lengths.to(device=P.device, dtype=torch.long)
     if gram is None:
@@ -129,9 +130,12 @@ def _curvatures_from_rows(P, lengths):
 
 
 # Rounding of a dot product of d terms: |fl(x·y) − x·y| ≤ γ_d ‖x‖‖y‖ (Higham, 2002,
-# eq. 3.5), γ_d = d·u / (1 − d·u). A Gram-based step length or step product combines
-# four such entries; with A = ‖h_t‖² + ‖h_{t+1}‖² + ‖h_{t+2}‖², each is off by at most
-# (2γ_d + 6u)·2A, so the cosine by at most 6(2γ_d + 6u)·A / (‖v_t‖‖v_{t+1}‖).
+# eq. 3.5), γ_d = d·u / (1 − d·u). A step's squared length or two steps' product,
+# formed from four Gram entries in three operations, is then off by at most
+# E = (2γ_d + 6u)·A, with A = ‖h_t‖² + ‖h_{t+1}‖² + ‖h_{t+2}‖² (xy ≤ (x² + y²)/2).
+# The cosine v_t·v_{t+1} / √(‖v_t‖²‖v_{t+1}‖²) is then off by at most, to first
+# order, E/√(‖v_t‖²‖v_{t+1}‖²) + E/(2‖v_t‖²) + E/(2‖v_{t+1}‖²) + 4u
+# ≤ 2E / min(‖v_t‖², ‖v_{t+1}‖²) + 4u.
 _COSINE_TOLERANCE = 1e-10
 
 
@@ -152,8 +156,9 @@ def _curvatures_from_gram(G, lengths, d):
     positive = (sq[:, :-1] > 0) & (sq[:, 1:] > 0)
     den = torch.sqrt(torch.where(positive, sq[:, :-1] * sq[:, 1:], 0.0))
     inside = _angle_slots(B, n, lengths, G.device)
-    bound = 6.0 * (2.0 * gamma + 6.0 * u) * (a[:, :-2] + a[:, 1:-1] + a[:, 2:])
-    sure = positive & (bound <= _COSINE_TOLERANCE * den)
+    # the bound above, with E doubled for the rounding of E's own terms
+    bound = 4.0 * (2.0 * gamma + 6.0 * u) * (a[:, :-2] + a[:, 1:-1] + a[:, 2:])
+    sure = positive & (bound <= (_COSINE_TOLERANCE - 4.0 * u) * torch.minimum(sq[:, :-1], sq[:, 1:]))
     trusted = (sure | ~inside).all(1)
     return _mean_angles(dots, den, inside & positive), trusted
 
