@@ -23,8 +23,9 @@ def save_run(result: Result, out, *, figures: bool = True, report: bool = True,
     In order: run.json, layers.parquet, spectrum.parquet, tokens.parquet,
     outliers.csv and `extra_tables` (name -> DataFrame, written as CSV); then, with
     `figures`, `draw(results, out / "figures", warnings=list)` (default: every figure,
-    `embgeom.plots.plot_runs`; matplotlib is imported only when figures are drawn); then, with `report`, report.md; last, atomically,
-    layers.csv, so a directory that has it holds a finished run.
+    `embgeom.plots.plot_runs`; matplotlib is imported only when figures are drawn);
+    then, with `report`, report.md; last, atomically, layers.csv, so a directory that
+    has it holds a finished run.
 
     Parameters
     ----------
