@@ -338,6 +338,27 @@ def test_no_cross_layer_leaves_those_columns_nan(tiny_models, lee_corpus):
     pd.testing.assert_frame_equal(off.layers[same], res.layers[same])
 
 
+def test_gride_max_rank_sets_the_scales_and_zero_drops_them(tiny_models, lee_corpus):
+    """The id_* columns do not depend on GRIDE's rank (the first k columns of an
+    exact k-NN are the smaller search's); the rank sets id_scale's scales, and 0
+    leaves id_scale empty with a rank-20 search."""
+    texts = lee_corpus.read_text().splitlines()[:6]
+    runs = {r: embgeom.analyze(str(tiny_models["gpt2"]), texts, seq_len=32, batch_size=3, device="cpu",
+                               id_sample=300, cross_layer=False, window_measures=False, gride_max_rank=r)
+            for r in (0, 16, 64)}
+    ids = [c for c in runs[64].layers.columns if c.startswith("id_")]
+    for r in (0, 16):
+        pd.testing.assert_frame_equal(runs[r].layers[ids], runs[64].layers[ids])
+        assert runs[r].run["config"]["gride_max_rank"] == r
+    assert len(runs[0].id_scale) == 0
+    assert sorted(set(runs[16].id_scale["n2"])) == [2, 4, 8, 16]
+    assert sorted(set(runs[64].id_scale["n2"])) == [2, 4, 8, 16, 32, 64]
+    head = runs[64].id_scale[runs[64].id_scale["n2"] <= 16].reset_index(drop=True)
+    pd.testing.assert_frame_equal(runs[16].id_scale, head)
+    with pytest.raises(EmbgeomError, match="gride_max_rank must be 0"):
+        embgeom.analyze(str(tiny_models["gpt2"]), texts, gride_max_rank=1)
+
+
 @pytest.mark.parametrize("change, match", [
     (lambda sd: sd.update(n=-3), "n must be"),
     (lambda sd: sd.update(n=2.5), "n must be an integer"),

@@ -55,10 +55,11 @@ def test_command_line_values_become_analyze_options():
     assert cfg.token_types == "string" and cfg.types_filtered is True
     given = parsed("--type-layers", "-1", "--type-layers", "0", "--exclude-positions", "0", "--all-types",
                    "--no-cross-layer", "--precision", "float64", "--token-types", "none", "--id-first", "7",
-                   "--no-window-measures")
+                   "--no-window-measures", "--gride-max-rank", "0")
     assert given["type_layers"] == (-1, 0) and given["exclude_positions"] == (0,)
     assert given["types_filtered"] is False and given["cross_layer"] is False and given["precision"] == "float64"
     assert given["token_types"] == "none" and given["id_first"] == 7 and given["window_measures"] is False
+    assert given["gride_max_rank"] == 0 and default["gride_max_rank"] == 64
 
 
 def test_docstrings_list_every_option_with_its_help():

@@ -100,6 +100,10 @@ class AnalysisConfig:
     window_measures: bool = _opt(True, "Per-window curvature and prompt entropy (one eigendecomposition per window "
                                        "and layer, of a min(window, width)-sided Gram); without them both are NaN.",
                                  flag="--window-measures/--no-window-measures")
+    gride_max_rank: int = _opt(64, "ID across scales (GRIDE, id_scale.parquet): the largest neighbour rank n2, "
+                                   "scales n1 = 1, 2, 4, ... with n2 = 2 x n1 <= it; one k-NN search of this rank "
+                                   "per layer serves it and every id_* column. 0: no ID across scales, and a "
+                                   "rank-20 search (what MLE needs) instead.")
 
     @classmethod
     def from_options(cls, **options) -> "AnalysisConfig":
@@ -150,6 +154,10 @@ class AnalysisConfig:
             raise EmbgeomError(f"{option('cross_layer')} must be True or False, got {self.cross_layer!r}")
         if not isinstance(self.window_measures, bool):
             raise EmbgeomError(f"{option('window_measures')} must be True or False, got {self.window_measures!r}")
+        r = self.gride_max_rank
+        if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 0 or r == 1:
+            raise EmbgeomError(f"{option('gride_max_rank')} must be 0 (no ID across scales) or an integer >= 2, "
+                               f"got {r!r}")
         if self.min_count < 1 or self.max_count < self.min_count:
             raise EmbgeomError(f"{option('min_count')}/{option('max_count')} must satisfy 1 <= min <= max, "
                                f"got {self.min_count}, {self.max_count}")

@@ -25,10 +25,10 @@ from .prepare import (MARKERS, _check_memory, _corpus_record, _documents, corpus
 from .record import run_record
 from .resume import open_snapshots, resume_state
 from .stream import merge_ranks, new_statistics, stream_batches
-from .tables import GRIDE_MAX_RANK, OUTLIER_COLUMNS, outlier_table, run_tables, undefined_metric_warnings
+from .tables import OUTLIER_COLUMNS, outlier_table, run_tables, undefined_metric_warnings
 
 __all__ = ["AnalysisConfig", "analyze", "preflight", "resolve_type_layers", "token_type_table", "outlier_table",
-           "undefined_metric_warnings", "corpus_contents", "OUTLIER_COLUMNS", "MARKERS", "GRIDE_MAX_RANK",
+           "undefined_metric_warnings", "corpus_contents", "OUTLIER_COLUMNS", "MARKERS",
            "KEEP_WINDOW_TOKENS"]
 
 # Windows of at most this many tokens in all (~5 bytes each, ~40 MiB) are kept from

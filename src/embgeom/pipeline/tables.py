@@ -13,9 +13,6 @@ from ..results import SPECTRUM_TABLE_COLUMNS, empty_tokens_frame, id_scale_frame
 from ..stats.layers import VIEWS, LayerStatistics
 from .config import AnalysisConfig
 
-# GRIDE's largest neighbour rank: scales n1 = 1, 2, ..., 32 (n2 = 2 n1 <= 64).
-GRIDE_MAX_RANK = 64
-
 
 def _guarded(what: str, warnings_: list, fn, *args):
     """fn(*args), or None with a warning when it fails: one metric that cannot be
@@ -167,11 +164,12 @@ def _add_view(frames: Frames, stats: LayerStatistics, cfg: AnalysisConfig, ident
         row.update(_guarded(f"{stack} layer {layer} ({view}): intrinsic dimension", warnings_,
                             lambda: stats.intrinsic_dimension(
                                 stack, layer, view, discard_fraction=cfg.twonn_discard,
-                                duplicates=cfg.twonn_duplicates)) or {})
-        scales = _guarded(f"{stack} layer {layer} ({view}): ID across scales", warnings_,
-                          stats.id_scales, stack, layer, view, GRIDE_MAX_RANK)
-        if scales is not None:
-            frames.scales.append(scales.assign(**ident, view=view))
+                                duplicates=cfg.twonn_duplicates, shared_rank=cfg.gride_max_rank)) or {})
+        if cfg.gride_max_rank:
+            scales = _guarded(f"{stack} layer {layer} ({view}): ID across scales", warnings_,
+                              stats.id_scales, stack, layer, view, cfg.gride_max_rank)
+            if scales is not None:
+                frames.scales.append(scales.assign(**ident, view=view))
     frames.rows.append(row)
     if lam is not None:
         frames.spectrum.append(pd.DataFrame(dict(ident, view=view, rank=np.arange(1, len(lam) + 1),

@@ -66,7 +66,8 @@ class IntrinsicDimension:
         return points, found[count]
 
     def intrinsic_dimension(self, stack: str, layer: int, view: str, k: int = 20,
-                            discard_fraction: float = 0.1, duplicates: str = "drop") -> dict:
+                            discard_fraction: float = 0.1, duplicates: str = "drop",
+                            shared_rank: int = SHARED_RANK) -> dict:
         """The id_* columns of one layer and view, from the distinct vectors of the
         position sample (a repeated vector, e.g. one token's embedding, counts once;
         the inliers view drops those above the layer's outlier limit). With
@@ -78,9 +79,9 @@ class IntrinsicDimension:
             μ ≤ 1 + 1e-8 are left out of the fit but keep their ranks; see
             `embgeom.metrics.intrinsic_dim.twonn_ranked_from_distances`); only
             id_twonn depends on it.
-
-        With duplicates dropped, the search is the one :meth:`id_scales` reads
-        (rank ``max(k, SHARED_RANK)``)."""
+        shared_rank : with duplicates dropped, the search runs at rank
+            ``max(k, shared_rank)``, so that :meth:`id_scales` at that max_rank reads
+            the same search (0: rank k, for a run without ID across scales)."""
         from ..metrics.intrinsic_dim import intrinsic_dimensions, twonn_ranked_from_distances
 
         nan = float("nan")
@@ -88,10 +89,11 @@ class IntrinsicDimension:
         sample = self.samples.get(stack)
         if sample is None or len(sample) < 3:
             return empty
-        results = self._id_cache.setdefault((stack, layer, view, k, discard_fraction, duplicates), {})
+        results = self._id_cache.setdefault((stack, layer, view, k, discard_fraction, duplicates, shared_rank), {})
         if "id" not in results:
             distinct = duplicates == "drop"
-            found = self._view_distances(stack, layer, view, max(k, SHARED_RANK) if distinct else k, distinct)
+            found = self._view_distances(stack, layer, view, max(k, shared_rank) if distinct else k,
+                                         distinct)
             if found is None:
                 results["id"] = empty
             else:
