@@ -202,7 +202,7 @@ def window_measures(P: torch.Tensor, lengths: torch.Tensor, alpha: float = 1.0) 
     Gram per window (the curvature reads its steps off P Pᵀ when that is the Gram
     formed, see `window_curvatures`)."""
     G = window_grams(P) if P.shape[1] else None
-    rows_gram = G is not None and P.shape[1] <= P.shape[2]  # window_grams formed P Pᵀ
+    rows_gram = G is not None and G.shape[1] == P.shape[1]  # P Pᵀ (n × n), not Pᵀ P (d × d, d < n)
     return torch.stack([window_curvatures(P, lengths, G if rows_gram else None),
                         window_entropies(P, alpha, G)])
 
